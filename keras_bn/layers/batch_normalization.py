@@ -1,0 +1,404 @@
+"""A drop-in for `keras.layers.BatchNormalization` on keras_bn's own ops."""
+
+import keras
+import tensorflow as tf
+from keras import constraints
+from keras import initializers
+from keras import regularizers
+
+from keras_bn import ops
+from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.axes import validate_axis_argument
+
+_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _check_unit_interval(value, arg_name):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"Argument `{arg_name}` must be a float in [0, 1]. "
+            f"Received: {arg_name}={value!r}"
+        ) from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"Argument `{arg_name}` must be in [0, 1]. Received: {arg_name}={value}"
+        )
+    return value
+
+
+def _check_renorm_clipping(renorm_clipping):
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError(
+            "Argument `renorm_clipping` must be a dict with optional keys "
+            f"{list(_RENORM_CLIPPING_KEYS)}. Received: "
+            f"renorm_clipping={renorm_clipping!r}"
+        )
+    unknown = set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Argument `renorm_clipping` has unsupported keys {sorted(unknown)}. "
+            f"Supported keys: {list(_RENORM_CLIPPING_KEYS)}. Received: "
+            f"renorm_clipping={renorm_clipping}"
+        )
+    clip = {}
+    for key, value in renorm_clipping.items():
+        try:
+            clip[key] = None if value is None else float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"Argument `renorm_clipping` must map {key!r} to a float. "
+                f"Received: renorm_clipping={renorm_clipping}"
+            ) from None
+    rmin, rmax, dmax = (clip.get(k) for k in ("rmin", "rmax", "dmax"))
+    if rmin is not None and rmin < 0:
+        raise ValueError(
+            "Argument `renorm_clipping` needs rmin >= 0. "
+            f"Received: renorm_clipping={renorm_clipping}"
+        )
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            "Argument `renorm_clipping` needs rmax >= rmin. "
+            f"Received: renorm_clipping={renorm_clipping}"
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            "Argument `renorm_clipping` needs dmax >= 0. "
+            f"Received: renorm_clipping={renorm_clipping}"
+        )
+    return dict(renorm_clipping)
+
+
+def _copy_initializer(initializer):
+    """A fresh instance of `initializer` (a random one draws anew)."""
+    return initializers.get(keras.saving.serialize_keras_object(initializer))
+
+
+def _moving_average(variable, value, momentum):
+    """`variable * momentum + value * (1 - momentum)`, in the variable's dtype."""
+    old = tf.convert_to_tensor(variable)
+    value = tf.cast(value, old.dtype)
+    return old * momentum + value * (1.0 - momentum)
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class BatchNormalization(keras.layers.Layer):
+    r"""Batch normalization (Ioffe & Szegedy, 2015) with hand-written gradients.
+
+    A drop-in for `keras.layers.BatchNormalization`: the same constructor
+    arguments and defaults, call signature, weight names and weight order
+    (`gamma`, `beta`, `moving_mean`, `moving_variance`, and with `renorm=True`
+    also `moving_stddev`, `renorm_mean`, `renorm_stddev`), so weights move
+    between the two with `set_weights(get_weights())`. The math runs in
+    `keras_bn.ops`, whose backward passes are written out in closed form.
+
+    **During training** (`training=True` and `layer.trainable`), for each
+    feature the layer returns
+
+        gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta
+
+    with the statistics of the current batch, `var` being the biased variance
+    `mean((x - mean(x))^2)`, and updates its moving statistics:
+
+        moving_mean     = moving_mean * momentum + mean(x) * (1 - momentum)
+        moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
+
+    **During inference** (`training=False`, the default, or `trainable=False`)
+    it returns `gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) +
+    beta` and changes no state. As in Keras, setting `trainable = False`
+    forces inference mode (fine-tuning a frozen model keeps its statistics).
+
+    Beyond Keras 3, `axis` may be a list or tuple of ints: every listed axis is
+    a feature axis and the weights take the shape of those axes.
+
+    Args:
+        axis: Integer, or list/tuple of integers: the feature axis or axes,
+            kept and normalized per entry. `-1` after `Dense`/channels-last
+            convolutions, `1` for channels-first.
+        momentum: Float in [0, 1], momentum of the moving averages (the weight
+            of the old value).
+        epsilon: Float > 0 added to the variance to avoid dividing by zero.
+        center: If True, add the learned offset `beta`.
+        scale: If True, multiply by the learned scale `gamma`.
+        beta_initializer: Initializer for `beta`.
+        gamma_initializer: Initializer for `gamma`.
+        moving_mean_initializer: Initializer for the moving mean.
+        moving_variance_initializer: Initializer for the moving variance.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        synchronized: If True, synchronize batch statistics across replicas of
+            a `tf.distribute` strategy. Not available yet: raises
+            NotImplementedError rather than silently computing per replica.
+        renorm: Whether to use Batch Renormalization (Ioffe, 2017): the
+            training output is corrected towards the moving statistics by
+            `x_hat * r + d`, with `r` and `d` held constant in the backward pass.
+            Inference is unchanged.
+        renorm_clipping: With `renorm=True`, a dict with optional keys
+            `"rmax"`, `"rmin"`, `"dmax"`: `r` is clipped to `[rmin, rmax]` and
+            `d` to `[-dmax, dmax]` (missing keys: unclipped).
+        renorm_momentum: Float in [0, 1], momentum of the renorm statistics
+            `renorm_mean` and `renorm_stddev`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`).
+
+    Call arguments:
+        inputs: Float tensor of any rank above the number of feature axes.
+        training: Python boolean: batch statistics and moving-average updates
+            (True), or the moving statistics (False or None).
+        mask: Optional boolean tensor shaped as `inputs` without the feature
+            axes (`inputs.shape[:-1]` for `axis=-1`). Masked (False) positions
+            are excluded from the batch statistics and receive no gradient;
+            their outputs are normalized like the others. A batch with no
+            unmasked position leaves the moving statistics unchanged.
+
+    Returns:
+        A tensor with the shape of `inputs`, in the layer's compute dtype.
+
+    Reference:
+        - Ioffe and Szegedy, 2015, https://arxiv.org/abs/1502.03167
+        - Ioffe, 2017 (Batch Renormalization), https://arxiv.org/abs/1702.03275
+
+    Example:
+
+    >>> layer = keras_bn.BatchNormalization()
+    >>> x = np.random.normal(5.0, 2.0, size=(64, 3)).astype("float32")
+    >>> y = layer(x, training=True)          # batch statistics
+    >>> float(abs(np.mean(y)))  < 1e-3
+    True
+    >>> layer.moving_mean.numpy().round(1)   # moved 1% towards the batch mean
+    array([0.1, 0.1, 0.1], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = validate_axis_argument(axis)
+        self.momentum = _check_unit_interval(momentum, "momentum")
+        self.epsilon = float(epsilon)
+        if not self.epsilon > 0:
+            raise ValueError(
+                f"Argument `epsilon` must be > 0. Received: epsilon={epsilon}"
+            )
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = bool(renorm)
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError(
+                "Argument `renorm_clipping` is only used with renorm=True. "
+                f"Received: renorm_clipping={renorm_clipping}, renorm={renorm}"
+            )
+        self.renorm_clipping = (
+            _check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
+        )
+        self.renorm_momentum = _check_unit_interval(renorm_momentum, "renorm_momentum")
+        if synchronized:
+            raise NotImplementedError(
+                "Argument `synchronized=True` (cross-replica batch statistics) "
+                "is not implemented yet in keras_bn.BatchNormalization. Use "
+                "synchronized=False (per-replica statistics), or "
+                "keras.layers.BatchNormalization(synchronized=True)."
+            )
+        self.synchronized = False
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self._axes = None
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        rank = len(input_shape)
+        self._axes = canonicalize_axes(self.axis, rank)
+        unknown = [a for a in self._axes if input_shape[a] is None]
+        if unknown:
+            raise ValueError(
+                f"The feature axis {unknown} of the input must have a known size "
+                f"when the layer is built (axis={self.axis}). "
+                f"Received: input_shape={input_shape}"
+            )
+        shape = tuple(input_shape[a] for a in self._axes)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self._add_statistic(
+            "moving_mean", shape, self.moving_mean_initializer
+        )
+        self.moving_variance = self._add_statistic(
+            "moving_variance", shape, self.moving_variance_initializer
+        )
+        if self.renorm:
+            # Renorm tracks standard deviations, starting at the square root of
+            # the variance initializer (as Keras does); fresh initializer
+            # copies keep random initializers from repeating their values.
+            def stddev_initializer(shape, dtype=None):
+                variance = _copy_initializer(self.moving_variance_initializer)
+                return tf.sqrt(variance(shape, dtype=dtype))
+
+            self.moving_stddev = self._add_statistic(
+                "moving_stddev", shape, stddev_initializer
+            )
+            self.renorm_mean = self._add_statistic(
+                "renorm_mean", shape, _copy_initializer(self.moving_mean_initializer)
+            )
+            self.renorm_stddev = self._add_statistic(
+                "renorm_stddev", shape, stddev_initializer
+            )
+        self.input_spec = keras.layers.InputSpec(
+            ndim=rank, axes={a: input_shape[a] for a in self._axes}
+        )
+
+    def _add_statistic(self, name, shape, initializer):
+        return self.add_weight(
+            shape=shape,
+            name=name,
+            initializer=initializer,
+            trainable=False,
+            autocast=False,
+        )
+
+    def _value(self, weight):
+        """A plain tensor for the ops (never a Keras variable)."""
+        return None if weight is None else tf.convert_to_tensor(weight)
+
+    def call(self, inputs, training=None, mask=None):
+        inputs = tf.convert_to_tensor(inputs)
+        gamma, beta = self._value(self.gamma), self._value(self.beta)
+        if training and self.trainable:
+            outputs = self._train(inputs, gamma, beta, mask)
+        else:
+            outputs = ops.batch_norm_inference(
+                inputs,
+                self._value(self.moving_mean),
+                self._value(self.moving_variance),
+                gamma,
+                beta,
+                axis=self._axes,
+                epsilon=self.epsilon,
+            )
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _train(self, inputs, gamma, beta, mask):
+        if self.renorm:
+            clip = self.renorm_clipping
+            outputs, mean, variance = ops.batch_renorm_train(
+                inputs,
+                gamma,
+                beta,
+                self._value(self.renorm_mean),
+                self._value(self.renorm_stddev),
+                axis=self._axes,
+                epsilon=self.epsilon,
+                rmin=clip.get("rmin"),
+                rmax=clip.get("rmax"),
+                dmax=clip.get("dmax"),
+                mask=mask,
+            )
+        else:
+            outputs, mean, variance = ops.batch_norm_train(
+                inputs, gamma, beta, axis=self._axes, epsilon=self.epsilon, mask=mask
+            )
+        self._update_statistics(mean, variance, self._has_examples(inputs, mask))
+        return outputs
+
+    def _has_examples(self, inputs, mask):
+        """Whether the batch holds any (unmasked) position: else keep state."""
+        if mask is None:
+            return tf.size(inputs) > 0
+        return tf.reduce_any(tf.cast(mask, tf.bool))
+
+    def _update_statistics(self, mean, variance, has_examples):
+        def update(variable, value, momentum):
+            new = _moving_average(variable, value, momentum)
+            variable.assign(tf.where(has_examples, new, variable))
+            return new
+
+        update(self.moving_mean, mean, self.momentum)
+        if not self.renorm:
+            update(self.moving_variance, variance, self.momentum)
+            return
+        stddev = tf.sqrt(variance + self.epsilon)
+        update(self.renorm_mean, mean, self.renorm_momentum)
+        update(self.renorm_stddev, stddev, self.renorm_momentum)
+        moving_stddev = update(self.moving_stddev, stddev, self.momentum)
+        # The inference variance follows from the moving stddev (floored at 0).
+        moving_variance = tf.nn.relu(tf.square(moving_stddev) - self.epsilon)
+        self.moving_variance.assign(
+            tf.where(has_examples, moving_variance, self.moving_variance)
+        )
+
+    def compute_output_shape(self, input_shape):
+        canonicalize_axes(self.axis, len(input_shape))
+        return input_shape
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+        }
+        return {**super().get_config(), **config}

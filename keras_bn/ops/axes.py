@@ -1,0 +1,102 @@
+"""Axis bookkeeping shared by the normalization ops and layers."""
+
+import tensorflow as tf
+
+
+def canonicalize_axes(axis, rank, arg_name="axis"):
+    """Returns the feature axes as a sorted tuple of non-negative ints.
+
+    Args:
+        axis: An int or a list/tuple of ints, possibly negative: the axes that
+            are kept (the feature axes); every other axis is reduced.
+        rank: The rank of the input.
+        arg_name: The argument name used in error messages.
+
+    Returns:
+        A sorted tuple of distinct axes in `[0, rank)`.
+
+    Raises:
+        TypeError: If `axis` is not an int or a sequence of ints.
+        ValueError: If an axis is out of range or repeated, or no axis would
+            be left to reduce over.
+    """
+    axes = validate_axis_argument(axis, arg_name)
+    if isinstance(axes, int):
+        axes = [axes]
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"Argument `{arg_name}` has an axis {a} out of range for an "
+                f"input of rank {rank}: expected values in [{-rank}, {rank}). "
+                f"Received: {arg_name}={axis}"
+            )
+    canonical = [a % rank for a in axes]
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(
+            f"Argument `{arg_name}` repeats an axis for an input of rank "
+            f"{rank}. Received: {arg_name}={axis}"
+        )
+    if len(canonical) >= rank:
+        raise ValueError(
+            f"Argument `{arg_name}` keeps every axis of an input of rank "
+            f"{rank}, leaving none to compute statistics over. Inputs need a "
+            f"rank of at least {len(canonical) + 1}. Received: {arg_name}={axis}"
+        )
+    return tuple(sorted(canonical))
+
+
+def validate_axis_argument(axis, arg_name="axis"):
+    """Checks the type of an `axis` argument; returns an int or a list of ints."""
+    if isinstance(axis, bool):
+        raise TypeError(
+            f"Argument `{arg_name}` must be an int or a list/tuple of ints. "
+            f"Received: {arg_name}={axis!r}"
+        )
+    if isinstance(axis, (list, tuple)):
+        if not axis or not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in axis
+        ):
+            raise TypeError(
+                f"Argument `{arg_name}` must be an int or a non-empty "
+                f"list/tuple of ints. Received: {arg_name}={axis!r}"
+            )
+        return [int(a) for a in axis]
+    try:
+        return int(axis)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"Argument `{arg_name}` must be an int or a list/tuple of ints. "
+            f"Received: {arg_name}={axis!r}"
+        ) from None
+
+
+def static_rank(x, arg_name="inputs"):
+    """The rank of `x`, which must be known when the graph is built."""
+    rank = x.shape.rank
+    if rank is None:
+        raise ValueError(
+            f"`{arg_name}` must have a known rank. Received a tensor of "
+            f"unknown rank with dtype {x.dtype.name}."
+        )
+    return rank
+
+
+def broadcast_shape(x, axes):
+    """Shape that broadcasts a per-feature vector against `x` (1 elsewhere).
+
+    Static where the feature dimensions are known, a tensor otherwise.
+    """
+    dims = [x.shape[a] for a in axes]
+    rank = x.shape.rank
+    if all(d is not None for d in dims):
+        shape = [1] * rank
+        for a, d in zip(axes, dims):
+            shape[a] = d
+        return shape
+    dynamic = tf.shape(x)
+    return tf.stack([dynamic[i] if i in axes else 1 for i in range(rank)])
+
+
+def reduction_axes(rank, axes):
+    """The axes not in `axes`: the ones statistics are computed over."""
+    return [i for i in range(rank) if i not in axes]

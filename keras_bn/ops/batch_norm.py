@@ -1,0 +1,430 @@
+r"""Batch normalization with hand-written backward passes.
+
+Notation, per feature (one entry of the kept axes), over the `N` positions
+that statistics are taken over (all positions, or the unmasked ones):
+
+    mean     = sum(x) / N
+    variance = sum((x - mean)^2) / N           (biased: divides by N)
+    inv      = 1 / sqrt(variance + epsilon)
+    x_hat    = (x - mean) * inv
+    y        = gamma * x_hat + beta
+
+Backward pass of the training form (the statistics depend on `x`). With
+`S1 = sum(dy)` and `S2 = sum(dy * (x - mean))`, the chain rule through `x_hat`,
+`mean` and `variance` collapses to
+
+    dbeta  = S1
+    dgamma = inv * S2
+    dx     = gamma * inv * (dy - S1 / N - (x - mean) * inv^2 * S2 / N)
+
+which is folded into per-feature coefficients, `dx = a * dy + b * (x - mean) + c`
+with `a = gamma * inv`, `b = -gamma * inv^3 * S2 / N`, `c = -gamma * inv * S1 / N`.
+The op also returns the batch statistics, and differentiates through them:
+an upstream `dmean` adds `dmean / N` to every `dx`, and an upstream
+`dvariance` adds `2 * dvariance * (x - mean) / N` (the term through `mean`
+vanishes because `sum(x - mean) = 0`); both fold into `b` and `c`.
+
+Backward pass of the inference form (`mean` and `variance` are inputs):
+
+    dx        = gamma * inv * dy
+    dmean     = -gamma * inv * S1
+    dvariance = -gamma * inv^3 * S2 / 2
+    dgamma    = inv * S2
+    dbeta     = S1
+
+Statistics use a corrected two-pass algorithm: `mean` from a first pass, then
+`delta = mean(x - mean)` and `variance = mean((x - mean)^2) - delta^2` from the
+second, and `mean + delta` as the final mean. The correction removes the
+rounding error of the first pass, so inputs with a large offset (1e4 + N(0, 1)
+in float32) keep accurate statistics. The variance is clamped at zero.
+
+Low-precision inputs (float16, bfloat16) are computed in float32 and the
+output cast back; statistics are returned in float32. float64 stays float64.
+"""
+
+import tensorflow as tf
+
+from keras_bn.ops.axes import broadcast_shape
+from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.axes import reduction_axes
+from keras_bn.ops.axes import static_rank
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+_FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def compute_dtype(dtype):
+    """The dtype the math runs in for inputs of `dtype`."""
+    return tf.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _as_float_tensor(value, arg_name):
+    value = tf.convert_to_tensor(value)
+    if value.dtype not in _FLOATS:
+        raise TypeError(
+            f"`{arg_name}` must be a floating-point tensor (float16, bfloat16, "
+            f"float32 or float64). Received dtype: {value.dtype.name}"
+        )
+    return value
+
+
+def _present_params(**params):
+    """The given parameters, by name, as tensors; absent (None) ones dropped."""
+    return {
+        name: _as_float_tensor(value, name)
+        for name, value in params.items()
+        if value is not None
+    }
+
+
+def _feature_shape(x, axes):
+    return [x.shape[a] for a in axes]
+
+
+def _check_param_shapes(x, axes, params):
+    expected = _feature_shape(x, axes)
+    for name, value in params.items():
+        if value.shape.rank is None:
+            continue
+        got = value.shape.as_list()
+        if len(got) != len(expected) or any(
+            e is not None and g is not None and e != g for e, g in zip(expected, got)
+        ):
+            raise ValueError(
+                f"`{name}` must have shape {expected} (the sizes of the "
+                f"feature axes {list(axes)} of `x`). Received: "
+                f"{name}.shape={got}, x.shape={x.shape.as_list()}"
+            )
+
+
+def _prepare_mask(mask, x, axes):
+    """A boolean mask broadcastable to `x`, or None.
+
+    `mask` has the shape of `x` with the feature axes removed; size-1 axes are
+    inserted where the feature axes were.
+    """
+    if mask is None:
+        return None
+    mask = tf.convert_to_tensor(mask)
+    rank = x.shape.rank
+    expected = [d for i, d in enumerate(x.shape.as_list()) if i not in axes]
+    got = mask.shape.as_list() if mask.shape.rank is not None else None
+    if (
+        got is None
+        or len(got) != len(expected)
+        or any(
+            e is not None and g is not None and e != g for e, g in zip(expected, got)
+        )
+    ):
+        raise ValueError(
+            "`mask` must have the shape of the inputs with the feature axes "
+            f"{list(axes)} removed, i.e. {expected}. Received: mask.shape="
+            f"{got}, inputs.shape={x.shape.as_list()}"
+        )
+    if mask.dtype != tf.bool:
+        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    for a in axes:
+        mask = tf.expand_dims(mask, a)
+    mask.shape.assert_has_rank(rank)
+    return mask
+
+
+def _reshape_params(params, shape, dtype):
+    return {k: tf.cast(tf.reshape(v, shape), dtype) for k, v in params.items()}
+
+
+def _sum(x, axes):
+    return tf.reduce_sum(x, axis=axes, keepdims=True)
+
+
+def _moments(xf, red, mask):
+    """Corrected two-pass statistics, kept at broadcast shape.
+
+    Returns `(mean, variance, xc, delta, count)` where `xc = x - first_mean`
+    and `xc - delta` is `x - mean` for the returned `mean`.
+    """
+    dtype = xf.dtype
+    if mask is None:
+        shape = tf.shape(xf, out_type=tf.int64)
+        count = tf.cast(tf.reduce_prod(tf.gather(shape, red)), dtype)
+        count = tf.reshape(count, [1] * xf.shape.rank)
+        safe_count = tf.maximum(count, 1.0)
+        first_mean = _sum(xf, red) / safe_count
+        xc = xf - first_mean
+        centred = xc
+    else:
+        count = _sum(tf.cast(mask, dtype), red)
+        safe_count = tf.maximum(count, 1.0)
+        first_mean = _sum(tf.where(mask, xf, tf.zeros([], dtype)), red) / safe_count
+        xc = xf - first_mean
+        centred = tf.where(mask, xc, tf.zeros([], dtype))
+    delta = _sum(centred, red) / safe_count
+    variance = tf.maximum(_sum(tf.square(centred), red) / safe_count - delta**2, 0.0)
+    return first_mean + delta, variance, xc, delta, safe_count
+
+
+def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip):
+    """Batch Renormalization's `r` and `d` (Ioffe, 2017), treated as constants."""
+    stddev = tf.sqrt(variance + epsilon)
+    renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(tf.cast(epsilon, mean.dtype)))
+    r = stddev / renorm_stddev
+    d = (mean - renorm_mean) / renorm_stddev
+    rmin, rmax, dmax = clip
+    if rmin is not None:
+        r = tf.maximum(r, rmin)
+    if rmax is not None:
+        r = tf.minimum(r, rmax)
+    if dmax is not None:
+        d = tf.clip_by_value(d, -dmax, dmax)
+    return r, d
+
+
+def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm):
+    x = _as_float_tensor(x, "x")
+    rank = static_rank(x, "x")
+    axes = canonicalize_axes(axis, rank)
+    red = reduction_axes(rank, axes)
+    epsilon = _check_epsilon(epsilon)
+    params = _present_params(gamma=gamma, beta=beta)
+    _check_param_shapes(x, axes, params)
+    mask = _prepare_mask(mask, x, axes)
+    dtype = compute_dtype(x.dtype)
+    shape = broadcast_shape(x, axes)
+    if renorm is not None:
+        renorm_stats = _present_params(
+            renorm_mean=renorm["mean"], renorm_stddev=renorm["stddev"]
+        )
+        _check_param_shapes(x, axes, renorm_stats)
+        renorm_stats = _reshape_params(renorm_stats, shape, dtype)
+
+    @tf.custom_gradient
+    def forward(x, *values):
+        # Only the custom gradient below differentiates this function: stopping
+        # the tape here keeps an outer eager tape from holding intermediates.
+        x = tf.stop_gradient(x)
+        p = _reshape_params(
+            dict(zip(params, [tf.stop_gradient(v) for v in values])), shape, dtype
+        )
+        xf = tf.cast(x, dtype)
+        mean, variance, xc, delta, count = _moments(xf, red, mask)
+        inv = tf.math.rsqrt(variance + epsilon)
+        gamma = p.get("gamma")
+        scale = inv if gamma is None else inv * gamma
+        offset = p.get("beta", tf.zeros([], dtype))
+        if renorm is not None:
+            r, d = _renorm_correction(
+                mean,
+                variance,
+                renorm_stats["renorm_mean"],
+                renorm_stats["renorm_stddev"],
+                epsilon,
+                renorm["clip"],
+            )
+            scale = scale * r
+            offset = offset + (d if gamma is None else d * gamma)
+        # y = (x - mean) * scale + offset, with x - mean = xc - delta.
+        y = xc * scale + (offset - delta * scale)
+
+        def grad(dy, dmean, dvariance):
+            dy = tf.cast(dy, dtype)
+            dy_kept = dy if mask is None else tf.where(mask, dy, tf.zeros([], dtype))
+            s1 = _sum(dy_kept, red)
+            s2 = _sum(dy_kept * xc, red) - delta * s1  # sum(dy * (x - mean))
+            b = -scale * tf.square(inv) * s2 / count
+            c = -scale * s1 / count
+            if dmean is not None:
+                c += tf.reshape(tf.cast(dmean, dtype), shape) / count
+            if dvariance is not None:
+                b += 2.0 * tf.reshape(tf.cast(dvariance, dtype), shape) / count
+            dx = dy * scale + (xc * b + (c - delta * b))
+            if mask is not None:
+                dx = tf.where(mask, dx, tf.zeros([], dtype))
+            grads = {"beta": s1}
+            if renorm is None:
+                grads["gamma"] = inv * s2
+            else:
+                grads["gamma"] = r * inv * s2 + d * s1
+            return (tf.cast(dx, x.dtype),) + tuple(
+                tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
+                for name, v in zip(params, values)
+            )
+
+        outputs = (
+            tf.cast(y, x.dtype),
+            tf.squeeze(mean, axis=red),
+            tf.squeeze(variance, axis=red),
+        )
+        return outputs, grad
+
+    return forward(x, *params.values())
+
+
+def _check_epsilon(epsilon):
+    epsilon = float(epsilon)
+    if not epsilon > 0:
+        raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+    return epsilon
+
+
+def batch_norm_train(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, mask=None):
+    r"""Batch normalization in training mode: normalizes with batch statistics.
+
+    `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`, where `mean`
+    and `variance` are taken over every axis except `axis`, and `variance` is
+    the biased variance `sum((x - mean)^2) / N`. The backward pass is written
+    out in this module's docstring; it differentiates through all three
+    outputs, so a loss that uses the returned statistics gets exact gradients.
+
+    Args:
+        x: Float tensor of known rank.
+        gamma: Optional scale, shaped as the feature axes of `x` (a vector for
+            one feature axis). None means 1.
+        beta: Optional offset, same shape as `gamma`. None means 0.
+        axis: The feature axis, or a list/tuple of them: the axes that are
+            kept. Statistics are reduced over all the others.
+        epsilon: Positive float added to the variance.
+        mask: Optional boolean tensor shaped as `x` without its feature axes.
+            False positions are left out of the statistics and receive no
+            gradient (their outputs are treated as padding), though their
+            outputs are normalized like all others. A fully masked batch
+            gives mean 0 and variance 0, not NaN.
+
+    Returns:
+        A tuple `(y, batch_mean, batch_variance)`: `y` has the shape and
+        dtype of `x`; the statistics are shaped as `gamma`, in float32 for
+        float16/bfloat16 inputs and in `x`'s dtype otherwise.
+
+    Example:
+
+    >>> x = tf.random.normal([32, 8])
+    >>> y, mean, variance = batch_norm_train(x, tf.ones([8]), tf.zeros([8]))
+    >>> y.shape, mean.shape
+    (TensorShape([32, 8]), TensorShape([8]))
+    """
+    return _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm=None)
+
+
+def batch_renorm_train(
+    x,
+    gamma,
+    beta,
+    renorm_mean,
+    renorm_stddev,
+    axis=-1,
+    epsilon=1e-3,
+    rmin=None,
+    rmax=None,
+    dmax=None,
+    mask=None,
+):
+    r"""Batch Renormalization (Ioffe, 2017) in training mode.
+
+    `y = gamma * (x_hat * r + d) + beta` with `x_hat` normalized by the batch
+    statistics, `r = stddev / renorm_stddev` clipped to `[rmin, rmax]` and
+    `d = (mean - renorm_mean) / renorm_stddev` clipped to `[-dmax, dmax]`,
+    where `stddev = sqrt(variance + epsilon)` and `renorm_stddev` is floored at
+    `sqrt(epsilon)`. As in the paper, `r` and `d` are constants under
+    differentiation: the backward pass is that of `batch_norm_train` with the
+    effective scale `gamma * r`, plus `dgamma = r * inv * S2 + d * S1`;
+    `renorm_mean` and `renorm_stddev` receive no gradient.
+
+    Args:
+        x, gamma, beta, axis, epsilon, mask: As in `batch_norm_train`.
+        renorm_mean: Moving mean used for the correction, shaped as `gamma`.
+        renorm_stddev: Moving standard deviation, shaped as `gamma`.
+        rmin, rmax, dmax: Optional clipping bounds (None: unclipped).
+
+    Returns:
+        A tuple `(y, batch_mean, batch_variance)` as in `batch_norm_train`.
+
+    Example:
+
+    >>> x = tf.random.normal([32, 8])
+    >>> y, mean, variance = batch_renorm_train(
+    ...     x, None, None, tf.zeros([8]), tf.ones([8]), rmax=3.0, dmax=5.0)
+    >>> y.shape
+    TensorShape([32, 8])
+    """
+    renorm = {
+        "mean": renorm_mean,
+        "stddev": renorm_stddev,
+        "clip": (rmin, rmax, dmax),
+    }
+    return _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm=renorm)
+
+
+def batch_norm_inference(
+    x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3
+):
+    r"""Batch normalization with given statistics (inference mode).
+
+    `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`, computed as
+    `x * scale + offset` with per-feature `scale = gamma / sqrt(variance +
+    epsilon)` and `offset = beta - mean * scale`. Gradients flow to every
+    input: `x`, `mean`, `variance`, `gamma` and `beta` (formulas in this
+    module's docstring).
+
+    Args:
+        x: Float tensor of known rank.
+        mean: Per-feature mean, shaped as the feature axes of `x`.
+        variance: Per-feature variance, same shape as `mean`.
+        gamma: Optional scale (None means 1), same shape as `mean`.
+        beta: Optional offset (None means 0), same shape as `mean`.
+        axis: The feature axis, or a list/tuple of them.
+        epsilon: Positive float added to the variance.
+
+    Returns:
+        `y`, with the shape and dtype of `x`.
+
+    Example:
+
+    >>> x = tf.random.normal([4, 3])
+    >>> y = batch_norm_inference(x, tf.zeros([3]), tf.ones([3]), epsilon=1e-3)
+    >>> y.shape
+    TensorShape([4, 3])
+    """
+    x = _as_float_tensor(x, "x")
+    rank = static_rank(x, "x")
+    axes = canonicalize_axes(axis, rank)
+    red = reduction_axes(rank, axes)
+    epsilon = _check_epsilon(epsilon)
+    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
+    if "mean" not in params or "variance" not in params:
+        raise ValueError("`mean` and `variance` are required (got None).")
+    _check_param_shapes(x, axes, params)
+    dtype = compute_dtype(x.dtype)
+    shape = broadcast_shape(x, axes)
+
+    @tf.custom_gradient
+    def forward(x, *values):
+        x = tf.stop_gradient(x)
+        p = _reshape_params(
+            dict(zip(params, [tf.stop_gradient(v) for v in values])), shape, dtype
+        )
+        inv = tf.math.rsqrt(p["variance"] + epsilon)
+        gamma = p.get("gamma")
+        scale = inv if gamma is None else inv * gamma
+        offset = -p["mean"] * scale
+        if "beta" in p:
+            offset += p["beta"]
+        xf = tf.cast(x, dtype)
+        y = xf * scale + offset
+
+        def grad(dy):
+            dy = tf.cast(dy, dtype)
+            s1 = _sum(dy, red)
+            s2 = _sum(dy * (xf - p["mean"]), red)
+            grads = {
+                "mean": -scale * s1,
+                "variance": -0.5 * scale * tf.square(inv) * s2,
+                "gamma": inv * s2,
+                "beta": s1,
+            }
+            return (tf.cast(dy * scale, x.dtype),) + tuple(
+                tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
+                for name, v in zip(params, values)
+            )
+
+        return tf.cast(y, x.dtype), grad
+
+    return forward(x, *params.values())
