@@ -344,7 +344,11 @@ class BatchNormalization(keras.layers.Layer):
             outputs, mean, variance = ops.batch_norm_train(
                 inputs, gamma, beta, axis=self._axes, epsilon=self.epsilon, mask=mask
             )
-        self._update_statistics(mean, variance, self._has_examples(inputs, mask))
+        # The statistics this call read (renorm's) must not be overwritten
+        # before the output that uses them exists: in graph mode a variable
+        # read can alias the buffer the update writes into.
+        with tf.control_dependencies([outputs]):
+            self._update_statistics(mean, variance, self._has_examples(inputs, mask))
         return outputs
 
     def _has_examples(self, inputs, mask):
