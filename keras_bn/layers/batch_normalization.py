@@ -1,5 +1,8 @@
 """A drop-in for `keras.layers.BatchNormalization` on keras_bn's own ops."""
 
+import math
+import warnings
+
 import keras
 import tensorflow as tf
 from keras import constraints
@@ -141,6 +144,11 @@ class BatchNormalization(keras.layers.Layer):
             `d` to `[-dmax, dmax]` (missing keys: unclipped).
         renorm_momentum: Float in [0, 1], momentum of the renorm statistics
             `renorm_mean` and `renorm_stddev`.
+        skip_nonfinite_updates: If True (the default), a feature whose batch
+            mean or variance is not finite (NaN or Inf in the inputs) keeps its
+            moving statistics instead of being poisoned for good; the output
+            of that batch is what the math gives. False updates regardless,
+            as Keras does. Not a Keras argument.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
@@ -190,6 +198,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm_clipping=None,
         renorm_momentum=0.99,
         synchronized=False,
+        skip_nonfinite_updates=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -228,6 +237,8 @@ class BatchNormalization(keras.layers.Layer):
                 "keras.layers.BatchNormalization(synchronized=True)."
             )
         self.synchronized = False
+        self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
+        self._warned_single_position = False
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -348,19 +359,46 @@ class BatchNormalization(keras.layers.Layer):
         # before the output that uses them exists: in graph mode a variable
         # read can alias the buffer the update writes into.
         with tf.control_dependencies([outputs]):
-            self._update_statistics(mean, variance, self._has_examples(inputs, mask))
+            self._update_statistics(
+                mean, variance, self._accept_statistics(inputs, mask, mean, variance)
+            )
         return outputs
 
-    def _has_examples(self, inputs, mask):
-        """Whether the batch holds any (unmasked) position: else keep state."""
-        if mask is None:
-            return tf.size(inputs) > 0
-        return tf.reduce_any(tf.cast(mask, tf.bool))
+    def _accept_statistics(self, inputs, mask, mean, variance):
+        """Per feature: whether this batch's statistics may enter the averages.
 
-    def _update_statistics(self, mean, variance, has_examples):
+        Not when the batch holds no (unmasked) position, nor, with
+        `skip_nonfinite_updates`, when a statistic is NaN or Inf.
+        """
+        if mask is None:
+            self._warn_if_single_position(inputs)
+            accept = tf.size(inputs) > 0
+        else:
+            accept = tf.reduce_any(tf.cast(mask, tf.bool))
+        if self.skip_nonfinite_updates:
+            finite = tf.math.is_finite(mean) & tf.math.is_finite(variance)
+            accept = accept & finite
+        return accept
+
+    def _warn_if_single_position(self, inputs):
+        reduced = [inputs.shape[i] for i in range(inputs.shape.rank)]
+        reduced = [d for i, d in enumerate(reduced) if i not in self._axes]
+        if self._warned_single_position or None in reduced or math.prod(reduced) != 1:
+            return
+        self._warned_single_position = True
+        warnings.warn(
+            f"Layer '{self.name}' was called in training mode on a batch with a "
+            f"single example per feature (inputs.shape={inputs.shape}): its "
+            "variance is 0 and the output is `beta` whatever the input, so "
+            "batch statistics from one example are meaningless. Use larger "
+            "batches or call the layer with training=False.",
+            stacklevel=3,
+        )
+
+    def _update_statistics(self, mean, variance, accept):
         def update(variable, value, momentum):
             new = _moving_average(variable, value, momentum)
-            variable.assign(tf.where(has_examples, new, variable))
+            variable.assign(tf.where(accept, new, variable))
             return new
 
         update(self.moving_mean, mean, self.momentum)
@@ -374,7 +412,7 @@ class BatchNormalization(keras.layers.Layer):
         # The inference variance follows from the moving stddev (floored at 0).
         moving_variance = tf.nn.relu(tf.square(moving_stddev) - self.epsilon)
         self.moving_variance.assign(
-            tf.where(has_examples, moving_variance, self.moving_variance)
+            tf.where(accept, moving_variance, self.moving_variance)
         )
 
     def compute_output_shape(self, input_shape):
@@ -404,5 +442,6 @@ class BatchNormalization(keras.layers.Layer):
             "renorm": self.renorm,
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
+            "skip_nonfinite_updates": self.skip_nonfinite_updates,
         }
         return {**super().get_config(), **config}
