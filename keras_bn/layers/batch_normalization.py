@@ -149,6 +149,13 @@ class BatchNormalization(keras.layers.Layer):
             moving statistics instead of being poisoned for good; the output
             of that batch is what the math gives. False updates regardless,
             as Keras does. Not a Keras argument.
+        fused: None (the default: automatic), True or False. True runs on
+            TensorFlow's fused batch-norm kernels (cuDNN on GPUs), which apply
+            to float16/bfloat16/float32 inputs with one feature axis, the last
+            or axis 1, no mask, no renorm and `epsilon >= 1.001e-5`; where
+            they cannot apply, True raises a ValueError saying why. False
+            always uses the closed form (the more accurate for inputs with a
+            large offset). None picks the fused kernels where they apply.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
@@ -199,6 +206,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm_momentum=0.99,
         synchronized=False,
         skip_nonfinite_updates=True,
+        fused=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -238,6 +246,17 @@ class BatchNormalization(keras.layers.Layer):
             )
         self.synchronized = False
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(
+                "Argument `fused` must be None, True or False. "
+                f"Received: fused={fused!r}"
+            )
+        if fused and self.renorm:
+            raise ValueError(
+                "Argument `fused=True` cannot be combined with renorm=True: the "
+                "fused kernels have no renorm correction. Use fused=None or False."
+            )
+        self.fused = fused
         self._warned_single_position = False
         self.supports_masking = True
         self.gamma = None
@@ -332,6 +351,7 @@ class BatchNormalization(keras.layers.Layer):
                 beta,
                 axis=self._axes,
                 epsilon=self.epsilon,
+                fused=self.fused,
             )
         return tf.cast(outputs, self.compute_dtype)
 
@@ -353,7 +373,13 @@ class BatchNormalization(keras.layers.Layer):
             )
         else:
             outputs, mean, variance = ops.batch_norm_train(
-                inputs, gamma, beta, axis=self._axes, epsilon=self.epsilon, mask=mask
+                inputs,
+                gamma,
+                beta,
+                axis=self._axes,
+                epsilon=self.epsilon,
+                mask=mask,
+                fused=self.fused,
             )
         # The statistics this call read (renorm's) must not be overwritten
         # before the output that uses them exists: in graph mode a variable
@@ -443,5 +469,6 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
+            "fused": self.fused,
         }
         return {**super().get_config(), **config}

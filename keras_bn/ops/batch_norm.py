@@ -48,6 +48,9 @@ from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
+from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
+from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -179,7 +182,22 @@ def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip
     return r, d
 
 
-def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm):
+def use_fused(fused, x, axes, epsilon, mask=None, renorm=False):
+    """Resolves the `fused` argument (None: automatic) to True or False."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"`fused` must be None, True or False. Received: {fused!r}")
+    if fused is False:
+        return False
+    reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm)
+    if fused and reason:
+        raise ValueError(
+            f"fused=True, but the fused kernels cannot apply because {reason}. "
+            "Use fused=None (automatic) or fused=False (closed form)."
+        )
+    return reason is None
+
+
+def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm, fused=False):
     x = _as_float_tensor(x, "x")
     rank = static_rank(x, "x")
     axes = canonicalize_axes(axis, rank)
@@ -187,6 +205,10 @@ def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm):
     epsilon = _check_epsilon(epsilon)
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
+    if use_fused(fused, x, axes, epsilon, mask, renorm is not None):
+        return fused_batch_norm_train(
+            x, params.get("gamma"), params.get("beta"), axes[0], epsilon
+        )
     mask = _prepare_mask(mask, x, axes)
     dtype = compute_dtype(x.dtype)
     shape = broadcast_shape(x, axes)
@@ -266,7 +288,9 @@ def _check_epsilon(epsilon):
     return epsilon
 
 
-def batch_norm_train(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, mask=None):
+def batch_norm_train(
+    x, gamma=None, beta=None, axis=-1, epsilon=1e-3, mask=None, fused=None
+):
     r"""Batch normalization in training mode: normalizes with batch statistics.
 
     `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`, where `mean`
@@ -288,6 +312,14 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, mask=None)
             gradient (their outputs are treated as padding), though their
             outputs are normalized like all others. A fully masked batch
             gives mean 0 and variance 0, not NaN.
+        fused: None (automatic), True or False. True computes on
+            TensorFlow's fused kernels (`FusedBatchNormV3` and its gradient,
+            cuDNN on GPUs), which apply to float16/bfloat16/float32 inputs
+            with one feature axis, the last or axis 1, no mask and
+            `epsilon >= 1.001e-5`; elsewhere True raises a ValueError that
+            says why. False always uses the closed form, whose corrected
+            two-pass statistics are the more accurate for inputs with a large
+            offset. None picks the fused kernels where they apply.
 
     Returns:
         A tuple `(y, batch_mean, batch_variance)`: `y` has the shape and
@@ -301,7 +333,7 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, mask=None)
     >>> y.shape, mean.shape
     (TensorShape([32, 8]), TensorShape([8]))
     """
-    return _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm=None)
+    return _batch_norm_train(x, gamma, beta, axis, epsilon, mask, None, fused)
 
 
 def batch_renorm_train(
@@ -354,7 +386,7 @@ def batch_renorm_train(
 
 
 def batch_norm_inference(
-    x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3
+    x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3, fused=None
 ):
     r"""Batch normalization with given statistics (inference mode).
 
@@ -372,6 +404,10 @@ def batch_norm_inference(
         beta: Optional offset (None means 0), same shape as `mean`.
         axis: The feature axis, or a list/tuple of them.
         epsilon: Positive float added to the variance.
+        fused: None (automatic), True or False: whether the forward pass runs
+            on TensorFlow's fused kernel (one pass over `x`), with the same
+            conditions as in `batch_norm_train`. The backward pass is the
+            closed form either way.
 
     Returns:
         `y`, with the shape and dtype of `x`.
@@ -394,21 +430,28 @@ def batch_norm_inference(
     _check_param_shapes(x, axes, params)
     dtype = compute_dtype(x.dtype)
     shape = broadcast_shape(x, axes)
+    fused = use_fused(fused, x, axes, epsilon)
 
     @tf.custom_gradient
     def forward(x, *values):
         x = tf.stop_gradient(x)
-        p = _reshape_params(
-            dict(zip(params, [tf.stop_gradient(v) for v in values])), shape, dtype
-        )
+        values = [tf.stop_gradient(v) for v in values]
+        p = _reshape_params(dict(zip(params, values)), shape, dtype)
         inv = tf.math.rsqrt(p["variance"] + epsilon)
         gamma = p.get("gamma")
         scale = inv if gamma is None else inv * gamma
-        offset = -p["mean"] * scale
-        if "beta" in p:
-            offset += p["beta"]
         xf = tf.cast(x, dtype)
-        y = xf * scale + offset
+        if fused:
+            given = dict(zip(params, values))
+            y = fused_batch_norm_inference(
+                x, given["mean"], given["variance"], given.get("gamma"),
+                given.get("beta"), axes[0], epsilon,
+            )  # fmt: skip
+        else:
+            offset = -p["mean"] * scale
+            if "beta" in p:
+                offset += p["beta"]
+            y = xf * scale + offset
 
         def grad(dy):
             dy = tf.cast(dy, dtype)

@@ -1,0 +1,153 @@
+"""The fused-kernel path agrees with the closed form, and says when it can't."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import param_shape
+
+import keras_bn
+from keras_bn.ops import batch_norm_inference
+from keras_bn.ops import batch_norm_train
+
+LAYOUTS = [
+    ((32, 6), -1),
+    ((8, 5, 6), -1),
+    ((4, 5, 5, 6), -1),
+    ((4, 6, 5, 5), 1),
+    ((4, 6, 5), 1),
+    ((2, 3, 4, 4, 6), -1),
+    ((2, 6, 3, 4, 4), 1),
+]
+
+
+def _run(fused, x, gamma, beta, axis, weights, mode):
+    def step(x, gamma, beta):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, mean, var = batch_norm_train(x, gamma, beta, axis=axis, fused=fused)
+            y_inf = batch_norm_inference(
+                x, mean, var, gamma, beta, axis=axis, fused=fused
+            )
+            loss = (
+                tf.reduce_sum(weights[0] * tf.cast(y, tf.float32) ** 2)
+                + tf.reduce_sum(weights[1] * mean)
+                + tf.reduce_sum(weights[2] * var)
+                + tf.reduce_sum(tf.cast(y_inf, tf.float32))
+            )
+        return [y, mean, var, y_inf, *tape.gradient(loss, [x, gamma, beta])]
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    return step(x, gamma, beta)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_fused_and_closed_form_agree(rng, shape, axis, mode):
+    pshape = param_shape(shape, axis)
+    x = tf.constant(rng.normal(0.5, 2.0, size=shape), tf.float32)
+    gamma = tf.constant(rng.uniform(0.5, 1.5, size=pshape), tf.float32)
+    beta = tf.constant(rng.normal(size=pshape), tf.float32)
+    weights = [
+        tf.constant(rng.normal(size=s), tf.float32) for s in (shape, pshape, pshape)
+    ]
+    fused = _run(True, x, gamma, beta, axis, weights, mode)
+    closed = _run(False, x, gamma, beta, axis, weights, mode)
+    names = ["y", "mean", "variance", "y_inference", "dx", "dgamma", "dbeta"]
+    for name, a, b in zip(names, fused, closed):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_fused_low_precision_agrees_with_closed_form(rng, dtype):
+    x = tf.cast(rng.normal(2.0, 3.0, size=(16, 4, 4, 8)), dtype)
+    gamma, beta = tf.ones([8]), tf.zeros([8])
+    results = []
+    for fused in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma])
+            y, mean, var = batch_norm_train(x, gamma, beta, fused=fused)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 3)
+        dx, dgamma = tape.gradient(loss, [x, gamma])
+        assert y.dtype == dtype and dx.dtype == dtype and mean.dtype == tf.float32
+        results.append([tf.cast(t, tf.float32) for t in (y, mean, var, dx, dgamma)])
+    tol = 2e-2 if dtype == tf.float16 else 1e-1
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_fused_statistics_are_biased_and_empty_batches_give_no_nan(rng):
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+    _, mean, var = batch_norm_train(x, None, None, fused=True)
+    np.testing.assert_allclose(var, x.var(axis=0), rtol=1e-5)  # divides by N
+    y, mean, var = batch_norm_train(tf.zeros([0, 3]), None, None, fused=True)
+    assert y.shape == (0, 3)
+    np.testing.assert_array_equal(mean, 0.0)
+    np.testing.assert_array_equal(var, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"x": np.ones((4, 3))}, r"input dtype is float64"),
+        ({"axis": [0, 1], "x": np.ones((4, 3, 2), np.float32)}, r"feature axes"),
+        (
+            {"axis": 2, "x": np.ones((4, 3, 2, 5), np.float32)},
+            r"feature axes are \[2\]",
+        ),
+        ({"mask": np.ones(4, bool)}, r"a mask is given"),
+        ({"epsilon": 1e-6}, r"below the fused kernels' minimum"),
+    ],
+)
+def test_fused_true_where_it_cannot_apply_says_why(kwargs, match):
+    args = {"x": np.ones((4, 3), np.float32), "gamma": None, "beta": None}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=r"fused=True, but .*" + match):
+        batch_norm_train(fused=True, **args)
+
+
+def test_fused_argument_is_validated():
+    with pytest.raises(TypeError, match=r"`fused` must be None, True or False"):
+        batch_norm_train(np.ones((4, 3), np.float32), fused="yes")
+    with pytest.raises(ValueError, match=r"`fused=True` cannot be combined"):
+        keras_bn.BatchNormalization(fused=True, renorm=True)
+    with pytest.raises(TypeError, match=r"`fused` must be None, True or False"):
+        keras_bn.BatchNormalization(fused=1)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 4, 4, 6), -1), ((16, 6, 4, 4), 1)])
+def test_layer_paths_agree_on_moving_statistics_over_steps(rng, shape, axis):
+    layers = [
+        keras_bn.BatchNormalization(axis=axis, momentum=0.8, fused=fused)
+        for fused in (True, False)
+    ]
+    for _ in range(3):
+        x = rng.normal(1.0, 2.0, size=shape).astype(np.float32)
+        outputs = [layer(x, training=True) for layer in layers]
+        np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    for a, b in zip(layers[0].get_weights(), layers[1].get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layers[0](x), layers[1](x), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_fused_true_with_a_mask_raises_before_state_changes(rng):
+    layer = keras_bn.BatchNormalization(fused=True)
+    x = rng.normal(size=(4, 5, 3)).astype(np.float32)
+    layer(x, training=True)
+    before = layer.get_weights()
+    with pytest.raises(ValueError, match=r"a mask is given"):
+        layer(x, training=True, mask=np.ones((4, 5), bool))
+    for a, b in zip(before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_layer_matches_keras_layer(rng):
+    ours = keras_bn.BatchNormalization(fused=True)
+    theirs = keras.layers.BatchNormalization()
+    x = rng.normal(3.0, 2.0, size=(8, 5, 5, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        ours(x, training=True), theirs(x, training=True), rtol=1e-4, atol=1e-4
+    )
+    for a, b in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
