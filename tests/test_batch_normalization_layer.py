@@ -335,7 +335,18 @@ def test_keras_file_round_trip_in_a_fresh_process(rng, tmp_path):
             r"needs dmax >= 0",
         ),
         ({"renorm": True, "renorm_momentum": 2}, ValueError, r"`renorm_momentum`"),
-        ({"synchronized": True}, NotImplementedError, r"`synchronized=True`"),
+        ({"virtual_batch_size": 0}, ValueError, r"`virtual_batch_size` must be"),
+        ({"virtual_batch_size": 2.5}, TypeError, r"`virtual_batch_size` must be"),
+        (
+            {"virtual_batch_size": 4, "synchronized": True},
+            ValueError,
+            r"`virtual_batch_size` cannot be combined with synchronized=True",
+        ),
+        (
+            {"moving_variance_estimator": "bessel"},
+            ValueError,
+            r"`moving_variance_estimator` must be one of \['biased', 'unbiased'\]",
+        ),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, error, match):

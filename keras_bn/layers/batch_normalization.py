@@ -12,8 +12,11 @@ from keras import regularizers
 from keras_bn import ops
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import validate_axis_argument
+from keras_bn.ops.virtual_batch import per_virtual_batch
+from keras_bn.ops.virtual_batch import split_virtual_batches
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+_VARIANCE_ESTIMATORS = ("biased", "unbiased")
 
 
 def _check_unit_interval(value, arg_name):
@@ -73,6 +76,33 @@ def _check_renorm_clipping(renorm_clipping):
     return dict(renorm_clipping)
 
 
+def _check_virtual_batch_size(virtual_batch_size, synchronized, fused):
+    if virtual_batch_size is None:
+        return None
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+        raise TypeError(
+            "Argument `virtual_batch_size` must be None or a positive int. "
+            f"Received: virtual_batch_size={virtual_batch_size!r}"
+        )
+    if virtual_batch_size < 1:
+        raise ValueError(
+            "Argument `virtual_batch_size` must be a positive int. "
+            f"Received: virtual_batch_size={virtual_batch_size}"
+        )
+    if synchronized:
+        raise ValueError(
+            "Argument `virtual_batch_size` cannot be combined with "
+            "synchronized=True: virtual batches split a replica's batch, "
+            "synchronization joins the replicas' batches."
+        )
+    if fused:
+        raise ValueError(
+            "Argument `virtual_batch_size` cannot be combined with fused=True: "
+            "the fused kernels compute one set of statistics per batch."
+        )
+    return virtual_batch_size
+
+
 def _copy_initializer(initializer):
     """A fresh instance of `initializer` (a random one draws anew)."""
     return initializers.get(keras.saving.serialize_keras_object(initializer))
@@ -120,7 +150,11 @@ class BatchNormalization(keras.layers.Layer):
             kept and normalized per entry. `-1` after `Dense`/channels-last
             convolutions, `1` for channels-first.
         momentum: Float in [0, 1], momentum of the moving averages (the weight
-            of the old value).
+            of the old value), or None for a cumulative average over every
+            batch seen: the n-th batch enters with weight `1 / n` (PyTorch's
+            `momentum=None`). None adds a non-trainable int64 weight
+            `num_batches_tracked`, last in the weight list, which saves and
+            loads with the model.
         epsilon: Float > 0 added to the variance to avoid dividing by zero.
         center: If True, add the learned offset `beta`.
         scale: If True, multiply by the learned scale `gamma`.
@@ -132,9 +166,15 @@ class BatchNormalization(keras.layers.Layer):
         gamma_regularizer: Optional regularizer for `gamma`.
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
-        synchronized: If True, synchronize batch statistics across replicas of
-            a `tf.distribute` strategy. Not available yet: raises
-            NotImplementedError rather than silently computing per replica.
+        synchronized: If True, inside a `tf.distribute` strategy with several
+            replicas (MirroredStrategy, MultiWorkerMirroredStrategy), the
+            batch statistics are those of the global batch: per-replica
+            counts, means and centred sums of squares are all-gathered and
+            combined exactly (Chan et al.), and the backward pass all-reduces
+            `sum(dy)` and `sum(dy * x_hat)`, so each replica's `dx` equals the
+            single-device `dx` on the concatenated batch. Replicas with no
+            examples contribute nothing. Outside a replica context it has no
+            effect.
         renorm: Whether to use Batch Renormalization (Ioffe, 2017): the
             training output is corrected towards the moving statistics by
             `x_hat * r + d`, with `r` and `d` held constant in the backward pass.
@@ -156,6 +196,17 @@ class BatchNormalization(keras.layers.Layer):
             they cannot apply, True raises a ValueError saying why. False
             always uses the closed form (the more accurate for inputs with a
             large offset). None picks the fused kernels where they apply.
+        virtual_batch_size: None, or a positive int dividing the batch size:
+            Ghost Batch Normalization (Hoffer et al., 2017). Each virtual
+            sub-batch of this many examples is normalized with its own
+            statistics; the moving averages take the mean over virtual batches
+            of their means and variances (as tf-keras 2 did). Not a Keras 3
+            argument.
+        moving_variance_estimator: `"biased"` (the default, as Keras) stores
+            the batch variance `sum((x - mean)^2) / N` in the moving average;
+            `"unbiased"` stores `sum((x - mean)^2) / (N - 1)` as PyTorch does
+            (for `N = 1`, the biased value). Training normalizes with the
+            biased variance either way. Not a Keras argument.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
@@ -207,11 +258,15 @@ class BatchNormalization(keras.layers.Layer):
         synchronized=False,
         skip_nonfinite_updates=True,
         fused=None,
+        virtual_batch_size=None,
+        moving_variance_estimator="biased",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.axis = validate_axis_argument(axis)
-        self.momentum = _check_unit_interval(momentum, "momentum")
+        self.momentum = (
+            None if momentum is None else _check_unit_interval(momentum, "momentum")
+        )
         self.epsilon = float(epsilon)
         if not self.epsilon > 0:
             raise ValueError(
@@ -237,14 +292,7 @@ class BatchNormalization(keras.layers.Layer):
             _check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
         )
         self.renorm_momentum = _check_unit_interval(renorm_momentum, "renorm_momentum")
-        if synchronized:
-            raise NotImplementedError(
-                "Argument `synchronized=True` (cross-replica batch statistics) "
-                "is not implemented yet in keras_bn.BatchNormalization. Use "
-                "synchronized=False (per-replica statistics), or "
-                "keras.layers.BatchNormalization(synchronized=True)."
-            )
-        self.synchronized = False
+        self.synchronized = bool(synchronized)
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(
@@ -257,6 +305,17 @@ class BatchNormalization(keras.layers.Layer):
                 "fused kernels have no renorm correction. Use fused=None or False."
             )
         self.fused = fused
+        self.virtual_batch_size = _check_virtual_batch_size(
+            virtual_batch_size, self.synchronized, fused
+        )
+        if moving_variance_estimator not in _VARIANCE_ESTIMATORS:
+            raise ValueError(
+                "Argument `moving_variance_estimator` must be one of "
+                f"{list(_VARIANCE_ESTIMATORS)}. Received: "
+                f"moving_variance_estimator={moving_variance_estimator!r}"
+            )
+        self.moving_variance_estimator = moving_variance_estimator
+        self.num_batches_tracked = None
         self._warned_single_position = False
         self.supports_masking = True
         self.gamma = None
@@ -275,6 +334,11 @@ class BatchNormalization(keras.layers.Layer):
                 f"The feature axis {unknown} of the input must have a known size "
                 f"when the layer is built (axis={self.axis}). "
                 f"Received: input_shape={input_shape}"
+            )
+        if self.virtual_batch_size is not None and 0 in self._axes:
+            raise ValueError(
+                "Argument `virtual_batch_size` splits the batch axis 0, which "
+                f"cannot also be a feature axis. Received: axis={self.axis}"
             )
         shape = tuple(input_shape[a] for a in self._axes)
         if self.scale:
@@ -320,6 +384,15 @@ class BatchNormalization(keras.layers.Layer):
             self.renorm_stddev = self._add_statistic(
                 "renorm_stddev", shape, stddev_initializer
             )
+        if self.momentum is None:
+            self.num_batches_tracked = self.add_weight(
+                shape=(),
+                name="num_batches_tracked",
+                initializer="zeros",
+                dtype="int64",
+                trainable=False,
+                autocast=False,
+            )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in self._axes}
         )
@@ -356,85 +429,95 @@ class BatchNormalization(keras.layers.Layer):
         return tf.cast(outputs, self.compute_dtype)
 
     def _train(self, inputs, gamma, beta, mask):
+        x, axes = inputs, self._axes
+        renorm_mean = self._value(getattr(self, "renorm_mean", None))
+        renorm_stddev = self._value(getattr(self, "renorm_stddev", None))
+        if self.virtual_batch_size is not None:
+            x, mask = split_virtual_batches(inputs, self.virtual_batch_size, mask)
+            axes = (0,) + tuple(a + 1 for a in axes)
+            gamma, beta, renorm_mean, renorm_stddev = (
+                per_virtual_batch(v, x)
+                for v in (gamma, beta, renorm_mean, renorm_stddev)
+            )
+        common = {
+            "axis": axes,
+            "epsilon": self.epsilon,
+            "mask": mask,
+            "synchronized": self.synchronized,
+            "return_count": True,
+        }
         if self.renorm:
             clip = self.renorm_clipping
-            outputs, mean, variance = ops.batch_renorm_train(
-                inputs,
-                gamma,
-                beta,
-                self._value(self.renorm_mean),
-                self._value(self.renorm_stddev),
-                axis=self._axes,
-                epsilon=self.epsilon,
-                rmin=clip.get("rmin"),
-                rmax=clip.get("rmax"),
-                dmax=clip.get("dmax"),
-                mask=mask,
-            )
+            outputs, mean, variance, count = ops.batch_renorm_train(
+                x, gamma, beta, renorm_mean, renorm_stddev,
+                rmin=clip.get("rmin"), rmax=clip.get("rmax"), dmax=clip.get("dmax"),
+                **common,
+            )  # fmt: skip
         else:
-            outputs, mean, variance = ops.batch_norm_train(
-                inputs,
-                gamma,
-                beta,
-                axis=self._axes,
-                epsilon=self.epsilon,
-                mask=mask,
-                fused=self.fused,
+            outputs, mean, variance, count = ops.batch_norm_train(
+                x, gamma, beta, fused=self.fused, **common
             )
+        if self.virtual_batch_size is not None:
+            outputs = tf.reshape(outputs, tf.shape(inputs))
+            mean = tf.reduce_mean(mean, axis=0)
+            variance = tf.reduce_mean(variance, axis=0)
+        if mask is None:
+            self._warn_if_single_position(x, axes)
         # The statistics this call read (renorm's) must not be overwritten
         # before the output that uses them exists: in graph mode a variable
         # read can alias the buffer the update writes into.
         with tf.control_dependencies([outputs]):
-            self._update_statistics(
-                mean, variance, self._accept_statistics(inputs, mask, mean, variance)
-            )
+            self._update_statistics(mean, variance, count)
         return outputs
 
-    def _accept_statistics(self, inputs, mask, mean, variance):
-        """Per feature: whether this batch's statistics may enter the averages.
-
-        Not when the batch holds no (unmasked) position, nor, with
-        `skip_nonfinite_updates`, when a statistic is NaN or Inf.
-        """
-        if mask is None:
-            self._warn_if_single_position(inputs)
-            accept = tf.size(inputs) > 0
-        else:
-            accept = tf.reduce_any(tf.cast(mask, tf.bool))
-        if self.skip_nonfinite_updates:
-            finite = tf.math.is_finite(mean) & tf.math.is_finite(variance)
-            accept = accept & finite
-        return accept
-
-    def _warn_if_single_position(self, inputs):
-        reduced = [inputs.shape[i] for i in range(inputs.shape.rank)]
-        reduced = [d for i, d in enumerate(reduced) if i not in self._axes]
+    def _warn_if_single_position(self, x, axes):
+        reduced = [d for i, d in enumerate(x.shape) if i not in axes]
         if self._warned_single_position or None in reduced or math.prod(reduced) != 1:
             return
         self._warned_single_position = True
         warnings.warn(
             f"Layer '{self.name}' was called in training mode on a batch with a "
-            f"single example per feature (inputs.shape={inputs.shape}): its "
+            f"single example per feature (inputs.shape={x.shape}): its "
             "variance is 0 and the output is `beta` whatever the input, so "
             "batch statistics from one example are meaningless. Use larger "
             "batches or call the layer with training=False.",
             stacklevel=3,
         )
 
-    def _update_statistics(self, mean, variance, accept):
+    def _update_statistics(self, mean, variance, count):
+        """Moves the averages towards this batch's statistics.
+
+        A feature keeps its averages when the batch holds no (unmasked)
+        position or, with `skip_nonfinite_updates`, when its statistics are
+        NaN or Inf. `count` is the number of positions per statistic (global
+        when synchronized; per virtual batch with `virtual_batch_size`).
+        """
+        accept = count > 0
+        if self.skip_nonfinite_updates:
+            accept = accept & tf.math.is_finite(mean) & tf.math.is_finite(variance)
+        if self.moving_variance_estimator == "unbiased":
+            variance = variance * count / tf.maximum(count - 1.0, 1.0)  # Bessel
+        momentum = self.momentum
+        if momentum is None:  # cumulative average: the n-th batch weighs 1/n
+            tracked = self.num_batches_tracked + tf.cast(
+                tf.reduce_any(accept), self.num_batches_tracked.dtype
+            )
+            self.num_batches_tracked.assign(tracked)
+            momentum = 1.0 - 1.0 / tf.maximum(tf.cast(tracked, mean.dtype), 1.0)
+
         def update(variable, value, momentum):
             new = _moving_average(variable, value, momentum)
             variable.assign(tf.where(accept, new, variable))
             return new
 
-        update(self.moving_mean, mean, self.momentum)
+        update(self.moving_mean, mean, momentum)
         if not self.renorm:
-            update(self.moving_variance, variance, self.momentum)
+            update(self.moving_variance, variance, momentum)
             return
         stddev = tf.sqrt(variance + self.epsilon)
         update(self.renorm_mean, mean, self.renorm_momentum)
         update(self.renorm_stddev, stddev, self.renorm_momentum)
-        moving_stddev = update(self.moving_stddev, stddev, self.momentum)
+        moving_stddev = update(self.moving_stddev, stddev, momentum)
         # The inference variance follows from the moving stddev (floored at 0).
         moving_variance = tf.nn.relu(tf.square(moving_stddev) - self.epsilon)
         self.moving_variance.assign(
@@ -470,5 +553,7 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_momentum": self.renorm_momentum,
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
             "fused": self.fused,
+            "virtual_batch_size": self.virtual_batch_size,
+            "moving_variance_estimator": self.moving_variance_estimator,
         }
         return {**super().get_config(), **config}

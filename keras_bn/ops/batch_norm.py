@@ -51,6 +51,9 @@ from keras_bn.ops.axes import static_rank
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
+from keras_bn.ops.sync import combine_moments
+from keras_bn.ops.sync import replica_context
+from keras_bn.ops.sync import sum_over_replicas
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -143,8 +146,9 @@ def _sum(x, axes):
 def _moments(xf, red, mask):
     """Corrected two-pass statistics, kept at broadcast shape.
 
-    Returns `(mean, variance, xc, delta, count)` where `xc = x - first_mean`
-    and `xc - delta` is `x - mean` for the returned `mean`.
+    Returns `(mean, variance, xc, delta, count)` where `xc = x - first_mean`,
+    `xc - delta` is `x - mean` for the returned `mean`, and `count` is the
+    number of (unmasked) positions, possibly 0.
     """
     dtype = xf.dtype
     if mask is None:
@@ -163,7 +167,7 @@ def _moments(xf, red, mask):
         centred = tf.where(mask, xc, tf.zeros([], dtype))
     delta = _sum(centred, red) / safe_count
     variance = tf.maximum(_sum(tf.square(centred), red) / safe_count - delta**2, 0.0)
-    return first_mean + delta, variance, xc, delta, safe_count
+    return first_mean + delta, variance, xc, delta, count
 
 
 def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip):
@@ -197,7 +201,9 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False):
     return reason is None
 
 
-def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm, fused=False):
+def _batch_norm_train(
+    x, gamma, beta, axis, epsilon, mask, renorm, fused=False, synchronized=False
+):
     x = _as_float_tensor(x, "x")
     rank = static_rank(x, "x")
     axes = canonicalize_axes(axis, rank)
@@ -205,7 +211,13 @@ def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm, fused=False):
     epsilon = _check_epsilon(epsilon)
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
-    if use_fused(fused, x, axes, epsilon, mask, renorm is not None):
+    replica = replica_context(synchronized)
+    if replica is not None and fused:
+        raise ValueError(
+            "fused=True, but the fused kernels cannot apply because the "
+            "statistics are synchronized across replicas. Use fused=None or False."
+        )
+    if replica is None and use_fused(fused, x, axes, epsilon, mask, renorm is not None):
         return fused_batch_norm_train(
             x, params.get("gamma"), params.get("beta"), axes[0], epsilon
         )
@@ -229,6 +241,11 @@ def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm, fused=False):
         )
         xf = tf.cast(x, dtype)
         mean, variance, xc, delta, count = _moments(xf, red, mask)
+        if replica is not None:
+            local_mean = mean
+            count, mean, variance = combine_moments(replica, count, mean, variance)
+            delta = delta + (mean - local_mean)  # keeps xc - delta = x - mean
+        safe_count = tf.maximum(count, 1.0)
         inv = tf.math.rsqrt(variance + epsilon)
         gamma = p.get("gamma")
         scale = inv if gamma is None else inv * gamma
@@ -247,25 +264,30 @@ def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm, fused=False):
         # y = (x - mean) * scale + offset, with x - mean = xc - delta.
         y = xc * scale + (offset - delta * scale)
 
-        def grad(dy, dmean, dvariance):
+        def grad(dy, dmean, dvariance, dcount):
+            del dcount  # a count has no gradient
             dy = tf.cast(dy, dtype)
             dy_kept = dy if mask is None else tf.where(mask, dy, tf.zeros([], dtype))
             s1 = _sum(dy_kept, red)
             s2 = _sum(dy_kept * xc, red) - delta * s1  # sum(dy * (x - mean))
-            b = -scale * tf.square(inv) * s2 / count
-            c = -scale * s1 / count
-            if dmean is not None:
-                c += tf.reshape(tf.cast(dmean, dtype), shape) / count
-            if dvariance is not None:
-                b += 2.0 * tf.reshape(tf.cast(dvariance, dtype), shape) / count
+            dmean = _upstream(dmean, s1, shape)
+            dvariance = _upstream(dvariance, s1, shape)
+            local_s1, local_s2 = s1, s2
+            if replica is not None:
+                s1, s2, dmean, dvariance = sum_over_replicas(
+                    replica, s1, s2, dmean, dvariance
+                )
+            b = (2.0 * dvariance - scale * tf.square(inv) * s2) / safe_count
+            c = (dmean - scale * s1) / safe_count
             dx = dy * scale + (xc * b + (c - delta * b))
             if mask is not None:
                 dx = tf.where(mask, dx, tf.zeros([], dtype))
-            grads = {"beta": s1}
+            # Per-replica contributions: the strategy sums them across replicas.
+            grads = {"beta": local_s1}
             if renorm is None:
-                grads["gamma"] = inv * s2
+                grads["gamma"] = inv * local_s2
             else:
-                grads["gamma"] = r * inv * s2 + d * s1
+                grads["gamma"] = r * inv * local_s2 + d * local_s1
             return (tf.cast(dx, x.dtype),) + tuple(
                 tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
                 for name, v in zip(params, values)
@@ -275,10 +297,18 @@ def _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm, fused=False):
             tf.cast(y, x.dtype),
             tf.squeeze(mean, axis=red),
             tf.squeeze(variance, axis=red),
+            tf.reshape(count, []),
         )
         return outputs, grad
 
     return forward(x, *params.values())
+
+
+def _upstream(gradient, like, shape):
+    """An upstream statistic gradient at broadcast shape (zeros when None)."""
+    if gradient is None:
+        return tf.zeros_like(like)
+    return tf.reshape(tf.cast(gradient, like.dtype), shape)
 
 
 def _check_epsilon(epsilon):
@@ -289,7 +319,15 @@ def _check_epsilon(epsilon):
 
 
 def batch_norm_train(
-    x, gamma=None, beta=None, axis=-1, epsilon=1e-3, mask=None, fused=None
+    x,
+    gamma=None,
+    beta=None,
+    axis=-1,
+    epsilon=1e-3,
+    mask=None,
+    fused=None,
+    synchronized=False,
+    return_count=False,
 ):
     r"""Batch normalization in training mode: normalizes with batch statistics.
 
@@ -320,11 +358,21 @@ def batch_norm_train(
             says why. False always uses the closed form, whose corrected
             two-pass statistics are the more accurate for inputs with a large
             offset. None picks the fused kernels where they apply.
+        synchronized: If True and called in a replica context of a
+            `tf.distribute` strategy with several replicas, the statistics are
+            those of the global batch across replicas (combined as in
+            `keras_bn.ops.sync`), and `dx` is the global-batch gradient;
+            `dgamma`/`dbeta` are this replica's contributions, which the
+            strategy sums. Elsewhere it has no effect.
+        return_count: If True, also return the number of positions `N` the
+            statistics were taken over (global when synchronized), a scalar
+            in the statistics' dtype.
 
     Returns:
-        A tuple `(y, batch_mean, batch_variance)`: `y` has the shape and
-        dtype of `x`; the statistics are shaped as `gamma`, in float32 for
-        float16/bfloat16 inputs and in `x`'s dtype otherwise.
+        A tuple `(y, batch_mean, batch_variance)`, and `count` last with
+        `return_count=True`: `y` has the shape and dtype of `x`; the
+        statistics are shaped as `gamma`, in float32 for float16/bfloat16
+        inputs and in `x`'s dtype otherwise.
 
     Example:
 
@@ -333,7 +381,10 @@ def batch_norm_train(
     >>> y.shape, mean.shape
     (TensorShape([32, 8]), TensorShape([8]))
     """
-    return _batch_norm_train(x, gamma, beta, axis, epsilon, mask, None, fused)
+    outputs = _batch_norm_train(
+        x, gamma, beta, axis, epsilon, mask, None, fused, synchronized
+    )
+    return outputs if return_count else outputs[:3]
 
 
 def batch_renorm_train(
@@ -348,6 +399,8 @@ def batch_renorm_train(
     rmax=None,
     dmax=None,
     mask=None,
+    synchronized=False,
+    return_count=False,
 ):
     r"""Batch Renormalization (Ioffe, 2017) in training mode.
 
@@ -361,7 +414,8 @@ def batch_renorm_train(
     `renorm_mean` and `renorm_stddev` receive no gradient.
 
     Args:
-        x, gamma, beta, axis, epsilon, mask: As in `batch_norm_train`.
+        x, gamma, beta, axis, epsilon, mask, synchronized, return_count: As
+            in `batch_norm_train`.
         renorm_mean: Moving mean used for the correction, shaped as `gamma`.
         renorm_stddev: Moving standard deviation, shaped as `gamma`.
         rmin, rmax, dmax: Optional clipping bounds (None: unclipped).
@@ -382,7 +436,10 @@ def batch_renorm_train(
         "stddev": renorm_stddev,
         "clip": (rmin, rmax, dmax),
     }
-    return _batch_norm_train(x, gamma, beta, axis, epsilon, mask, renorm=renorm)
+    outputs = _batch_norm_train(
+        x, gamma, beta, axis, epsilon, mask, renorm, False, synchronized
+    )
+    return outputs if return_count else outputs[:3]
 
 
 def batch_norm_inference(

@@ -73,7 +73,7 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
     """Training-mode batch norm on the fused kernels; see `batch_norm_train`.
 
     `axis` is the single, non-negative feature axis; the caller has checked
-    `fused_unavailable_reason`. Returns `(y, batch_mean, batch_variance)`,
+    `fused_unavailable_reason`. Returns `(y, batch_mean, batch_variance, count)`,
     statistics in float32 with the biased variance.
     """
     params = {k: v for k, v in (("gamma", gamma), ("beta", beta)) if v is not None}
@@ -104,7 +104,8 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
         ) / tf.maximum(count, 1.0)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
 
-        def grad(dy, dmean, dvariance):
+        def grad(dy, dmean, dvariance, dcount):
+            del dcount  # a count has no gradient
             dy4, _ = _as_4d(dy, axis)
             dx4, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy4,
@@ -125,7 +126,7 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             )
 
         y = tf.reshape(out.y, tf.shape(x))
-        return (y, mean, variance), grad
+        return (y, mean, variance, count), grad
 
     return forward(x, *params.values())
 
