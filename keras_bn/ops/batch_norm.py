@@ -297,7 +297,7 @@ def _batch_norm_train(
             tf.cast(y, x.dtype),
             tf.squeeze(mean, axis=red),
             tf.squeeze(variance, axis=red),
-            tf.reshape(count, []),
+            tf.reduce_max(count),  # equal for every feature; a scalar
         )
         return outputs, grad
 
