@@ -6,7 +6,25 @@ Every backward pass is hand-written with `tf.custom_gradient`.
 __version__ = "0.1.0"
 
 from keras_bn import layers  # noqa: E402
-from keras_bn import ops  # noqa: E402, F401
+from keras_bn import losses  # noqa: E402
+from keras_bn import ops  # noqa: E402
 from keras_bn.layers import BatchNormalization  # noqa: E402
+from keras_bn.layers import Softmax  # noqa: E402
+from keras_bn.loss_names import register_loss_names  # noqa: E402
 
-__all__ = ["BatchNormalization", "layers", "ops", "__version__"]
+register_loss_names(
+    [
+        losses.CategoricalCrossentropy,
+        losses.SoftmaxCrossEntropy,
+        losses.SparseCategoricalCrossentropy,
+    ]
+)
+
+__all__ = [
+    "BatchNormalization",
+    "Softmax",
+    "__version__",
+    "layers",
+    "losses",
+    "ops",
+]

@@ -1,0 +1,238 @@
+"""Drop-in replacements for Keras's categorical cross-entropy losses.
+
+Same signatures, results, reductions, masks and sample weights as
+`keras.losses.CategoricalCrossentropy` and
+`keras.losses.SparseCategoricalCrossentropy`, computed by the ops of
+`keras_bn.ops.cross_entropy` (hand-written gradients). They differ from Keras
+where Keras is wrong:
+
+- label smoothing takes the number of classes from the class axis `axis`
+  (Keras uses the last axis whatever `axis` is);
+- sparse labels work with any class axis (Keras accepts only the last);
+- `SparseCategoricalCrossentropy.get_config()` includes `axis`, and both
+  include `dtype`;
+- out-of-range sparse labels raise a ValueError in eager mode and give a NaN
+  loss in a `tf.function` or under XLA, on every device.
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_bn.losses.softmax_cross_entropy import _check_axis
+from keras_bn.losses.softmax_cross_entropy import _check_ignore_class
+from keras_bn.losses.softmax_cross_entropy import _check_label_smoothing
+from keras_bn.losses.softmax_cross_entropy import _dtype_config
+from keras_bn.losses.softmax_cross_entropy import _logits_behind
+from keras_bn.losses.softmax_cross_entropy import _set_mask
+from keras_bn.losses.softmax_cross_entropy import _sparse_class_ids
+from keras_bn.losses.softmax_cross_entropy import _squeeze_or_expand_to_same_rank
+from keras_bn.ops.cross_entropy import probability_cross_entropy
+from keras_bn.ops.cross_entropy import softmax_cross_entropy
+from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
+from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class CategoricalCrossentropy(keras.losses.Loss):
+    r"""Cross-entropy between one-hot (or soft) labels and predictions.
+
+    A drop-in for `keras.losses.CategoricalCrossentropy`. Per example, over
+    the class axis, with the labels smoothed to `t = (1 - s) * y_true + s / C`
+    (`C` the size of `axis`):
+
+    ```
+    from_logits=True:   loss = -sum_c t_c * log_softmax(y_pred)_c
+    from_logits=False:  loss = -sum_c t_c * log(clip(y_pred_c / sum(y_pred),
+                                                     eps, 1 - eps))
+    ```
+
+    with `eps = keras.config.epsilon()`. As in Keras, a `y_pred` produced by a
+    softmax activation (or a `Softmax` layer) is replaced by its logits.
+
+    Args:
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        label_smoothing: Float in [0, 1]. The number of classes is the size
+            of `axis`.
+        axis: The class axis.
+        reduction: One of Keras's reductions: "sum_over_batch_size", "sum",
+            "mean", "mean_with_sample_weight", "none" or None.
+        name: Name of the loss.
+        dtype: The dtype of the loss computations; None means
+            `keras.config.floatx()`.
+
+    Call arguments:
+        y_true: Labels, shaped as `y_pred`.
+        y_pred: Logits or probabilities.
+        sample_weight: Optional per-example weights.
+
+    Returns:
+        The reduced loss, or the per-example losses for `reduction=None`.
+
+    Example:
+
+    >>> y_true = np.array([[0, 1, 0], [0, 0, 1]])
+    >>> y_pred = np.array([[0.05, 0.95, 0], [0.1, 0.8, 0.1]])
+    >>> round(float(CategoricalCrossentropy()(y_true, y_pred)), 3)
+    1.177
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        label_smoothing=0.0,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="categorical_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.axis = _check_axis(axis)
+        self._dtype_config = _dtype_config(dtype)
+
+    def call(self, y_true, y_pred):
+        y_true, y_pred = _squeeze_or_expand_to_same_rank(
+            tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
+        )
+        y_true = tf.cast(y_true, y_pred.dtype)
+        if y_pred.shape[-1] == 1:
+            warnings.warn(
+                "In loss categorical_crossentropy, expected y_pred.shape to be "
+                "(batch_size, num_classes) with num_classes > 1. Received: "
+                f"y_pred.shape={y_pred.shape}. Consider using "
+                "'binary_crossentropy' if you only have 2 classes.",
+                SyntaxWarning,
+                stacklevel=2,
+            )
+        y_pred, from_logits = _logits_behind(
+            y_pred, self.from_logits, "categorical_crossentropy"
+        )
+        if from_logits:
+            return softmax_cross_entropy(
+                y_true, y_pred, self.axis, self.label_smoothing
+            )
+        return probability_cross_entropy(
+            y_true,
+            y_pred,
+            self.axis,
+            self.label_smoothing,
+            epsilon=keras.config.epsilon(),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "from_logits": self.from_logits,
+                "label_smoothing": self.label_smoothing,
+                "axis": self.axis,
+                "dtype": self._dtype_config,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class SparseCategoricalCrossentropy(keras.losses.Loss):
+    r"""Cross-entropy between integer labels and predictions.
+
+    A drop-in for `keras.losses.SparseCategoricalCrossentropy`. Per example,
+    with `y` the class id and `eps = keras.config.epsilon()`:
+
+    ```
+    from_logits=True:   loss = -log_softmax(y_pred)_y
+    from_logits=False:  loss = -log(q_y) + log(sum_c q_c),
+                        q = clip(y_pred, eps, 1 - eps)
+    ```
+
+    No one-hot tensor is built. Examples labelled `ignore_class` get loss 0,
+    zero gradient and are left out of the mean (Keras marks them with a mask);
+    a batch where every label is ignored gives 0. Unlike Keras, any class
+    `axis` works (channels-first segmentation), and labels outside
+    `[0, num_classes)` raise a ValueError in eager mode and give a NaN loss
+    in a `tf.function` or under XLA.
+
+    Args:
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        ignore_class: Optional int label to ignore, e.g. a "void" class (-1 or
+            255) in segmentation maps.
+        reduction: One of Keras's reductions: "sum_over_batch_size", "sum",
+            "mean", "mean_with_sample_weight", "none" or None.
+        axis: The class axis of `y_pred`.
+        name: Name of the loss.
+        dtype: The dtype of the loss computations; None means
+            `keras.config.floatx()`.
+
+    Call arguments:
+        y_true: Class ids, shaped as `y_pred` without `axis` (or with a size-1
+            `axis`).
+        y_pred: Logits or probabilities.
+        sample_weight: Optional per-example weights.
+
+    Returns:
+        The reduced loss, or the per-example losses for `reduction=None`.
+
+    Example:
+
+    >>> y_true = np.array([1, 2])
+    >>> y_pred = np.array([[0.05, 0.95, 0], [0.1, 0.8, 0.1]])
+    >>> round(float(SparseCategoricalCrossentropy()(y_true, y_pred)), 3)
+    1.177
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        ignore_class=None,
+        reduction="sum_over_batch_size",
+        axis=-1,
+        name="sparse_categorical_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = bool(from_logits)
+        self.ignore_class = _check_ignore_class(ignore_class)
+        self.axis = _check_axis(axis)
+        self._dtype_config = _dtype_config(dtype)
+
+    def call(self, y_true, y_pred):
+        y_true, y_pred = _squeeze_or_expand_to_same_rank(
+            tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
+        )
+        labels = _sparse_class_ids(y_true, y_pred, self.axis)
+        from_logits = self.from_logits
+        if self.ignore_class is None:
+            # Keras looks behind a softmax only without an ignored class.
+            y_pred, from_logits = _logits_behind(
+                y_pred, from_logits, "sparse_categorical_crossentropy"
+            )
+        if from_logits:
+            losses = sparse_softmax_cross_entropy(
+                labels, y_pred, self.axis, ignore_class=self.ignore_class
+            )
+        else:
+            losses = sparse_probability_cross_entropy(
+                labels,
+                y_pred,
+                self.axis,
+                ignore_class=self.ignore_class,
+                epsilon=keras.config.epsilon(),
+            )
+        if self.ignore_class is not None:
+            _set_mask(losses, tf.not_equal(labels, self.ignore_class))
+        return losses
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "from_logits": self.from_logits,
+                "ignore_class": self.ignore_class,
+                "axis": self.axis,
+                "dtype": self._dtype_config,
+            }
+        )
+        return config

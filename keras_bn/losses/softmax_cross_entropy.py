@@ -1,0 +1,326 @@
+"""`SoftmaxCrossEntropy`: softmax cross-entropy on logits, with class weights.
+
+The per-example loss comes from `keras_bn.ops.cross_entropy`; this module adds
+the Keras contract (sample weights, masks, reductions, serialization) and the
+class weights. The helpers at the top are shared with the Keras drop-ins.
+"""
+
+import math
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_bn.ops.cross_entropy import softmax_cross_entropy
+from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _check_axis(axis):
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
+    return axis
+
+
+def _check_label_smoothing(label_smoothing):
+    value = float(label_smoothing)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            "`label_smoothing` must be in [0, 1]. Received: "
+            f"label_smoothing={label_smoothing}"
+        )
+    return value
+
+
+def _check_ignore_class(ignore_class):
+    if ignore_class is None:
+        return None
+    if isinstance(ignore_class, bool) or not isinstance(ignore_class, int):
+        raise TypeError(
+            f"`ignore_class` must be an int or None. Received: "
+            f"ignore_class={ignore_class!r}"
+        )
+    return ignore_class
+
+
+def _dtype_config(dtype):
+    """`dtype` as given to `__init__`, in a JSON-friendly form."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    return keras.dtype_policies.serialize(dtype)
+
+
+def _set_mask(x, mask):
+    # Keras reads the mask of a loss tensor from this attribute.
+    x._keras_mask = mask
+    return x
+
+
+def _squeeze_or_expand_to_same_rank(x1, x2):
+    """Keras's alignment of two tensors whose ranks differ by a trailing 1."""
+    rank1, rank2 = x1.shape.rank, x2.shape.rank
+    if rank1 == rank2 + 1 and x1.shape[-1] == 1:
+        if rank2 == 1:
+            x2 = tf.expand_dims(x2, -1)
+        else:
+            x1 = tf.squeeze(x1, -1)
+    if rank2 == rank1 + 1 and x2.shape[-1] == 1:
+        if rank1 == 1:
+            x1 = tf.expand_dims(x1, -1)
+        else:
+            x2 = tf.squeeze(x2, -1)
+    return x1, x2
+
+
+def _logits_behind(y_pred, from_logits, fn_name):
+    """Keras's rule: the output of a softmax is replaced by its logits.
+
+    A tensor carrying `_keras_logits` (set by `keras.activations.softmax` and
+    the `Softmax` layers), or the output of a `Softmax` graph op, gives its
+    logits and `from_logits=True`. Returns `(tensor, from_logits)`.
+    """
+    logits = getattr(y_pred, "_keras_logits", None)
+    if logits is None and tf.is_symbolic_tensor(y_pred):
+        if y_pred.op.type == "Softmax":
+            logits = y_pred.op.inputs[0]
+    if logits is None:
+        return y_pred, from_logits
+    if from_logits:
+        warnings.warn(
+            f'"`{fn_name}` received `from_logits=True`, but the `output` '
+            "argument was produced by a Softmax activation and thus does not "
+            'represent logits. Was this intended?"',
+            stacklevel=3,
+        )
+    return logits, True
+
+
+def _sparse_class_ids(y_true, y_pred, axis):
+    """Class ids as int64, a size-1 class axis of `y_true` squeezed away."""
+    y_true = tf.convert_to_tensor(y_true)
+    if y_true.shape.rank == y_pred.shape.rank and y_true.shape[axis] == 1:
+        y_true = tf.squeeze(y_true, axis)
+    return tf.cast(y_true, tf.int64)
+
+
+def _class_weighted_mean(losses, weights, sample_weight, mask, reduction):
+    """Mean of class-weighted losses, each example counting with its weight.
+
+    `losses` already include the class weights `weights`. Returns
+    `sum(losses * sample_weight * mask) / sum(weights * mask)` for the
+    "sum_over_batch_size" and "mean" reductions (PyTorch's weighted mean) and
+    `/ sum(weights * sample_weight * mask)` for "mean_with_sample_weight".
+    Sample weights and masks are aligned with the losses as Keras aligns them,
+    and the result is scaled for distribution as Keras scales it.
+    """
+    dtype = losses.dtype
+    mask = None if mask is None else tf.cast(mask, dtype)
+    merged = None if sample_weight is None else tf.cast(sample_weight, dtype)
+    if mask is not None:
+        if merged is None:
+            merged = mask
+        else:
+            aligned_mask, merged = _squeeze_or_expand_to_same_rank(mask, merged)
+            merged *= aligned_mask
+    if merged is not None:
+        losses, aligned = _squeeze_or_expand_to_same_rank(losses, merged)
+        losses *= aligned
+    counted = weights
+    if reduction == "mean_with_sample_weight" and merged is not None:
+        counted, aligned = _squeeze_or_expand_to_same_rank(weights, merged)
+        counted *= aligned
+    elif mask is not None:
+        counted, aligned = _squeeze_or_expand_to_same_rank(weights, mask)
+        counted *= aligned
+    loss = tf.math.divide_no_nan(tf.reduce_sum(losses), tf.reduce_sum(counted))
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        loss *= 1.0 / replicas
+    return loss
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class SoftmaxCrossEntropy(keras.losses.Loss):
+    r"""Softmax cross-entropy on logits, dense or sparse labels, class weights.
+
+    Per example, with `p = softmax(logits)` over `axis` and `t` the target
+    distribution (the labels, or `onehot(label)` for sparse labels, smoothed
+    to `(1 - s) * t + s / C` with `C` the size of `axis`):
+
+    ```
+    loss = -sum_c t_c * log(p_c)
+    ```
+
+    computed with one log-sum-exp per example and hand-written gradients
+    (`keras_bn.ops.cross_entropy`).
+
+    **Class weights** (PyTorch's `weight`): each example is scaled by the
+    weight of its true class, `w[label]`, and the mean reductions divide by
+    the sum of those weights instead of the number of examples:
+    `sum(w_i * l_i) / sum(w_i)` over the examples that are not masked or
+    ignored. For dense (soft) labels the example weight is `sum_c w_c *
+    labels_c`, taken on the unsmoothed labels (PyTorch instead weights each
+    class term and divides by the batch size). Sample weights multiply the
+    numerator; with "mean_with_sample_weight" the denominator is
+    `sum(w_i * sample_weight_i)`. A batch with nothing to count gives 0.
+
+    **Ignored labels** (sparse only): examples whose label is `ignore_class`
+    get loss 0 and gradient 0 and are left out of the mean, as in Keras; a
+    batch where every label is ignored gives loss 0. Labels outside
+    `[0, C)` raise a ValueError in eager mode and give a NaN loss in a
+    `tf.function` or under XLA (see `keras_bn.ops.cross_entropy`).
+
+    Args:
+        sparse: Whether labels are integer class ids (shaped as the logits
+            without `axis`, or with a size-1 `axis`) rather than
+            distributions over the classes (shaped as the logits).
+        label_smoothing: Float in [0, 1].
+        axis: The class axis of the logits (e.g. `1` for channels-first
+            segmentation).
+        ignore_class: Optional int label to ignore (sparse labels only).
+        class_weight: Optional list of one non-negative weight per class.
+        reduction: One of Keras's reductions: "sum_over_batch_size", "sum",
+            "mean", "mean_with_sample_weight", "none" or None.
+        name: Name of the loss.
+        dtype: The dtype of the loss computations (Keras's `dtype`); None
+            means `keras.config.floatx()`.
+
+    Call arguments:
+        y_true: The labels.
+        y_pred: The logits. The output of a Keras softmax activation or of a
+            `Softmax` layer is replaced by its logits, with a warning, as in
+            Keras.
+        sample_weight: Optional per-example weights.
+
+    Returns:
+        The reduced loss (a scalar), or the per-example losses for
+        `reduction=None`/"none" (class weights applied).
+
+    Example:
+
+    >>> loss = SoftmaxCrossEntropy(sparse=True, class_weight=[1.0, 3.0])
+    >>> logits = np.array([[2.0, 0.0], [0.0, 2.0]])
+    >>> round(float(loss([0, 1], logits)), 4)
+    0.1269
+    """
+
+    def __init__(
+        self,
+        sparse=False,
+        label_smoothing=0.0,
+        axis=-1,
+        ignore_class=None,
+        class_weight=None,
+        reduction="sum_over_batch_size",
+        name="softmax_cross_entropy",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.sparse = bool(sparse)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.axis = _check_axis(axis)
+        self.ignore_class = _check_ignore_class(ignore_class)
+        if self.ignore_class is not None and not self.sparse:
+            raise ValueError(
+                "`ignore_class` applies to sparse labels only: pass sparse=True. "
+                f"Received: ignore_class={ignore_class}, sparse={sparse}"
+            )
+        self.class_weight = _check_class_weight(class_weight)
+        self._dtype_config = _dtype_config(dtype)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if self.class_weight is None or self.reduction not in _MEAN_REDUCTIONS:
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        in_mask = getattr(y_pred, "_keras_mask", None)
+        with keras.name_scope(self.name):
+            y_pred = keras.ops.convert_to_tensor(y_pred, dtype=self.dtype)
+            y_true = keras.ops.convert_to_tensor(y_true, dtype=self.dtype)
+            losses, weights, valid = self._losses_and_weights(y_true, y_pred)
+            mask = in_mask
+            if valid is not None:
+                mask = (
+                    valid
+                    if mask is None
+                    else tf.logical_and(tf.cast(mask, tf.bool), valid)
+                )
+            return _class_weighted_mean(
+                losses * weights, weights, sample_weight, mask, self.reduction
+            )
+
+    def call(self, y_true, y_pred):
+        losses, weights, valid = self._losses_and_weights(y_true, y_pred)
+        if weights is not None:
+            losses *= weights
+        if valid is not None:
+            _set_mask(losses, valid)
+        return losses
+
+    def _losses_and_weights(self, y_true, y_pred):
+        """Per-example losses, class weights (or None), valid mask (or None)."""
+        y_pred = tf.convert_to_tensor(y_pred)
+        logits, _ = _logits_behind(y_pred, True, "softmax_cross_entropy")
+        axis = self.axis
+        weights = valid = None
+        if self.sparse:
+            labels = _sparse_class_ids(y_true, logits, axis)
+            losses = sparse_softmax_cross_entropy(
+                labels, logits, axis, self.label_smoothing, self.ignore_class
+            )
+            if self.ignore_class is not None:
+                valid = tf.not_equal(labels, self.ignore_class)
+        else:
+            labels = tf.cast(y_true, logits.dtype)
+            losses = softmax_cross_entropy(labels, logits, axis, self.label_smoothing)
+        if self.class_weight is not None:
+            weights = self._example_weights(labels, logits, losses.dtype)
+        return losses, weights, valid
+
+    def _example_weights(self, labels, logits, dtype):
+        num_classes = logits.shape[self.axis]
+        if num_classes is not None and num_classes != len(self.class_weight):
+            raise ValueError(
+                f"`class_weight` has {len(self.class_weight)} entries but the "
+                f"logits have {num_classes} classes along axis {self.axis}. "
+                f"Received: logits.shape={logits.shape.as_list()}"
+            )
+        table = tf.constant(self.class_weight, dtype)
+        if self.sparse:
+            ids = tf.clip_by_value(labels, 0, len(self.class_weight) - 1)
+            return tf.gather(table, ids)
+        shape = [1] * logits.shape.rank
+        shape[self.axis] = -1
+        weighted = tf.cast(labels, dtype) * tf.reshape(table, shape)
+        return tf.reduce_sum(weighted, axis=self.axis)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "sparse": self.sparse,
+                "label_smoothing": self.label_smoothing,
+                "axis": self.axis,
+                "ignore_class": self.ignore_class,
+                "class_weight": self.class_weight,
+                "dtype": self._dtype_config,
+            }
+        )
+        return config
+
+
+def _check_class_weight(class_weight):
+    if class_weight is None:
+        return None
+    try:
+        values = [float(w) for w in class_weight]
+    except (TypeError, ValueError):
+        raise TypeError(
+            "`class_weight` must be a list of floats, one per class. "
+            f"Received: class_weight={class_weight!r}"
+        ) from None
+    if not values or not all(math.isfinite(w) and w >= 0 for w in values):
+        raise ValueError(
+            "`class_weight` must be a non-empty list of finite, non-negative "
+            f"floats. Received: class_weight={class_weight!r}"
+        )
+    return values

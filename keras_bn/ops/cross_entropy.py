@@ -1,0 +1,487 @@
+r"""Softmax cross-entropy with hand-written backward passes.
+
+Notation, per example (one slice along the class axis, `C` classes), with
+`m = max(x)`, `z = x - m` and `lse = log(sum_j exp(z_j))` computed once:
+
+    -log p_c = lse - z_c                    (p = softmax(x))
+    loss     = sum_c t_c (lse - z_c)        (t: the target distribution)
+
+Label smoothing replaces the labels `l` by `t = (1 - s) l + s / C`, with `C`
+the size of the class axis.
+
+Backward pass, dense labels. `d loss / d x_j = sum_c t_c (p_j - delta_cj)`:
+
+    dx = upstream * (p * sum(t) - t)
+    dl = upstream * (1 - s) * (lse - z) = -upstream * (1 - s) * log p
+
+The `sum(t)` factor makes the gradient exact for labels that do not sum to one
+(`tf.nn.softmax_cross_entropy_with_logits` returns `p - t` whatever the sum).
+
+Sparse labels (one class id `y` per example) are the dense case with
+`t = (1 - s) onehot(y) + s / C`, which sums to one and has
+`sum_c t_c z_c = (1 - s) z_y + s mean_c(z_c)`; no one-hot tensor is built:
+
+    loss = lse - (1 - s) z_y - s * mean_c(z_c)
+    dx   = upstream * (p - s / C - (1 - s) [c == y])
+
+The forward pass picks `z_y` with a gather (class axis last) or a masked sum
+over a compare with a class iota (other axes); the backward pass subtracts at
+the label positions with `where(iota == y, p - a, p - b)`: one fused
+elementwise op under XLA, and on CPU cheaper than a scatter (which needs an
+index tensor) for per-pixel losses with few classes, the case where the
+logits are large. A scatter is faster only for many classes and few examples.
+
+Sparse labels outside `[0, C)` (other than `ignore_class`): in eager mode a
+ValueError; in a `tf.function` or under XLA, the loss and the gradient of
+that example are NaN (pure tensor ops, identical on every device). Examples
+whose label is `ignore_class` have loss 0 and gradient 0.
+
+Probabilities instead of logits (the Keras `from_logits=False` contract):
+
+    probability_cross_entropy:  q = clip(p / sum(p), e, 1 - e)
+                                loss = -sum_c t_c log q_c
+                                dp = (g - sum(g * p / sum(p))) / sum(p),
+                                g = -upstream * t / q where p / sum(p) is
+                                inside [e, 1 - e], else 0
+    sparse_probability_cross_entropy: the sparse loss on the logits
+                                log(clip(p, e, 1 - e)), whose derivative is
+                                1 / p inside the clipping range, else 0.
+
+Shapes: `labels` must have the shape of `logits` (dense) or that shape
+without the class axis (sparse). A mismatch of known dimensions raises a
+ValueError naming both shapes when the graph is built; dimensions unknown then
+are checked when it runs (an InvalidArgumentError from a reshape).
+
+float16 and bfloat16 inputs are computed in float32 and the loss is returned
+in float32: a float16 loss would overflow for logit gaps above 65504 (the
+loss of logits [6e4, -6e4] is 1.2e5). float64 stays float64. Gradients take
+the dtype of their input; a float16 label gradient (`-log p`) overflows where
+`-log p > 65504`.
+"""
+
+import tensorflow as tf
+
+from keras_bn.ops.axes import static_rank
+from keras_bn.ops.axes import validate_axis_argument
+from keras_bn.ops.batch_norm import compute_dtype
+from keras_bn.ops.softmax_ops import float_tensor
+
+_INTS = (tf.int32, tf.int64)
+
+
+def _class_axis(axis, rank, arg_name="axis"):
+    """The class axis as a non-negative int, validated against `rank`."""
+    canonical = validate_axis_argument(axis, arg_name)
+    if not isinstance(canonical, int):
+        raise TypeError(
+            f"Argument `{arg_name}` must be a single int. Received: {arg_name}={axis!r}"
+        )
+    if not -rank <= canonical < rank:
+        raise ValueError(
+            f"Argument `{arg_name}` is out of range for logits of rank {rank}: "
+            f"expected a value in [{-rank}, {rank}). Received: {arg_name}={axis}"
+        )
+    return canonical % rank
+
+
+def _check_label_smoothing(label_smoothing):
+    value = float(label_smoothing)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            "`label_smoothing` must be in [0, 1]. Received: "
+            f"label_smoothing={label_smoothing}"
+        )
+    return value
+
+
+def _check_epsilon(epsilon):
+    value = float(epsilon)
+    if not 0.0 < value < 0.5:
+        raise ValueError(f"`epsilon` must be in (0, 0.5). Received: epsilon={epsilon}")
+    return value
+
+
+def _same_shape(expected, got):
+    if expected.rank is None or got.rank is None:
+        return True
+    return expected.rank == got.rank and expected.is_compatible_with(got)
+
+
+def _check_shapes(labels, logits, axis, sparse, name="logits"):
+    """Static shape check (ValueError naming both), dynamic one if needed."""
+    dims = logits.shape.as_list()
+    expected = tf.TensorShape(
+        [d for i, d in enumerate(dims) if i != axis or not sparse]
+    )
+    if not _same_shape(expected, labels.shape):
+        what = f"the shape of `{name}`" + (" without the class axis" if sparse else "")
+        raise ValueError(
+            f"`labels` must have {what}, {expected.as_list()}. Received: "
+            f"labels.shape={labels.shape.as_list()}, "
+            f"{name}.shape={dims}, axis={axis}"
+        )
+    if labels.shape.is_fully_defined() and expected.is_fully_defined():
+        return labels
+    # Unknown dimensions: reshaping to the shape of `logits` fails when the
+    # sizes differ, so a size-1 dimension can never broadcast silently. Free
+    # at run time, and unlike an assert it is not dropped by XLA.
+    dynamic = tf.shape(logits, out_type=tf.int64)
+    if sparse:
+        dynamic = tf.concat([dynamic[:axis], dynamic[axis + 1 :]], axis=0)
+    return tf.reshape(labels, dynamic)
+
+
+def _class_iota(logits, axis, dtype):
+    """The class index along `axis`, broadcastable against `logits`."""
+    shape = [1] * logits.shape.rank
+    shape[axis] = -1
+    return tf.reshape(tf.range(tf.shape(logits, out_type=dtype)[axis]), shape)
+
+
+def _num_classes(logits, axis, dtype):
+    static = logits.shape[axis]
+    if static is not None:
+        return tf.constant(static, dtype)
+    return tf.cast(tf.shape(logits)[axis], dtype)
+
+
+def _smooth(labels, num_classes, label_smoothing):
+    if not label_smoothing:
+        return labels
+    return labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
+    r"""Softmax cross-entropy between a label distribution and logits.
+
+    `loss = sum_c t_c * (lse - z_c)` over the class axis, with `z = logits -
+    max(logits)`, `lse = log(sum_c exp(z_c))` and `t = (1 - s) * labels + s /
+    C` for a label smoothing `s` and `C` classes (the size of `axis`).
+    Gradients (derivation in this module's docstring):
+    `dlogits = upstream * (softmax * sum(t) - t)`, exact also when the labels
+    do not sum to one, and `dlabels = -upstream * (1 - s) * log_softmax`.
+
+    Args:
+        labels: Float tensor of the shape of `logits`: a distribution over the
+            classes (one-hot or soft) per example. Any float dtype.
+        logits: Float tensor of known rank, unnormalized log-probabilities.
+        axis: The class axis.
+        label_smoothing: Float in [0, 1].
+
+    Returns:
+        The per-example loss: the shape of `logits` without `axis`, in float32
+        for float16/bfloat16 logits and in the logits' dtype otherwise.
+
+    Raises:
+        TypeError: If `labels` or `logits` is not a float tensor.
+        ValueError: If the shapes differ (both are named) or `axis` or
+            `label_smoothing` is out of range.
+
+    Example:
+
+    >>> softmax_cross_entropy([[0.0, 0.0, 0.0, 1.0]], [[1.0, 2.0, 3.0, 4.0]])
+    <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.4401897],
+    dtype=float32)>
+    """
+    logits = float_tensor(logits, "logits")
+    labels = float_tensor(labels, "labels")
+    axis = _class_axis(axis, static_rank(logits, "logits"))
+    smoothing = _check_label_smoothing(label_smoothing)
+    labels = _check_shapes(labels, logits, axis, sparse=False)
+    dtype = compute_dtype(logits.dtype)
+
+    @tf.custom_gradient
+    def forward(labels, logits):
+        # Only the gradient below differentiates this function: stopping the
+        # tape here keeps an outer eager tape from holding intermediates.
+        labels = tf.stop_gradient(labels)
+        logits = tf.stop_gradient(logits)
+        num_classes = _num_classes(logits, axis, dtype)
+        xf = tf.cast(logits, dtype)
+        z = xf - tf.reduce_max(xf, axis=axis, keepdims=True)
+        lse = tf.math.log(tf.reduce_sum(tf.exp(z), axis=axis, keepdims=True))
+        neg_log_p = lse - z
+        target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
+        loss = tf.reduce_sum(target * neg_log_p, axis=axis)
+
+        def grad(upstream):
+            upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
+            target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
+            total = tf.reduce_sum(target, axis=axis, keepdims=True)
+            dlogits = upstream * (tf.exp(-neg_log_p) * total - target)
+            dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
+            return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
+
+        return loss, grad
+
+    return forward(labels, logits)
+
+
+def _sparse_labels(labels, logits, axis, ignore_class, name):
+    """Validated int labels, plus `(in_range, ignored)` boolean tensors."""
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype not in _INTS:
+        raise TypeError(
+            "`labels` must be an int32 or int64 tensor of class ids. Received "
+            f"dtype: {labels.dtype.name}"
+        )
+    if ignore_class is not None and (
+        isinstance(ignore_class, bool) or not isinstance(ignore_class, int)
+    ):
+        raise TypeError(
+            f"`ignore_class` must be an int or None. Received: "
+            f"ignore_class={ignore_class!r}"
+        )
+    labels = _check_shapes(labels, logits, axis, sparse=True, name=name)
+    num_classes = tf.shape(logits, out_type=labels.dtype)[axis]
+    in_range = tf.logical_and(labels >= 0, labels < num_classes)
+    ignored = None
+    if ignore_class is not None:
+        ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
+    if tf.executing_eagerly():
+        bad = tf.logical_not(in_range)
+        if ignored is not None:
+            bad = tf.logical_and(bad, tf.logical_not(ignored))
+        if tf.reduce_any(bad):
+            values = tf.boolean_mask(labels, bad)[:5].numpy().tolist()
+            raise ValueError(
+                f"`labels` must be class ids in [0, {int(num_classes)})"
+                + ("" if ignore_class is None else f" or ignore_class={ignore_class}")
+                + f". Received out-of-range labels: {values}"
+            )
+    return labels, in_range, ignored
+
+
+def _pick(z, labels, axis):
+    """`z` at the label positions, without a one-hot tensor."""
+    rank = z.shape.rank
+    if axis == rank - 1:
+        picked = tf.gather(z, tf.expand_dims(labels, -1), batch_dims=rank - 1)
+        return tf.squeeze(picked, -1)
+    hit = tf.equal(_class_iota(z, axis, labels.dtype), tf.expand_dims(labels, axis))
+    return tf.reduce_sum(tf.where(hit, z, tf.zeros([], z.dtype)), axis=axis)
+
+
+def _per_example_mask(value, in_range, ignored):
+    """NaN where the label is out of range, 0 where it is ignored."""
+    value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
+    if ignored is not None:
+        value = tf.where(ignored, tf.zeros([], value.dtype), value)
+    return value
+
+
+def sparse_softmax_cross_entropy(
+    labels, logits, axis=-1, label_smoothing=0.0, ignore_class=None
+):
+    r"""Softmax cross-entropy with integer class ids, no one-hot tensor built.
+
+    `loss = lse - (1 - s) * z_y - s * mean_c(z_c)` with `z = logits -
+    max(logits)`, `lse = log(sum_c exp(z_c))`, `y` the label and `s` the label
+    smoothing: the dense loss for the target `(1 - s) * onehot(y) + s / C`.
+    Gradient: `dlogits = upstream * (softmax - s / C - (1 - s) * onehot(y))`,
+    formed as a select at the label positions (module docstring).
+
+    Args:
+        labels: int32 or int64 tensor of class ids in `[0, C)`, shaped as
+            `logits` without the class axis.
+        logits: Float tensor of known rank.
+        axis: The class axis (any axis: `1` for channels-first per-pixel
+            logits).
+        label_smoothing: Float in [0, 1].
+        ignore_class: Optional int; examples with this label get loss 0 and
+            gradient 0. It may lie inside or outside `[0, C)`.
+
+    Returns:
+        The per-example loss, shaped as `labels`, in float32 for
+        float16/bfloat16 logits and in the logits' dtype otherwise. An
+        out-of-range label (not `ignore_class`) raises a ValueError in eager
+        mode; in a `tf.function` or under XLA that example's loss and
+        gradient are NaN.
+
+    Raises:
+        TypeError: If `labels` is not an int tensor or `logits` not a float
+            one, or `ignore_class` is not an int.
+        ValueError: If the shapes are incompatible (both are named), an
+            argument is out of range, or (eagerly) a label is out of range.
+
+    Example:
+
+    >>> sparse_softmax_cross_entropy([3, 0], [[1.0, 2.0, 3.0, 4.0]] * 2)
+    <tf.Tensor: shape=(2,), dtype=float32, numpy=array([0.44018975, 3.4401898 ],
+    dtype=float32)>
+    """
+    logits = float_tensor(logits, "logits")
+    axis = _class_axis(axis, static_rank(logits, "logits"))
+    smoothing = _check_label_smoothing(label_smoothing)
+    checked = _sparse_labels(labels, logits, axis, ignore_class, "logits")
+    return _sparse_cross_entropy(logits, *checked, axis, smoothing)
+
+
+def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
+    """The sparse loss on validated inputs (see `_sparse_labels`)."""
+    safe_labels = tf.where(in_range, labels, tf.zeros([], labels.dtype))
+    dtype = compute_dtype(logits.dtype)
+
+    @tf.custom_gradient
+    def forward(logits):
+        logits = tf.stop_gradient(logits)
+        xf = tf.cast(logits, dtype)
+        z = xf - tf.reduce_max(xf, axis=axis, keepdims=True)
+        exp_z = tf.exp(z)
+        total = tf.reduce_sum(exp_z, axis=axis)
+        loss = tf.math.log(total) - (1.0 - smoothing) * _pick(z, safe_labels, axis)
+        if smoothing:
+            loss -= smoothing * tf.reduce_mean(z, axis=axis)
+        loss = _per_example_mask(loss, in_range, ignored)
+
+        def grad(upstream):
+            upstream = _per_example_mask(tf.cast(upstream, dtype), in_range, ignored)
+            p = exp_z * tf.expand_dims(1.0 / total, axis)
+            off = smoothing / _num_classes(logits, axis, dtype)
+            hit = tf.equal(
+                _class_iota(logits, axis, labels.dtype),
+                tf.expand_dims(safe_labels, axis),
+            )
+            dlogits = tf.where(hit, p - (off + 1.0 - smoothing), p - off)
+            dlogits *= tf.expand_dims(upstream, axis)
+            if ignored is not None:
+                # Zero even where ignored logits are not finite.
+                dlogits = tf.where(
+                    tf.expand_dims(ignored, axis), tf.zeros([], dtype), dlogits
+                )
+            return tf.cast(dlogits, logits.dtype)
+
+        return loss, grad
+
+    return forward(logits)
+
+
+def probability_cross_entropy(
+    labels, probabilities, axis=-1, label_smoothing=0.0, epsilon=1e-7
+):
+    r"""Cross-entropy from probabilities, clipped as Keras does.
+
+    `loss = -sum_c t_c * log(q_c)` with `q = clip(p / sum(p), epsilon,
+    1 - epsilon)` (renormalized over `axis`, then clipped) and `t` the labels,
+    smoothed as in `softmax_cross_entropy`. This is Keras's
+    `categorical_crossentropy(from_logits=False)`; the gradient is that of
+    this formula (zero where the clip is active), written out in this
+    module's docstring.
+
+    Args:
+        labels: Float tensor of the shape of `probabilities`.
+        probabilities: Float tensor of known rank, non-negative.
+        axis: The class axis.
+        label_smoothing: Float in [0, 1].
+        epsilon: Clipping bound in (0, 0.5); Keras passes
+            `keras.config.epsilon()`.
+
+    Returns:
+        The per-example loss: the shape of `probabilities` without `axis`,
+        float32 for float16/bfloat16 inputs.
+
+    Example:
+
+    >>> probability_cross_entropy([[0.0, 1.0, 0.0]], [[0.05, 0.95, 0.0]])
+    <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.05129331],
+    dtype=float32)>
+    """
+    probabilities = float_tensor(probabilities, "probabilities")
+    labels = float_tensor(labels, "labels")
+    axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
+    smoothing = _check_label_smoothing(label_smoothing)
+    epsilon = _check_epsilon(epsilon)
+    labels = _check_shapes(
+        labels, probabilities, axis, sparse=False, name="probabilities"
+    )
+    dtype = compute_dtype(probabilities.dtype)
+
+    @tf.custom_gradient
+    def forward(labels, probabilities):
+        labels = tf.stop_gradient(labels)
+        probabilities = tf.stop_gradient(probabilities)
+        num_classes = _num_classes(probabilities, axis, dtype)
+        pf = tf.cast(probabilities, dtype)
+        total = tf.reduce_sum(pf, axis=axis, keepdims=True)
+        normalized = pf / total
+        q = tf.clip_by_value(normalized, epsilon, 1.0 - epsilon)
+        log_q = tf.math.log(q)
+        target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
+        loss = -tf.reduce_sum(target * log_q, axis=axis)
+
+        def grad(upstream):
+            upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
+            target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
+            inside = tf.logical_and(normalized >= epsilon, normalized <= 1.0 - epsilon)
+            g = tf.where(inside, -upstream * target / q, tf.zeros([], dtype))
+            dp = (g - tf.reduce_sum(g * normalized, axis=axis, keepdims=True)) / total
+            dlabels = (-upstream * (1.0 - smoothing)) * log_q
+            return tf.cast(dlabels, labels.dtype), tf.cast(dp, probabilities.dtype)
+
+        return loss, grad
+
+    return forward(labels, probabilities)
+
+
+def _clipped_log(probabilities, epsilon, dtype):
+    """`log(clip(p, epsilon, 1 - epsilon))` in `dtype`; derivative 1/p inside."""
+
+    @tf.custom_gradient
+    def forward(p):
+        p = tf.stop_gradient(p)
+        pf = tf.cast(p, dtype)
+        clipped = tf.clip_by_value(pf, epsilon, 1.0 - epsilon)
+
+        def grad(dy):
+            inside = tf.logical_and(pf >= epsilon, pf <= 1.0 - epsilon)
+            dp = tf.where(inside, tf.cast(dy, dtype) / clipped, tf.zeros([], dtype))
+            return tf.cast(dp, p.dtype)
+
+        return tf.math.log(clipped), grad
+
+    return forward(probabilities)
+
+
+def sparse_probability_cross_entropy(
+    labels,
+    probabilities,
+    axis=-1,
+    label_smoothing=0.0,
+    ignore_class=None,
+    epsilon=1e-7,
+):
+    r"""Sparse cross-entropy from probabilities, clipped as Keras does.
+
+    `loss = sparse_softmax_cross_entropy(labels, log(clip(p, epsilon,
+    1 - epsilon)))`, i.e. `log(sum_c q_c) - log(q_y)` with `q` the clipped
+    probabilities (not renormalized before clipping). This is Keras's
+    `sparse_categorical_crossentropy(from_logits=False)`, extended to any
+    class axis. The derivative of the clipped log is `1 / p` inside the
+    clipping range and 0 outside.
+
+    Args:
+        labels: int32 or int64 class ids, shaped as `probabilities` without
+            the class axis.
+        probabilities: Float tensor of known rank.
+        axis: The class axis.
+        label_smoothing: Float in [0, 1].
+        ignore_class: Optional int, as in `sparse_softmax_cross_entropy`.
+        epsilon: Clipping bound in (0, 0.5).
+
+    Returns:
+        The per-example loss, shaped as `labels`; out-of-range labels behave
+        as in `sparse_softmax_cross_entropy`.
+
+    Example:
+
+    >>> sparse_probability_cross_entropy([1], [[0.05, 0.95, 0.0]])
+    <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.05129344],
+    dtype=float32)>
+    """
+    probabilities = float_tensor(probabilities, "probabilities")
+    axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
+    smoothing = _check_label_smoothing(label_smoothing)
+    epsilon = _check_epsilon(epsilon)
+    checked = _sparse_labels(labels, probabilities, axis, ignore_class, "probabilities")
+    log_q = _clipped_log(probabilities, epsilon, compute_dtype(probabilities.dtype))
+    return _sparse_cross_entropy(log_q, *checked, axis, smoothing)
