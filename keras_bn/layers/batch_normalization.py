@@ -10,97 +10,14 @@ from keras import initializers
 from keras import regularizers
 
 from keras_bn import ops
+from keras_bn.layers.arguments import VARIANCE_ESTIMATORS
+from keras_bn.layers.arguments import check_renorm_clipping
+from keras_bn.layers.arguments import check_unit_interval
+from keras_bn.layers.arguments import check_virtual_batch_size
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import validate_axis_argument
 from keras_bn.ops.virtual_batch import per_virtual_batch
 from keras_bn.ops.virtual_batch import split_virtual_batches
-
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-_VARIANCE_ESTIMATORS = ("biased", "unbiased")
-
-
-def _check_unit_interval(value, arg_name):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"Argument `{arg_name}` must be a float in [0, 1]. "
-            f"Received: {arg_name}={value!r}"
-        ) from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"Argument `{arg_name}` must be in [0, 1]. Received: {arg_name}={value}"
-        )
-    return value
-
-
-def _check_renorm_clipping(renorm_clipping):
-    if not isinstance(renorm_clipping, dict):
-        raise TypeError(
-            "Argument `renorm_clipping` must be a dict with optional keys "
-            f"{list(_RENORM_CLIPPING_KEYS)}. Received: "
-            f"renorm_clipping={renorm_clipping!r}"
-        )
-    unknown = set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS)
-    if unknown:
-        raise ValueError(
-            f"Argument `renorm_clipping` has unsupported keys {sorted(unknown)}. "
-            f"Supported keys: {list(_RENORM_CLIPPING_KEYS)}. Received: "
-            f"renorm_clipping={renorm_clipping}"
-        )
-    clip = {}
-    for key, value in renorm_clipping.items():
-        try:
-            clip[key] = None if value is None else float(value)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"Argument `renorm_clipping` must map {key!r} to a float. "
-                f"Received: renorm_clipping={renorm_clipping}"
-            ) from None
-    rmin, rmax, dmax = (clip.get(k) for k in ("rmin", "rmax", "dmax"))
-    if rmin is not None and rmin < 0:
-        raise ValueError(
-            "Argument `renorm_clipping` needs rmin >= 0. "
-            f"Received: renorm_clipping={renorm_clipping}"
-        )
-    if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(
-            "Argument `renorm_clipping` needs rmax >= rmin. "
-            f"Received: renorm_clipping={renorm_clipping}"
-        )
-    if dmax is not None and dmax < 0:
-        raise ValueError(
-            "Argument `renorm_clipping` needs dmax >= 0. "
-            f"Received: renorm_clipping={renorm_clipping}"
-        )
-    return dict(renorm_clipping)
-
-
-def _check_virtual_batch_size(virtual_batch_size, synchronized, fused):
-    if virtual_batch_size is None:
-        return None
-    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-        raise TypeError(
-            "Argument `virtual_batch_size` must be None or a positive int. "
-            f"Received: virtual_batch_size={virtual_batch_size!r}"
-        )
-    if virtual_batch_size < 1:
-        raise ValueError(
-            "Argument `virtual_batch_size` must be a positive int. "
-            f"Received: virtual_batch_size={virtual_batch_size}"
-        )
-    if synchronized:
-        raise ValueError(
-            "Argument `virtual_batch_size` cannot be combined with "
-            "synchronized=True: virtual batches split a replica's batch, "
-            "synchronization joins the replicas' batches."
-        )
-    if fused:
-        raise ValueError(
-            "Argument `virtual_batch_size` cannot be combined with fused=True: "
-            "the fused kernels compute one set of statistics per batch."
-        )
-    return virtual_batch_size
 
 
 def _copy_initializer(initializer):
@@ -265,7 +182,7 @@ class BatchNormalization(keras.layers.Layer):
         super().__init__(**kwargs)
         self.axis = validate_axis_argument(axis)
         self.momentum = (
-            None if momentum is None else _check_unit_interval(momentum, "momentum")
+            None if momentum is None else check_unit_interval(momentum, "momentum")
         )
         self.epsilon = float(epsilon)
         if not self.epsilon > 0:
@@ -289,9 +206,9 @@ class BatchNormalization(keras.layers.Layer):
                 f"Received: renorm_clipping={renorm_clipping}, renorm={renorm}"
             )
         self.renorm_clipping = (
-            _check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
+            check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
         )
-        self.renorm_momentum = _check_unit_interval(renorm_momentum, "renorm_momentum")
+        self.renorm_momentum = check_unit_interval(renorm_momentum, "renorm_momentum")
         self.synchronized = bool(synchronized)
         self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
         if fused is not None and not isinstance(fused, bool):
@@ -305,13 +222,13 @@ class BatchNormalization(keras.layers.Layer):
                 "fused kernels have no renorm correction. Use fused=None or False."
             )
         self.fused = fused
-        self.virtual_batch_size = _check_virtual_batch_size(
+        self.virtual_batch_size = check_virtual_batch_size(
             virtual_batch_size, self.synchronized, fused
         )
-        if moving_variance_estimator not in _VARIANCE_ESTIMATORS:
+        if moving_variance_estimator not in VARIANCE_ESTIMATORS:
             raise ValueError(
                 "Argument `moving_variance_estimator` must be one of "
-                f"{list(_VARIANCE_ESTIMATORS)}. Received: "
+                f"{list(VARIANCE_ESTIMATORS)}. Received: "
                 f"moving_variance_estimator={moving_variance_estimator!r}"
             )
         self.moving_variance_estimator = moving_variance_estimator
