@@ -36,7 +36,9 @@ def build_model(image_shape, synchronized):
     for filters in (16, 32):
         layers += [
             keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
-            keras_bn.BatchNormalization(synchronized=synchronized),
+            # momentum 0.9: a few hundred steps are too few for the default
+            # 0.99 to forget the initial moving statistics (0 and 1).
+            keras_bn.BatchNormalization(synchronized=synchronized, momentum=0.9),
             keras.layers.ReLU(),
         ]
     layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
