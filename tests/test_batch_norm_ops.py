@@ -357,3 +357,42 @@ def test_rank_too_small_and_integer_inputs_raise():
         batch_norm_train(np.ones(3, np.float32))
     with pytest.raises(TypeError, match=r"`x` must be a floating-point tensor"):
         batch_norm_train(np.ones((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape,axis", [((6, 3), -1), ((3, 3, 4, 2), 1)])
+def test_apply_matches_the_hand_written_inference_op(rng, fused, shape, axis):
+    """The layer's inference path (no custom gradient) equals the op."""
+    from keras_bn.ops import batch_norm_apply
+
+    pshape = param_shape(shape, axis)
+    x = tf.constant(rng.normal(0.5, 2.0, size=shape), tf.float32)
+    mean, var, gamma, beta = (
+        tf.constant(v, tf.float32)
+        for v in (
+            rng.normal(size=pshape),
+            rng.uniform(0.5, 2.0, size=pshape),
+            rng.uniform(0.5, 1.5, size=pshape),
+            rng.normal(size=pshape),
+        )
+    )
+    wy = tf.constant(rng.normal(size=shape), tf.float32)
+    results = []
+    for fn in (batch_norm_apply, batch_norm_inference):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = fn(x, mean, var, gamma, beta, axis=axis, fused=fused)
+            loss = tf.reduce_sum(wy * y * y)
+        results.append([y, *tape.gradient(loss, [x, gamma, beta])])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    graph = (
+        tf.function(
+            lambda x: batch_norm_apply(
+                x, mean, var, gamma, beta, axis=axis, fused=fused
+            )
+        )
+        .get_concrete_function(x)
+        .graph
+    )
+    assert not [op for op in graph.get_operations() if op.type == "IdentityN"]

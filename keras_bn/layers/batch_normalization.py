@@ -333,7 +333,8 @@ class BatchNormalization(keras.layers.Layer):
         if training and self.trainable:
             outputs = self._train(inputs, gamma, beta, mask)
         else:
-            outputs = ops.batch_norm_inference(
+            # No custom gradient here: serving and exported graphs stay plain.
+            outputs = ops.batch_norm_apply(
                 inputs,
                 self._value(self.moving_mean),
                 self._value(self.moving_variance),

@@ -1,6 +1,7 @@
 """Pure functional core: tensors in, tensors out, hand-written gradients."""
 
 from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.batch_norm import batch_norm_apply
 from keras_bn.ops.batch_norm import batch_norm_inference
 from keras_bn.ops.batch_norm import batch_norm_train
 from keras_bn.ops.batch_norm import batch_renorm_train
@@ -12,6 +13,7 @@ from keras_bn.ops.softmax_ops import log_softmax
 from keras_bn.ops.softmax_ops import softmax
 
 __all__ = [
+    "batch_norm_apply",
     "batch_norm_inference",
     "batch_norm_train",
     "batch_renorm_train",

@@ -528,3 +528,60 @@ def batch_norm_inference(
         return tf.cast(y, x.dtype), grad
 
     return forward(x, *params.values())
+
+
+def batch_norm_apply(
+    x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3, fused=None
+):
+    r"""Inference-mode batch normalization without a custom gradient.
+
+    The same `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta` as
+    `batch_norm_inference`, built only from TensorFlow ops with registered
+    gradients: the fused kernel where it applies (`fused` as in
+    `batch_norm_inference`), else one multiply-add `x * scale + offset` with
+    per-feature `scale` and `offset`. Exported and converted graphs (SavedModel
+    serving functions, TFLite) then hold no custom-gradient ops; this is the
+    layer's inference path. Its gradients equal the hand-written ones of
+    `batch_norm_inference` for `x`, `gamma` and `beta` (`dx = gamma * inv *
+    dy`, `dgamma = inv * S2`, `dbeta = S1`); `mean` and `variance` are
+    constants here. Differentiate with respect to them with
+    `batch_norm_inference`.
+
+    Args:
+        x, mean, variance, gamma, beta, axis, epsilon, fused: As in
+            `batch_norm_inference`.
+
+    Returns:
+        `y`, with the shape and dtype of `x`.
+
+    Example:
+
+    >>> x = tf.random.normal([4, 3])
+    >>> y = batch_norm_apply(x, tf.zeros([3]), tf.ones([3]))
+    >>> y.shape
+    TensorShape([4, 3])
+    """
+    x = _as_float_tensor(x, "x")
+    rank = static_rank(x, "x")
+    axes = canonicalize_axes(axis, rank)
+    epsilon = _check_epsilon(epsilon)
+    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
+    if "mean" not in params or "variance" not in params:
+        raise ValueError("`mean` and `variance` are required (got None).")
+    _check_param_shapes(x, axes, params)
+    for name in ("mean", "variance"):
+        params[name] = tf.stop_gradient(params[name])
+    if use_fused(fused, x, axes, epsilon):
+        return fused_batch_norm_inference(
+            x, params["mean"], params["variance"], params.get("gamma"),
+            params.get("beta"), axes[0], epsilon,
+        )  # fmt: skip
+    dtype = compute_dtype(x.dtype)
+    p = _reshape_params(params, broadcast_shape(x, axes), dtype)
+    scale = tf.math.rsqrt(p["variance"] + epsilon)
+    if "gamma" in p:
+        scale *= p["gamma"]
+    offset = -p["mean"] * scale
+    if "beta" in p:
+        offset += p["beta"]
+    return tf.cast(tf.cast(x, dtype) * scale + offset, x.dtype)
