@@ -5,6 +5,7 @@ Every backward pass is hand-written with `tf.custom_gradient`.
 
 __version__ = "0.1.0"
 
+from keras_bn import callbacks  # noqa: E402
 from keras_bn import layers  # noqa: E402
 from keras_bn import losses  # noqa: E402
 from keras_bn import ops  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "BatchNormalization",
     "Softmax",
     "__version__",
+    "callbacks",
     "layers",
     "losses",
     "ops",

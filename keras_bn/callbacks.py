@@ -1,0 +1,318 @@
+"""Callbacks that watch what batch normalization changes during training."""
+
+import numbers
+import os
+
+import keras
+import numpy as np
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class ActivationStatistics(keras.callbacks.Callback):
+    """Records percentiles of chosen layers' inputs during `fit`.
+
+    Ioffe & Szegedy (2015) show internal covariate shift by plotting, over
+    training, the 15th, 50th and 85th percentiles of the input to one sigmoid.
+    This callback records the same curves for any layers of a functional or
+    `Sequential` model: every `every_n_steps` optimizer steps (and once before
+    the first step) it runs the model up to the chosen layers on a fixed
+    `probe_data` batch, in inference mode, and stores the percentiles of each
+    layer's input.
+
+    The inputs are computed by a side `keras.Model` built once per trained
+    model, sharing its layers and weights. Inference mode matters: a call in
+    training mode would make batch normalization layers update their moving
+    statistics from the probe batch. Step numbers come from
+    `model.optimizer.iterations`, so records continue across calls to `fit`.
+
+    Args:
+        layers: list of layers, or of layer names, of the trained model whose
+            inputs to record. Each must have a single input tensor.
+        probe_data: the fixed inputs to run the model on (a NumPy array, or a
+            list/dict of arrays for a model with several inputs).
+        percentiles: percentiles to record, each in [0, 100].
+        every_n_steps: record after every this many optimizer steps.
+        feature_index: if given, record only this index of the last axis (one
+            unit of a dense layer, one channel of a convolution) instead of
+            all values of the input.
+
+    Attributes:
+        steps: int array `[n_records]`, the optimizer step of each record.
+        percentiles: dict from layer name to a float array
+            `[n_records, len(percentiles)]`.
+
+    Example:
+
+    ```python
+    stats = ActivationStatistics(
+        layers=["sigmoid_3"], probe_data=x_test[:500], every_n_steps=50
+    )
+    model.fit(x_train, y_train, callbacks=[stats])
+    stats.percentiles["sigmoid_3"]  # shape (n_records, 3)
+    stats.plot("sigmoid_inputs.png")
+    ```
+    """
+
+    def __init__(
+        self,
+        layers,
+        probe_data,
+        percentiles=(15, 50, 85),
+        every_n_steps=100,
+        feature_index=None,
+    ):
+        super().__init__()
+        self.layer_refs = _validate_layers(layers)
+        self.probe_data = _validate_probe_data(probe_data)
+        self.percentile_levels = _validate_percentiles(percentiles)
+        self.every_n_steps = _validate_positive_int(every_n_steps, "every_n_steps")
+        self.feature_index = _validate_feature_index(feature_index)
+        self.layer_names = [_layer_name(ref) for ref in self.layer_refs]
+        self._step_records = []
+        self._value_records = {name: [] for name in self.layer_names}
+        self._probe_model = None
+        self._probe_model_owner = None
+
+    @property
+    def steps(self):
+        return np.asarray(self._step_records, dtype="int64")
+
+    @property
+    def percentiles(self):
+        n_levels = len(self.percentile_levels)
+        return {
+            name: np.asarray(records, dtype="float64").reshape(-1, n_levels)
+            for name, records in self._value_records.items()
+        }
+
+    def on_train_begin(self, logs=None):
+        if self._probe_model_owner is not self.model:
+            self._probe_model = self._build_probe_model()
+            self._probe_model_owner = self.model
+        if not self._step_records:
+            self._record(self._current_step())
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._current_step()
+        last = self._step_records[-1]
+        if step // self.every_n_steps > last // self.every_n_steps:
+            self._record(step)
+
+    def _current_step(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _build_probe_model(self):
+        layers = [self._resolve_layer(ref) for ref in self.layer_refs]
+        try:
+            outputs = [layer.input for layer in layers]
+            probe_model = keras.Model(self._model_inputs(), outputs)
+        except (AttributeError, ValueError) as error:
+            raise ValueError(
+                "`layers`: cannot read the inputs of "
+                f"{[layer.name for layer in layers]} from the model. "
+                "ActivationStatistics needs a functional or Sequential model "
+                "built on a `keras.Input`, and layers called exactly once. "
+                f"({error})"
+            ) from error
+        if self.feature_index is not None:
+            for layer, output in zip(layers, outputs):
+                _check_feature_index(self.feature_index, output.shape[-1], layer)
+        return probe_model
+
+    def _model_inputs(self):
+        # A single input as a bare tensor, so the probe array matches it.
+        inputs = self.model.inputs
+        if inputs is not None and len(inputs) == 1:
+            return inputs[0]
+        return self.model.input
+
+    def _resolve_layer(self, ref):
+        names = [layer.name for layer in self.model.layers]
+        name = _layer_name(ref)
+        if name not in names:
+            raise ValueError(
+                f"`layers`: no layer named {name!r} in the model; its layers "
+                f"are {names}."
+            )
+        layer = self.model.get_layer(name)
+        if not isinstance(ref, str) and layer is not ref:
+            raise ValueError(f"`layers`: layer {name!r} is not part of the model.")
+        return layer
+
+    def _record(self, step):
+        inputs = self._probe_model(self.probe_data, training=False)
+        if not isinstance(inputs, list | tuple):
+            inputs = [inputs]
+        for name, values in zip(self.layer_names, inputs):
+            values = keras.ops.convert_to_numpy(values)
+            if self.feature_index is not None:
+                values = values[..., self.feature_index]
+            self._value_records[name].append(
+                np.percentile(values, self.percentile_levels)
+            )
+        self._step_records.append(step)
+
+    def plot(self, path_or_ax, layer=None):
+        """Plots the recorded percentiles against the training step.
+
+        Args:
+            path_or_ax: a file path to save a PNG to (one panel per layer), or
+                a matplotlib `Axes` to draw one layer's curves on.
+            layer: name of the layer to draw on an `Axes` (default: the first
+                recorded layer). Ignored when saving to a path.
+
+        Returns:
+            The path written, or the `Axes` drawn on.
+
+        Raises:
+            RuntimeError: if nothing has been recorded yet.
+
+        Example:
+
+        ```python
+        stats.plot("percentiles.png")
+        fig, ax = plt.subplots()
+        stats.plot(ax, layer="sigmoid_3")
+        ```
+        """
+        if not self._step_records:
+            raise RuntimeError(
+                "Nothing recorded yet: pass this callback to `fit` first."
+            )
+        if isinstance(path_or_ax, str | os.PathLike):
+            return self._save_figure(path_or_ax)
+        if layer is None:
+            layer = self.layer_names[0]
+        elif layer not in self.layer_names:
+            raise ValueError(
+                f"`layer`: {layer!r} was not recorded; recorded layers are "
+                f"{self.layer_names}."
+            )
+        self._draw(path_or_ax, layer)
+        return path_or_ax
+
+    def _save_figure(self, path):
+        # A bare Figure draws without pyplot, whatever the GUI backend.
+        from matplotlib.figure import Figure
+
+        n_layers = len(self.layer_names)
+        figure = Figure(figsize=(5 * n_layers, 3.5), layout="constrained")
+        axes = figure.subplots(1, n_layers, squeeze=False)[0]
+        for ax, name in zip(axes, self.layer_names):
+            self._draw(ax, name)
+        figure.savefig(path, dpi=120)
+        return path
+
+    def _draw(self, ax, layer):
+        values = self.percentiles[layer]
+        for column, level in enumerate(self.percentile_levels):
+            ax.plot(self.steps, values[:, column], label=f"{level:g}th percentile")
+        title = f"input of {layer}"
+        if self.feature_index is not None:
+            title += f" [..., {self.feature_index}]"
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("value")
+        ax.legend()
+
+    def get_config(self):
+        return {
+            "layers": list(self.layer_names),
+            "probe_data": keras.saving.serialize_keras_object(self.probe_data),
+            "percentiles": list(self.percentile_levels),
+            "every_n_steps": self.every_n_steps,
+            "feature_index": self.feature_index,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["probe_data"] = keras.saving.deserialize_keras_object(
+            config["probe_data"]
+        )
+        return cls(**config)
+
+
+def _validate_layers(layers):
+    if isinstance(layers, str | keras.layers.Layer):
+        layers = [layers]
+    try:
+        layers = list(layers)
+    except TypeError:
+        layers = None
+    if not layers or not all(
+        isinstance(ref, str | keras.layers.Layer) for ref in layers
+    ):
+        raise ValueError(
+            "`layers` must be a non-empty list of layers or layer names. "
+            f"Received: layers={layers!r}"
+        )
+    names = [_layer_name(ref) for ref in layers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`layers` must not repeat a layer. Received: {names}")
+    return layers
+
+
+def _layer_name(ref):
+    return ref if isinstance(ref, str) else ref.name
+
+
+def _validate_probe_data(probe_data):
+    if probe_data is None:
+        raise ValueError("`probe_data` is required: the fixed inputs to probe.")
+    try:
+        probe_data = keras.tree.map_structure(np.asarray, probe_data)
+    except Exception as error:
+        raise ValueError(
+            f"`probe_data` must be an array or a list/dict of arrays ({error})."
+        ) from error
+    leaves = keras.tree.flatten(probe_data)
+    if not leaves or any(leaf.ndim == 0 or len(leaf) == 0 for leaf in leaves):
+        raise ValueError(
+            "`probe_data` must hold at least one example (arrays with a "
+            "non-empty batch axis)."
+        )
+    return probe_data
+
+
+def _validate_percentiles(percentiles):
+    try:
+        levels = [float(level) for level in percentiles]
+    except (TypeError, ValueError):
+        levels = None
+    if not levels or not all(0.0 <= level <= 100.0 for level in levels):
+        raise ValueError(
+            "`percentiles` must be a non-empty list of numbers in [0, 100]. "
+            f"Received: percentiles={percentiles!r}"
+        )
+    return tuple(levels)
+
+
+def _validate_positive_int(value, arg_name):
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_int or value < 1:
+        raise ValueError(
+            f"`{arg_name}` must be a positive integer. Received: {arg_name}={value!r}"
+        )
+    return int(value)
+
+
+def _validate_feature_index(feature_index):
+    if feature_index is None:
+        return None
+    if isinstance(feature_index, bool) or not isinstance(
+        feature_index, numbers.Integral
+    ):
+        raise ValueError(
+            "`feature_index` must be an integer or None. Received: "
+            f"feature_index={feature_index!r}"
+        )
+    return int(feature_index)
+
+
+def _check_feature_index(feature_index, n_features, layer):
+    if n_features is not None and not -n_features <= feature_index < n_features:
+        raise ValueError(
+            f"`feature_index`={feature_index} is out of range for the input of "
+            f"layer {layer.name!r}, whose last axis has {n_features} entries."
+        )
