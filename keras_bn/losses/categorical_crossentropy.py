@@ -22,12 +22,12 @@ import tensorflow as tf
 
 from keras_bn.losses.softmax_cross_entropy import _check_axis
 from keras_bn.losses.softmax_cross_entropy import _check_ignore_class
-from keras_bn.losses.softmax_cross_entropy import _check_label_smoothing
 from keras_bn.losses.softmax_cross_entropy import _dtype_config
 from keras_bn.losses.softmax_cross_entropy import _logits_behind
 from keras_bn.losses.softmax_cross_entropy import _set_mask
 from keras_bn.losses.softmax_cross_entropy import _sparse_class_ids
 from keras_bn.losses.softmax_cross_entropy import _squeeze_or_expand_to_same_rank
+from keras_bn.ops.cross_entropy import check_label_smoothing
 from keras_bn.ops.cross_entropy import probability_cross_entropy
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
@@ -89,7 +89,7 @@ class CategoricalCrossentropy(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = bool(from_logits)
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.axis = _check_axis(axis)
         self._dtype_config = _dtype_config(dtype)
 

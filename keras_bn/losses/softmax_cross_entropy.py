@@ -11,6 +11,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_bn.ops.cross_entropy import check_label_smoothing
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
 
@@ -21,16 +22,6 @@ def _check_axis(axis):
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
     return axis
-
-
-def _check_label_smoothing(label_smoothing):
-    value = float(label_smoothing)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            "`label_smoothing` must be in [0, 1]. Received: "
-            f"label_smoothing={label_smoothing}"
-        )
-    return value
 
 
 def _check_ignore_class(ignore_class):
@@ -218,7 +209,7 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.sparse = bool(sparse)
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.axis = _check_axis(axis)
         self.ignore_class = _check_ignore_class(ignore_class)
         if self.ignore_class is not None and not self.sparse:

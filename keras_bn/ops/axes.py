@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 
-def canonicalize_axes(axis, rank, arg_name="axis"):
+def canonicalize_axes(axis, rank, arg_name="axis", require_reduced_axis=True):
     """Returns the feature axes as a sorted tuple of non-negative ints.
 
     Args:
@@ -11,6 +11,9 @@ def canonicalize_axes(axis, rank, arg_name="axis"):
             are kept (the feature axes); every other axis is reduced.
         rank: The rank of the input.
         arg_name: The argument name used in error messages.
+        require_reduced_axis: If True (normalization), at least one axis must
+            be left out of `axis`. False for reductions over `axis` itself
+            (softmax).
 
     Returns:
         A sorted tuple of distinct axes in `[0, rank)`.
@@ -36,7 +39,7 @@ def canonicalize_axes(axis, rank, arg_name="axis"):
             f"Argument `{arg_name}` repeats an axis for an input of rank "
             f"{rank}. Received: {arg_name}={axis}"
         )
-    if len(canonical) >= rank:
+    if require_reduced_axis and len(canonical) >= rank:
         raise ValueError(
             f"Argument `{arg_name}` keeps every axis of an input of rank "
             f"{rank}, leaving none to compute statistics over. Inputs need a "

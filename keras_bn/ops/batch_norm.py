@@ -48,6 +48,8 @@ from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.dtypes import compute_dtype
+from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
@@ -55,29 +57,11 @@ from keras_bn.ops.sync import combine_moments
 from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
 
-_LOW_PRECISION = (tf.float16, tf.bfloat16)
-_FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
-
-
-def compute_dtype(dtype):
-    """The dtype the math runs in for inputs of `dtype`."""
-    return tf.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def _as_float_tensor(value, arg_name):
-    value = tf.convert_to_tensor(value)
-    if value.dtype not in _FLOATS:
-        raise TypeError(
-            f"`{arg_name}` must be a floating-point tensor (float16, bfloat16, "
-            f"float32 or float64). Received dtype: {value.dtype.name}"
-        )
-    return value
-
 
 def _present_params(**params):
     """The given parameters, by name, as tensors; absent (None) ones dropped."""
     return {
-        name: _as_float_tensor(value, name)
+        name: float_tensor(value, name)
         for name, value in params.items()
         if value is not None
     }
@@ -204,7 +188,7 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False):
 def _batch_norm_train(
     x, gamma, beta, axis, epsilon, mask, renorm, fused=False, synchronized=False
 ):
-    x = _as_float_tensor(x, "x")
+    x = float_tensor(x, "x")
     rank = static_rank(x, "x")
     axes = canonicalize_axes(axis, rank)
     red = reduction_axes(rank, axes)
@@ -476,7 +460,7 @@ def batch_norm_inference(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x = _as_float_tensor(x, "x")
+    x = float_tensor(x, "x")
     rank = static_rank(x, "x")
     axes = canonicalize_axes(axis, rank)
     red = reduction_axes(rank, axes)
@@ -561,7 +545,7 @@ def batch_norm_apply(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x = _as_float_tensor(x, "x")
+    x = float_tensor(x, "x")
     rank = static_rank(x, "x")
     axes = canonicalize_axes(axis, rank)
     epsilon = _check_epsilon(epsilon)

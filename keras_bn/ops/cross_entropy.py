@@ -63,8 +63,8 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.axes import validate_axis_argument
-from keras_bn.ops.batch_norm import compute_dtype
-from keras_bn.ops.softmax_ops import float_tensor
+from keras_bn.ops.dtypes import compute_dtype
+from keras_bn.ops.dtypes import float_tensor
 
 _INTS = (tf.int32, tf.int64)
 
@@ -84,7 +84,7 @@ def _class_axis(axis, rank, arg_name="axis"):
     return canonical % rank
 
 
-def _check_label_smoothing(label_smoothing):
+def check_label_smoothing(label_smoothing):
     value = float(label_smoothing)
     if not 0.0 <= value <= 1.0:
         raise ValueError(
@@ -186,7 +186,7 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
     logits = float_tensor(logits, "logits")
     labels = float_tensor(labels, "labels")
     axis = _class_axis(axis, static_rank(logits, "logits"))
-    smoothing = _check_label_smoothing(label_smoothing)
+    smoothing = check_label_smoothing(label_smoothing)
     labels = _check_shapes(labels, logits, axis, sparse=False)
     dtype = compute_dtype(logits.dtype)
 
@@ -312,7 +312,7 @@ def sparse_softmax_cross_entropy(
     """
     logits = float_tensor(logits, "logits")
     axis = _class_axis(axis, static_rank(logits, "logits"))
-    smoothing = _check_label_smoothing(label_smoothing)
+    smoothing = check_label_smoothing(label_smoothing)
     checked = _sparse_labels(labels, logits, axis, ignore_class, "logits")
     return _sparse_cross_entropy(logits, *checked, axis, smoothing)
 
@@ -389,7 +389,7 @@ def probability_cross_entropy(
     probabilities = float_tensor(probabilities, "probabilities")
     labels = float_tensor(labels, "labels")
     axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
-    smoothing = _check_label_smoothing(label_smoothing)
+    smoothing = check_label_smoothing(label_smoothing)
     epsilon = _check_epsilon(epsilon)
     labels = _check_shapes(
         labels, probabilities, axis, sparse=False, name="probabilities"
@@ -480,7 +480,7 @@ def sparse_probability_cross_entropy(
     """
     probabilities = float_tensor(probabilities, "probabilities")
     axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
-    smoothing = _check_label_smoothing(label_smoothing)
+    smoothing = check_label_smoothing(label_smoothing)
     epsilon = _check_epsilon(epsilon)
     checked = _sparse_labels(labels, probabilities, axis, ignore_class, "probabilities")
     log_q = _clipped_log(probabilities, epsilon, compute_dtype(probabilities.dtype))

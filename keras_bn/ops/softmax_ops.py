@@ -31,60 +31,15 @@ output cast back; float64 stays float64.
 
 import tensorflow as tf
 
+from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import static_rank
-from keras_bn.ops.axes import validate_axis_argument
-from keras_bn.ops.batch_norm import compute_dtype
-
-_FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
-
-
-def float_tensor(value, arg_name):
-    """`value` as a tensor; a TypeError naming `arg_name` unless it is float."""
-    value = tf.convert_to_tensor(value)
-    if value.dtype not in _FLOATS:
-        raise TypeError(
-            f"`{arg_name}` must be a floating-point tensor (float16, bfloat16, "
-            f"float32 or float64). Received dtype: {value.dtype.name}"
-        )
-    return value
-
-
-def softmax_axes(axis, rank, arg_name="axis"):
-    """The axes a softmax normalizes over, as a sorted tuple in `[0, rank)`.
-
-    Args:
-        axis: An int or a non-empty list/tuple of distinct ints, possibly
-            negative.
-        rank: The rank of the input.
-        arg_name: The argument name used in error messages.
-
-    Returns:
-        A sorted tuple of distinct non-negative axes.
-
-    Raises:
-        TypeError: If `axis` is not an int or a list/tuple of ints.
-        ValueError: If an axis is out of range or repeated.
-    """
-    axes = validate_axis_argument(axis, arg_name)
-    axes = [axes] if isinstance(axes, int) else axes
-    for a in axes:
-        if not -rank <= a < rank:
-            raise ValueError(
-                f"Argument `{arg_name}` has an axis {a} out of range for an "
-                f"input of rank {rank}: expected values in [{-rank}, {rank}). "
-                f"Received: {arg_name}={axis}"
-            )
-    canonical = sorted(a % rank for a in axes)
-    if len(set(canonical)) != len(canonical):
-        raise ValueError(
-            f"Argument `{arg_name}` repeats an axis. Received: {arg_name}={axis}"
-        )
-    return tuple(canonical)
+from keras_bn.ops.dtypes import compute_dtype
+from keras_bn.ops.dtypes import float_tensor
 
 
 def _prepare(x, axis):
     x = float_tensor(x, "x")
-    axes = softmax_axes(axis, static_rank(x, "x"))
+    axes = canonicalize_axes(axis, static_rank(x, "x"), require_reduced_axis=False)
     return x, list(axes), compute_dtype(x.dtype)
 
 
