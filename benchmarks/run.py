@@ -1,0 +1,653 @@
+"""Speed of keras_bn against TensorFlow's fused kernels and Keras's built-ins.
+
+Three sections, all in one process:
+
+- `bn`: a batch-norm training step (forward, backward to x, gamma and beta
+  under `tf.GradientTape`, moving-average update) and an inference forward,
+  for `keras_bn.BatchNormalization` (default `fused=None`), keras_bn with
+  `fused=False` (the closed-form path), `keras.layers.BatchNormalization` and
+  `tf.compat.v1.nn.fused_batch_norm` (TensorFlow 2's only public wrapper of
+  the fused kernel; 2-D inputs reshaped to `[N, 1, 1, C]`; its moving
+  averages updated through `exponential_avg_factor`, as the layers do).
+  float16 runs use the `mixed_float16` policy for the layers (float32 weights).
+- `ce`: softmax cross-entropy training step (mean loss and its gradient to the
+  logits), sparse and dense labels, for `keras_bn.losses.SoftmaxCrossEntropy`,
+  Keras's `(Sparse)CategoricalCrossentropy(from_logits=True)` and
+  `tf.nn.(sparse_)softmax_cross_entropy_with_logits` followed by a mean.
+- `fit`: one epoch of `model.fit` of a Conv-BN-ReLU CNN and a Dense-BN-ReLU
+  MLP on fixed synthetic data, keras_bn's layer and loss against Keras's
+  (`jit_compile=False`, SGD with momentum). Fewer repetitions here (3 by
+  default) because an epoch takes seconds.
+
+`bn` and `ce` run in three modes: eager, `tf.function` and
+`tf.function(jit_compile=True)` ("xla"). Implementations are timed
+round-robin after a warm-up (see `_timing.py`); medians are per call, in ms.
+Ratios below 1 mean keras_bn is faster.
+
+Usage:
+    python benchmarks/run.py                 # full run, a few minutes
+    python benchmarks/run.py --quick         # tiny shapes, under a minute
+    python benchmarks/run.py --only bn ce --out /tmp/results.json
+
+TensorFlow's default oneDNN setting is used: set no TF_ENABLE_ONEDNN_OPTS.
+"""
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from _timing import time_interleaved  # noqa: E402
+
+import keras_bn  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "latest.json"
+SECTIONS = ("bn", "ce", "fit")
+MOMENTUM = 0.99
+EPSILON = 1e-3
+
+# Implementations per section, in table order; ratios are candidate / baseline.
+BN_IMPLS = ("keras_bn", "keras_bn_closed_form", "keras", "tf_fused")
+CE_IMPLS = ("keras_bn", "keras", "tf_nn")
+FIT_IMPLS = ("keras_bn", "keras")
+RATIOS = {
+    "bn": [
+        ("keras_bn", "tf_fused"),
+        ("keras_bn", "keras"),
+        ("keras_bn_closed_form", "tf_fused"),
+        ("keras_bn_closed_form", "keras"),
+    ],
+    "ce": [("keras_bn", "tf_nn"), ("keras_bn", "keras")],
+    "fit": [("keras_bn", "keras")],
+}
+COLUMN_NAMES = {
+    "keras_bn": "keras_bn",
+    "keras_bn_closed_form": "kbn fused=False",
+    "keras": "keras",
+    "tf_fused": "tf fused",
+    "tf_nn": "tf.nn",
+}
+RATIO_NAMES = {
+    "keras_bn": "kbn",
+    "keras_bn_closed_form": "cf",
+    "keras": "keras",
+    "tf_fused": "fused",
+    "tf_nn": "tf.nn",
+}
+TITLES = {
+    "bn": "Batch normalization, median ms per call (train: forward, backward to "
+    "x, gamma, beta, moving averages)\nkbn = keras_bn.BatchNormalization(), "
+    "cf = keras_bn fused=False (closed form), fused = "
+    "tf.compat.v1.nn.fused_batch_norm",
+    "ce": "Softmax cross-entropy, median ms per call (mean loss and its "
+    "gradient to the logits)\nkbn = keras_bn.losses.SoftmaxCrossEntropy, keras "
+    "= (Sparse)CategoricalCrossentropy(from_logits=True), tf.nn = "
+    "tf.nn.(sparse_)softmax_cross_entropy_with_logits + mean",
+    "fit": "model.fit, median ms per epoch (warm-up epoch excluded)\nkbn = "
+    "keras_bn BatchNormalization + SoftmaxCrossEntropy(sparse=True), keras = "
+    "Keras's BatchNormalization + SparseCategoricalCrossentropy(from_logits=True)",
+}
+
+FULL = {
+    "repetitions": 7,
+    "fit_repetitions": 3,
+    "target_seconds": 0.1,
+    "bn_cases": [
+        (kind, shape, dtype)
+        for kind in ("train", "inference")
+        for dtype in ("float32", "float16")
+        for shape in ((256, 1024), (64, 32, 32, 64), (32, 56, 56, 128))
+    ],
+    "ce_shapes": [(256, 1000), (4096, 10), (32, 32000)],
+    "cnn": {"examples": 2048, "image": (32, 32, 3), "filters": (32, 64, 128)},
+    "mlp": {"examples": 8192, "features": 784, "units": 512},
+    "cnn_batch_size": 64,
+    "mlp_batch_size": 256,
+}
+QUICK = {
+    "repetitions": 3,
+    "fit_repetitions": 3,
+    "target_seconds": 0.01,
+    # One case per kind still covers 2-D and 4-D inputs, float32 and float16.
+    "bn_cases": [
+        ("train", (32, 16), "float32"),
+        ("inference", (4, 4, 4, 8), "float16"),
+    ],
+    "ce_shapes": [(32, 10)],
+    "cnn": {"examples": 64, "image": (8, 8, 3), "filters": (4, 8, 8)},
+    "mlp": {"examples": 128, "features": 16, "units": 16},
+    "cnn_batch_size": 32,
+    "mlp_batch_size": 64,
+}
+CLASSES = 10
+MODES = ("eager", "tf.function", "xla")
+
+
+def compile_step(fn, mode):
+    if mode == "eager":
+        return fn
+    return tf.function(fn, jit_compile=mode == "xla")
+
+
+def random_normal(shape, seed, dtype="float32"):
+    values = tf.random.stateless_normal(shape, seed=[seed, 0])
+    return tf.cast(values, dtype)
+
+
+def random_labels(shape, classes, seed):
+    return tf.random.stateless_uniform(
+        shape, seed=[seed, 1], minval=0, maxval=classes, dtype=tf.int32
+    )
+
+
+def require_features(sections):
+    """Fails loudly when a keras_bn feature the benchmark times is missing."""
+    missing = []
+    if "bn" in sections:
+        params = inspect.signature(keras_bn.BatchNormalization.__init__).parameters
+        if "fused" not in params:
+            missing.append("the `fused` argument of keras_bn.BatchNormalization")
+    if "ce" in sections or "fit" in sections:
+        try:
+            from keras_bn.losses import SoftmaxCrossEntropy
+        except ImportError:
+            SoftmaxCrossEntropy = None
+        params = (
+            ()
+            if SoftmaxCrossEntropy is None
+            else (inspect.signature(SoftmaxCrossEntropy).parameters)
+        )
+        if "sparse" not in params:
+            missing.append("keras_bn.losses.SoftmaxCrossEntropy(sparse=...)")
+    if missing:
+        raise SystemExit(
+            "benchmarks/run.py: cannot benchmark, keras_bn lacks "
+            + "; ".join(missing)
+            + "."
+        )
+
+
+# --- Batch normalization ----------------------------------------------------
+
+
+def bn_layer(impl, dtype):
+    policy = "mixed_float16" if dtype == "float16" else "float32"
+    if impl == "keras_bn":
+        return keras_bn.BatchNormalization(
+            momentum=MOMENTUM, epsilon=EPSILON, dtype=policy
+        )
+    if impl == "keras_bn_closed_form":
+        return keras_bn.BatchNormalization(
+            momentum=MOMENTUM, epsilon=EPSILON, fused=False, dtype=policy
+        )
+    if impl == "keras":
+        return keras.layers.BatchNormalization(
+            momentum=MOMENTUM, epsilon=EPSILON, dtype=policy
+        )
+    raise ValueError(f"Unknown layer implementation: {impl}")
+
+
+def layer_step(layer, x, dy, training):
+    layer(x, training=False)  # builds the weights outside any tf.function
+
+    def inference():
+        return layer(x, training=False)
+
+    def train():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
+
+    return train if training else inference
+
+
+def fused_step(x, dy, training):
+    """`tf.compat.v1.nn.fused_batch_norm` with variables, as a layer holds them."""
+    channels = x.shape[-1]
+    gamma = tf.Variable(tf.ones([channels]))
+    beta = tf.Variable(tf.zeros([channels]))
+    moving_mean = tf.Variable(tf.zeros([channels]), trainable=False)
+    moving_variance = tf.Variable(tf.ones([channels]), trainable=False)
+    nhwc = [-1, 1, 1, channels] if x.shape.rank == 2 else None
+
+    def fused(inputs, is_training):
+        if nhwc is not None:
+            inputs = tf.reshape(inputs, nhwc)
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs,
+            gamma,
+            beta,
+            mean=moving_mean,
+            variance=moving_variance,
+            epsilon=EPSILON,
+            is_training=is_training,
+            exponential_avg_factor=1.0 - MOMENTUM if is_training else 1.0,
+        )
+        return tf.reshape(y, tf.shape(x)), mean, variance
+
+    def inference():
+        return fused(x, is_training=False)[0]
+
+    def train():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, mean, variance = fused(x, is_training=True)
+        grads = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
+        # With exponential_avg_factor the op returns the new moving averages.
+        moving_mean.assign(mean)
+        moving_variance.assign(variance)
+        return grads
+
+    return train if training else inference
+
+
+def bn_steps(kind, shape, dtype, mode):
+    x = random_normal(shape, 1, dtype)
+    dy = random_normal(shape, 2, dtype)
+    training = kind == "train"
+    steps = {}
+    for impl in BN_IMPLS:
+        if impl == "tf_fused":
+            step = fused_step(x, dy, training)
+        else:
+            step = layer_step(bn_layer(impl, dtype), x, dy, training)
+        steps[impl] = compile_step(step, mode)
+    return steps
+
+
+def bn_cases(config):
+    for kind, shape, dtype in config["bn_cases"]:
+        for mode in MODES:
+            case = {"kind": kind, "shape": list(shape), "dtype": dtype}
+            yield (
+                case,
+                mode,
+                lambda k=kind, s=shape, d=dtype, m=mode: bn_steps(k, s, d, m),
+            )
+
+
+# --- Softmax cross-entropy --------------------------------------------------
+
+
+def keras_bn_cross_entropy(sparse):
+    from keras_bn.losses import SoftmaxCrossEntropy
+
+    return SoftmaxCrossEntropy(sparse=sparse)
+
+
+def ce_losses(sparse):
+    if sparse:
+        keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        def tf_nn(labels, logits):
+            return tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=labels, logits=logits
+                )
+            )
+
+    else:
+        keras_loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+
+        def tf_nn(labels, logits):
+            return tf.reduce_mean(
+                tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            )
+
+    return {
+        "keras_bn": keras_bn_cross_entropy(sparse),
+        "keras": keras_loss,
+        "tf_nn": tf_nn,
+    }
+
+
+def ce_steps(sparse, shape, mode):
+    logits = random_normal(shape, 3)
+    labels = random_labels(shape[:-1], shape[-1], 4)
+    if not sparse:
+        labels = tf.one_hot(labels, shape[-1])
+
+    def training_step(loss_fn):
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(logits)
+                loss = loss_fn(labels, logits)
+            return loss, tape.gradient(loss, logits)
+
+        return step
+
+    losses = ce_losses(sparse)
+    return {impl: compile_step(training_step(losses[impl]), mode) for impl in CE_IMPLS}
+
+
+def ce_cases(config):
+    for sparse in (True, False):
+        for shape in config["ce_shapes"]:
+            for mode in MODES:
+                kind = "sparse" if sparse else "dense"
+                case = {"kind": kind, "shape": list(shape), "dtype": "float32"}
+                yield case, mode, lambda sp=sparse, s=shape, m=mode: ce_steps(sp, s, m)
+
+
+# --- End to end: model.fit ---------------------------------------------------
+
+
+def cnn_model(batch_norm, image, filters):
+    inputs = keras.Input(image)
+    x = inputs
+    for i, f in enumerate(filters):
+        strides = 1 if i == 0 else 2
+        x = keras.layers.Conv2D(f, 3, strides, padding="same", use_bias=False)(x)
+        x = batch_norm()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES)(x))
+
+
+def mlp_model(batch_norm, features, units):
+    inputs = keras.Input((features,))
+    x = inputs
+    for _ in range(3):
+        x = keras.layers.Dense(units, use_bias=False)(x)
+        x = batch_norm()(x)
+        x = keras.layers.ReLU()(x)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES)(x))
+
+
+def fit_steps(model_name, config):
+    if model_name == "cnn":
+        spec = config["cnn"]
+        x = random_normal((spec["examples"], *spec["image"]), 5)
+        labels = random_labels((spec["examples"],), CLASSES, 6)
+        batch_size = config["cnn_batch_size"]
+
+        def build(batch_norm):
+            return cnn_model(batch_norm, spec["image"], spec["filters"])
+
+    else:
+        spec = config["mlp"]
+        x = random_normal((spec["examples"], spec["features"]), 7)
+        labels = random_labels((spec["examples"],), CLASSES, 8)
+        batch_size = config["mlp_batch_size"]
+
+        def build(batch_norm):
+            return mlp_model(batch_norm, spec["features"], spec["units"])
+
+    data = tf.data.Dataset.from_tensor_slices((x, labels)).batch(batch_size)
+    choices = {
+        "keras_bn": (
+            keras_bn.BatchNormalization,
+            lambda: keras_bn_cross_entropy(sparse=True),
+        ),
+        "keras": (
+            keras.layers.BatchNormalization,
+            lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ),
+    }
+    steps = {}
+    for impl in FIT_IMPLS:
+        batch_norm, loss = choices[impl]
+        keras.utils.set_random_seed(0)  # the same initial weights for both
+        model = build(batch_norm)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=loss(),
+            jit_compile=False,
+        )
+        steps[impl] = lambda m=model: m.fit(data, epochs=1, verbose=0, shuffle=False)
+    return steps
+
+
+def fit_cases(config):
+    for model_name in ("cnn", "mlp"):
+        spec = dict(config[model_name], batch_size=config[f"{model_name}_batch_size"])
+        case = {"kind": model_name, **spec}
+        yield case, "fit", lambda n=model_name: fit_steps(n, config)
+
+
+# --- Running, reporting ------------------------------------------------------
+
+
+def run_section(section, cases, repetitions, target_seconds):
+    entries = []
+    for case, mode, make_steps in cases:
+        gc.collect()
+        started = time.perf_counter()
+        timings = time_interleaved(make_steps(), repetitions, target_seconds)
+        medians = {impl: t.median * 1e3 for impl, t in timings.items()}
+        ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in RATIOS[section]}
+        entry = {
+            "section": section,
+            "case": case,
+            "label": case_label(section, case),
+            "mode": mode,
+            "medians_ms": medians,
+            "ratios": ratios,
+            "timings": {impl: t.as_dict() for impl, t in timings.items()},
+        }
+        entries.append(entry)
+        print(
+            f"  {section} {entry['label']} [{mode}] "
+            f"{time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return entries
+
+
+def case_label(section, case):
+    if section == "fit":
+        return f"{case['kind']} epoch"
+    shape = "x".join(str(d) for d in case["shape"])
+    dtype = "" if case["dtype"] == "float32" else f" {case['dtype']}"
+    return f"{case['kind']} {shape}{dtype}"
+
+
+def format_table(section, entries):
+    impls = list(entries[0]["medians_ms"])
+    ratio_names = list(entries[0]["ratios"])
+    label_width = max(len("case"), *(len(e["label"]) for e in entries))
+    columns = [COLUMN_NAMES[i] for i in impls] + [
+        "/".join(RATIO_NAMES[p] for p in r.split("/")) for r in ratio_names
+    ]
+    widths = [max(9, len(c)) for c in columns]
+    header = f"{'case':<{label_width}}  {'mode':<11}  " + "  ".join(
+        f"{c:>{w}}" for c, w in zip(columns, widths)
+    )
+    lines = [header, "-" * len(header)]
+    for e in entries:
+        values = [f"{e['medians_ms'][i]:.3f}" for i in impls]
+        values += [f"{e['ratios'][r]:.2f}" for r in ratio_names]
+        lines.append(
+            f"{e['label']:<{label_width}}  {e['mode']:<11}  "
+            + "  ".join(f"{v:>{w}}" for v, w in zip(values, widths))
+        )
+    return "\n".join(lines)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def onednn_setting():
+    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        enabled = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        enabled = None
+    return {"TF_ENABLE_ONEDNN_OPTS": value, "onednn_enabled": enabled}
+
+
+def git_revision():
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def machine_info():
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_bn": keras_bn.__version__,
+        "keras_bn_revision": git_revision(),
+        "onednn": onednn_setting(),
+        "tf_threads": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
+    }
+
+
+def load_average():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def summary_line(results):
+    machine, settings = results["machine"], results["settings"]
+    onednn = {True: "on", False: "off", None: "unknown"}
+    line = (
+        f"{machine['cpu_model']}, {machine['cpus_available']} cores, "
+        f"TF {machine['tensorflow']}, Keras {machine['keras']}, oneDNN "
+        f"{onednn[machine['onednn']['onednn_enabled']]}; "
+        f"{settings['repetitions']} reps ({settings['fit_repetitions']} for fit)"
+    )
+    start, end = results["load_average_start"], results["load_average_end"]
+    if start and end:
+        line += f"; 1-min load average {start[0]:.1f} -> {end[0]:.1f}"
+    return line + ("; QUICK: tiny shapes" if settings["quick"] else "")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, 3 repetitions, fewer cases: every code path in under a "
+        "minute (not for drawing conclusions)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run only these sections (default: all)",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=DEFAULT_OUT,
+        help=f"JSON output path (default: {DEFAULT_OUT.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repetitions of the bn and ce cases (default 7, 3 with --quick)",
+    )
+    parser.add_argument(
+        "--fit-reps",
+        type=int,
+        default=None,
+        help="repetitions of the fit epochs (default 3)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("reps", "fit_reps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sections = [s for s in SECTIONS if args.only is None or s in args.only]
+    require_features(sections)
+    config = QUICK if args.quick else FULL
+    repetitions = args.reps or config["repetitions"]
+    fit_repetitions = args.fit_reps or config["fit_repetitions"]
+    tf.get_logger().setLevel("ERROR")  # retracing notices: every case traces anew
+    keras.utils.set_random_seed(0)
+
+    results = {
+        "machine": machine_info(),
+        "settings": {
+            "quick": args.quick,
+            "sections": sections,
+            "repetitions": repetitions,
+            "fit_repetitions": fit_repetitions,
+            "target_seconds_per_repetition": config["target_seconds"],
+            "momentum": MOMENTUM,
+            "epsilon": EPSILON,
+        },
+        "load_average_start": load_average(),
+        "sections": {},
+    }
+    started = time.perf_counter()
+    runners = {
+        "bn": lambda: run_section(
+            "bn", bn_cases(config), repetitions, config["target_seconds"]
+        ),
+        "ce": lambda: run_section(
+            "ce", ce_cases(config), repetitions, config["target_seconds"]
+        ),
+        # One epoch per repetition; the untimed first one traces the train step.
+        "fit": lambda: run_section("fit", fit_cases(config), fit_repetitions, None),
+    }
+    for section in sections:
+        print(f"{section}:", file=sys.stderr, flush=True)
+        results["sections"][section] = runners[section]()
+    results["load_average_end"] = load_average()
+    results["wall_seconds"] = time.perf_counter() - started
+
+    print(summary_line(results))
+    for section, entries in results["sections"].items():
+        print(f"\n{TITLES[section]}\n{format_table(section, entries)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwall time {results['wall_seconds']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
