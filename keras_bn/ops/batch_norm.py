@@ -50,6 +50,7 @@ from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
+from keras_bn.ops.dtypes import statically_zero
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
@@ -254,15 +255,24 @@ def _batch_norm_train(
             dy_kept = dy if mask is None else tf.where(mask, dy, tf.zeros([], dtype))
             s1 = _sum(dy_kept, red)
             s2 = _sum(dy_kept * xc, red) - delta * s1  # sum(dy * (x - mean))
-            dmean = _upstream(dmean, s1, shape)
-            dvariance = _upstream(dvariance, s1, shape)
+            # Gradients reaching the returned statistics, unless no loss uses
+            # them (the usual case, known when the graph is built).
+            live = not (statically_zero(dmean) and statically_zero(dvariance))
             local_s1, local_s2 = s1, s2
+            if live:
+                dmean = _upstream(dmean, s1, shape)
+                dvariance = _upstream(dvariance, s1, shape)
+                sums = (s1, s2, dmean, dvariance)
+            else:
+                sums = (s1, s2)
             if replica is not None:
-                s1, s2, dmean, dvariance = sum_over_replicas(
-                    replica, s1, s2, dmean, dvariance
-                )
-            b = (2.0 * dvariance - scale * tf.square(inv) * s2) / safe_count
-            c = (dmean - scale * s1) / safe_count
+                sums = sum_over_replicas(replica, *sums)
+            s1, s2 = sums[:2]
+            b = -scale * tf.square(inv) * s2 / safe_count
+            c = -scale * s1 / safe_count
+            if live:
+                b += 2.0 * sums[3] / safe_count
+                c += sums[2] / safe_count
             dx = dy * scale + (xc * b + (c - delta * b))
             if mask is not None:
                 dx = tf.where(mask, dx, tf.zeros([], dtype))

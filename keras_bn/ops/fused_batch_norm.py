@@ -24,6 +24,7 @@ closed form (`fused=False`) corrects it to rounding.
 import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.dtypes import statically_zero
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 MIN_EPSILON = 1.001e-5
@@ -133,6 +134,8 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
 
 def _add_statistics_gradient(dx, x, mean, dmean, dvariance, count, axis):
     """dx + dmean / N + 2 * dvariance * (x - mean) / N, when those are nonzero."""
+    if statically_zero(dmean) and statically_zero(dvariance):
+        return dx
     shape = [1] * x.shape.rank
     shape[axis] = -1
 
