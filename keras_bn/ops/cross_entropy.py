@@ -262,6 +262,28 @@ def _pick(z, labels, axis):
     return tf.reduce_sum(tf.where(hit, z, tf.zeros([], z.dtype)), axis=axis)
 
 
+def _subtract_at_labels(values, labels, amounts, axis):
+    """`values - amounts * onehot(labels)`, without building the one-hot.
+
+    With the class axis last, a scatter touches only the label positions (one
+    copy of `values`); elsewhere (per-pixel losses, class axis 1) a select
+    against a class iota is the cheaper form.
+    """
+    if axis == values.shape.rank - 1:
+        classes = tf.shape(values)[-1]
+        flat = tf.reshape(values, tf.stack([-1, classes]))
+        flat_labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        rows = tf.range(tf.shape(flat_labels)[0])
+        flat = tf.tensor_scatter_nd_sub(
+            flat, tf.stack([rows, flat_labels], axis=1), tf.reshape(amounts, [-1])
+        )
+        return tf.reshape(flat, tf.shape(values))
+    hit = tf.equal(
+        _class_iota(values, axis, labels.dtype), tf.expand_dims(labels, axis)
+    )
+    return tf.where(hit, values - tf.expand_dims(amounts, axis), values)
+
+
 def _per_example_mask(value, in_range, ignored):
     """NaN where the label is out of range, 0 where it is ignored."""
     value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
@@ -336,14 +358,14 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
 
         def grad(upstream):
             upstream = _per_example_mask(tf.cast(upstream, dtype), in_range, ignored)
-            p = exp_z * tf.expand_dims(1.0 / total, axis)
-            off = smoothing / _num_classes(logits, axis, dtype)
-            hit = tf.equal(
-                _class_iota(logits, axis, labels.dtype),
-                tf.expand_dims(safe_labels, axis),
+            # upstream * softmax, then the smoothing and label terms.
+            dlogits = exp_z * tf.expand_dims(upstream / total, axis)
+            if smoothing:
+                off = smoothing / _num_classes(logits, axis, dtype)
+                dlogits -= tf.expand_dims(off * upstream, axis)
+            dlogits = _subtract_at_labels(
+                dlogits, safe_labels, (1.0 - smoothing) * upstream, axis
             )
-            dlogits = tf.where(hit, p - (off + 1.0 - smoothing), p - off)
-            dlogits *= tf.expand_dims(upstream, axis)
             if ignored is not None:
                 # Zero even where ignored logits are not finite.
                 dlogits = tf.where(
