@@ -22,6 +22,13 @@ def canonicalize_axes(axis, rank, arg_name="axis", require_reduced_axis=True):
         TypeError: If `axis` is not an int or a sequence of ints.
         ValueError: If an axis is out of range or repeated, or no axis would
             be left to reduce over.
+
+    Example:
+
+    >>> canonicalize_axes(-1, 4)
+    (3,)
+    >>> canonicalize_axes([3, 1], 4)
+    (1, 3)
     """
     axes = validate_axis_argument(axis, arg_name)
     if isinstance(axes, int):
