@@ -171,13 +171,13 @@ def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip
     return r, d
 
 
-def use_fused(fused, x, axes, epsilon, mask=None, renorm=False):
+def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=False):
     """Resolves the `fused` argument (None: automatic) to True or False."""
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"`fused` must be None, True or False. Received: {fused!r}")
     if fused is False:
         return False
-    reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm)
+    reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized)
     if fused and reason:
         raise ValueError(
             f"fused=True, but the fused kernels cannot apply because {reason}. "
@@ -197,12 +197,9 @@ def _batch_norm_train(
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
     replica = replica_context(synchronized)
-    if replica is not None and fused:
-        raise ValueError(
-            "fused=True, but the fused kernels cannot apply because the "
-            "statistics are synchronized across replicas. Use fused=None or False."
-        )
-    if replica is None and use_fused(fused, x, axes, epsilon, mask, renorm is not None):
+    if use_fused(
+        fused, x, axes, epsilon, mask, renorm is not None, replica is not None
+    ):
         return fused_batch_norm_train(
             x, params.get("gamma"), params.get("beta"), axes[0], epsilon
         )

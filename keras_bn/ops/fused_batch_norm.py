@@ -30,8 +30,12 @@ _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 MIN_EPSILON = 1.001e-5
 
 
-def fused_unavailable_reason(x, axes, epsilon, mask=None, renorm=False):
+def fused_unavailable_reason(
+    x, axes, epsilon, mask=None, renorm=False, synchronized=False
+):
     """Why the fused kernels cannot compute this case, or None if they can."""
+    if synchronized:
+        return "the statistics are synchronized across replicas"
     if mask is not None:
         return "a mask is given"
     if renorm:
