@@ -467,15 +467,10 @@ def batch_norm_inference(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x = float_tensor(x, "x")
-    rank = static_rank(x, "x")
-    axes = canonicalize_axes(axis, rank)
-    red = reduction_axes(rank, axes)
-    epsilon = _check_epsilon(epsilon)
-    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
-    if "mean" not in params or "variance" not in params:
-        raise ValueError("`mean` and `variance` are required (got None).")
-    _check_param_shapes(x, axes, params)
+    x, axes, epsilon, params = _inference_inputs(
+        x, mean, variance, gamma, beta, axis, epsilon
+    )
+    red = reduction_axes(x.shape.rank, axes)
     dtype = compute_dtype(x.dtype)
     shape = broadcast_shape(x, axes)
     fused = use_fused(fused, x, axes, epsilon)
@@ -483,28 +478,16 @@ def batch_norm_inference(
     @tf.custom_gradient
     def forward(x, *values):
         x = tf.stop_gradient(x)
-        values = [tf.stop_gradient(v) for v in values]
-        p = _reshape_params(dict(zip(params, values)), shape, dtype)
-        inv = tf.math.rsqrt(p["variance"] + epsilon)
-        gamma = p.get("gamma")
-        scale = inv if gamma is None else inv * gamma
-        xf = tf.cast(x, dtype)
-        if fused:
-            given = dict(zip(params, values))
-            y = fused_batch_norm_inference(
-                x, given["mean"], given["variance"], given.get("gamma"),
-                given.get("beta"), axes[0], epsilon,
-            )  # fmt: skip
-        else:
-            offset = -p["mean"] * scale
-            if "beta" in p:
-                offset += p["beta"]
-            y = xf * scale + offset
+        given = dict(zip(params, [tf.stop_gradient(v) for v in values]))
+        y = _normalize_with(x, given, axes, epsilon, fused)
 
         def grad(dy):
+            p = _reshape_params(given, shape, dtype)
+            inv = tf.math.rsqrt(p["variance"] + epsilon)
+            scale = inv * p["gamma"] if "gamma" in p else inv
             dy = tf.cast(dy, dtype)
             s1 = _sum(dy, red)
-            s2 = _sum(dy * (xf - p["mean"]), red)
+            s2 = _sum(dy * (tf.cast(x, dtype) - p["mean"]), red)
             grads = {
                 "mean": -scale * s1,
                 "variance": -0.5 * scale * tf.square(inv) * s2,
@@ -516,9 +499,43 @@ def batch_norm_inference(
                 for name, v in zip(params, values)
             )
 
-        return tf.cast(y, x.dtype), grad
+        return y, grad
 
     return forward(x, *params.values())
+
+
+def _inference_inputs(x, mean, variance, gamma, beta, axis, epsilon):
+    """Checked `(x, axes, epsilon, params)` for the inference-mode ops."""
+    x = float_tensor(x, "x")
+    axes = canonicalize_axes(axis, static_rank(x, "x"))
+    epsilon = _check_epsilon(epsilon)
+    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
+    if "mean" not in params or "variance" not in params:
+        raise ValueError("`mean` and `variance` are required (got None).")
+    _check_param_shapes(x, axes, params)
+    return x, axes, epsilon, params
+
+
+def _normalize_with(x, params, axes, epsilon, fused):
+    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta`, given statistics.
+
+    The fused kernel (one pass over `x`), or `x * scale + offset` with
+    per-feature `scale` and `offset`; plain ops either way.
+    """
+    if fused:
+        return fused_batch_norm_inference(
+            x, params["mean"], params["variance"], params.get("gamma"),
+            params.get("beta"), axes[0], epsilon,
+        )  # fmt: skip
+    dtype = compute_dtype(x.dtype)
+    p = _reshape_params(params, broadcast_shape(x, axes), dtype)
+    scale = tf.math.rsqrt(p["variance"] + epsilon)
+    if "gamma" in p:
+        scale *= p["gamma"]
+    offset = -p["mean"] * scale
+    if "beta" in p:
+        offset += p["beta"]
+    return tf.cast(tf.cast(x, dtype) * scale + offset, x.dtype)
 
 
 def batch_norm_apply(
@@ -552,27 +569,9 @@ def batch_norm_apply(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x = float_tensor(x, "x")
-    rank = static_rank(x, "x")
-    axes = canonicalize_axes(axis, rank)
-    epsilon = _check_epsilon(epsilon)
-    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
-    if "mean" not in params or "variance" not in params:
-        raise ValueError("`mean` and `variance` are required (got None).")
-    _check_param_shapes(x, axes, params)
+    x, axes, epsilon, params = _inference_inputs(
+        x, mean, variance, gamma, beta, axis, epsilon
+    )
     for name in ("mean", "variance"):
         params[name] = tf.stop_gradient(params[name])
-    if use_fused(fused, x, axes, epsilon):
-        return fused_batch_norm_inference(
-            x, params["mean"], params["variance"], params.get("gamma"),
-            params.get("beta"), axes[0], epsilon,
-        )  # fmt: skip
-    dtype = compute_dtype(x.dtype)
-    p = _reshape_params(params, broadcast_shape(x, axes), dtype)
-    scale = tf.math.rsqrt(p["variance"] + epsilon)
-    if "gamma" in p:
-        scale *= p["gamma"]
-    offset = -p["mean"] * scale
-    if "beta" in p:
-        offset += p["beta"]
-    return tf.cast(tf.cast(x, dtype) * scale + offset, x.dtype)
+    return _normalize_with(x, params, axes, epsilon, use_fused(fused, x, axes, epsilon))
