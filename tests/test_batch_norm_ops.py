@@ -313,6 +313,65 @@ def test_empty_batch_gives_empty_output_and_no_nan():
     assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
 
 
+def test_statistics_ignore_a_masked_out_first_position(rng):
+    """The shift of the statistics comes from unmasked values only."""
+    x = rng.normal(5.0, 1.0, size=(64, 3)).astype(np.float32)
+    x[0] = 1e6  # padding at the first position, masked out
+    mask = np.ones(64, bool)
+    mask[0] = False
+    _, mean, var = batch_norm_train(x, None, None, mask=mask)
+    kept = x[1:].astype(np.float64)
+    np.testing.assert_allclose(mean, kept.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(var, kept.var(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("first,bound", [(1e4, 1e-6), (-3e3, 1e-4), (1e6, 2e-3)])
+def test_statistics_stay_accurate_whatever_the_first_example(rng, first, bound):
+    """The first position is the shift; an outlier there costs little.
+
+    A sample lies at most sqrt(N) standard deviations from the mean, so the
+    shifted sums stay within that many deviations of zero and the error of
+    the mean, in standard deviations, stays small whatever the data. Even a
+    first example 1e6 away among 1e4 + N(0, 1) leaves it (about 1e-3) below
+    the fused kernels' error on the same data without the outlier (about
+    1e-2, `test_fused_statistics_error_at_large_mean_is_bounded`).
+    """
+    x64 = 1e4 + rng.normal(size=(2048, 4))
+    x64[0] = first  # an outlier at the position the statistics shift by
+    x = x64.astype(np.float32)
+    exact = x.astype(np.float64)
+    _, mean, var = batch_norm_train(x, None, None, fused=False)
+    std = exact.std(axis=0)
+    assert np.max(np.abs(mean - exact.mean(axis=0)) / std) < bound
+    np.testing.assert_allclose(var, exact.var(axis=0), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((4, 5, 6, 3), -1), ((4, 3, 5, 6), 1), ((2, 4, 3, 5, 2), [1, 2])]
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_unknown_dimensions_match_known_ones(rng, shape, axis, masked):
+    """The merged view of `x` also works when sizes are only known at run time."""
+    x, gamma, beta = (tf.constant(v) for v in _inputs(rng, shape, axis, np.float32))
+    mask = tf.constant(random_mask(rng, shape, axis)) if masked else None
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, mean, var = batch_norm_train(
+                x, gamma, beta, axis=axis, mask=mask, fused=False
+            )
+            loss = tf.reduce_sum(y**3) + tf.reduce_sum(mean * var)
+        return [y, mean, var, tape.gradient(loss, x)]
+
+    spec = tf.TensorSpec([None] * len(shape), tf.float32)
+    dynamic = tf.function(step, input_signature=[spec])
+    assert dynamic.get_concrete_function().outputs[1].shape.rank == len(gamma.shape)
+    for a, b in zip(dynamic(x), step(x)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_compiled_forward_and_backward_match_eager(rng, jit_compile):
     inputs = _inputs(rng, (4, 3, 3, 5), -1, np.float32)

@@ -151,3 +151,73 @@ def test_fused_layer_matches_keras_layer(rng):
     )
     for a, b in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _graph_op_types(fn, jit_compile, *args):
+    function = tf.function(fn, jit_compile=jit_compile)
+    graph = function.get_concrete_function(*args).graph
+    return {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize(
+    "jit_compile,fused,expect_fused",
+    [
+        (False, None, True),
+        (True, None, False),  # XLA expands the kernels; the closed form is faster
+        (True, True, True),
+        (True, False, False),
+    ],
+)
+def test_automatic_choice_takes_the_closed_form_under_xla(
+    jit_compile, fused, expect_fused
+):
+    x = tf.ones([8, 4, 4, 3])
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, mean, var = batch_norm_train(x, tf.ones([3]), tf.zeros([3]), fused=fused)
+            y_inf = batch_norm_inference(x, mean, var, fused=fused)
+            loss = tf.reduce_sum(y * y_inf)
+        return tape.gradient(loss, x)
+
+    types = _graph_op_types(step, jit_compile, x)
+    assert ("FusedBatchNormV3" in types) == expect_fused
+    assert ("FusedBatchNormGradV3" in types) == expect_fused
+
+
+def test_layer_under_xla_takes_the_closed_form_and_matches_keras(rng):
+    """A jit-compiled training step: no fused kernel, same numbers as Keras."""
+    x = tf.constant(rng.normal(1.0, 2.0, size=(16, 5, 5, 4)), tf.float32)
+    dy = tf.constant(rng.normal(size=(16, 5, 5, 4)), tf.float32)
+    ours = keras_bn.BatchNormalization(momentum=0.9)
+    theirs = keras.layers.BatchNormalization(momentum=0.9)
+
+    def step(layer):
+        def train(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return [y, *tape.gradient(y, [x, *layer.trainable_weights], dy)]
+
+        return train
+
+    for layer in (ours, theirs):
+        layer.build(x.shape)
+    assert "FusedBatchNormV3" not in _graph_op_types(step(ours), True, x)
+    compiled = [tf.function(step(layer), jit_compile=True) for layer in (ours, theirs)]
+    for _ in range(3):
+        for a, b in zip(compiled[0](x), compiled[1](x)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_automatic_choice_under_xla_keeps_accurate_statistics(rng):
+    x64 = 1e4 + rng.normal(size=(4096, 8))
+    x = tf.constant(x64.astype(np.float32))
+    exact = x.numpy().astype(np.float64)
+    compiled = tf.function(lambda x: batch_norm_train(x)[1:], jit_compile=True)
+    mean, var = compiled(x)
+    np.testing.assert_allclose(mean, exact.mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(var, exact.var(axis=0), rtol=1e-3)

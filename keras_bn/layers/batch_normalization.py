@@ -112,7 +112,9 @@ class BatchNormalization(keras.layers.Layer):
             or axis 1, no mask, no renorm and `epsilon >= 1.001e-5`; where
             they cannot apply, True raises a ValueError saying why. False
             always uses the closed form (the more accurate for inputs with a
-            large offset). None picks the fused kernels where they apply.
+            large offset). None picks the fused kernels where they apply,
+            except under XLA (`jit_compile=True`), where the closed form
+            compiles to faster loops.
         virtual_batch_size: None, or a positive int dividing the batch size:
             Ghost Batch Normalization (Hoffer et al., 2017). Each virtual
             sub-batch of this many examples is normalized with its own

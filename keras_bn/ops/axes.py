@@ -110,3 +110,60 @@ def broadcast_shape(x, axes):
 def reduction_axes(rank, axes):
     """The axes not in `axes`: the ones statistics are computed over."""
     return [i for i in range(rank) if i not in axes]
+
+
+def merge_adjacent_axes(rank, axes):
+    """Groups `range(rank)` into runs of adjacent feature or reduced axes.
+
+    A reduction over several adjacent axes equals one over their product, and
+    compilers (XLA on CPU especially) emit faster loops for the merged form:
+    `[32, 56, 56, 128]` with feature axis 3 is viewed as `[100352, 128]`.
+
+    Args:
+        rank: The rank of the input.
+        axes: The sorted feature axes, as from `canonicalize_axes`.
+
+    Returns:
+        A list of `(is_feature, [axis, ...])` runs, in axis order.
+
+    Example:
+
+    >>> merge_adjacent_axes(4, (3,))
+    [(False, [0, 1, 2]), (True, [3])]
+    >>> merge_adjacent_axes(5, (0, 4))
+    [(True, [0]), (False, [1, 2, 3]), (True, [4])]
+    """
+    groups = []
+    for a in range(rank):
+        is_feature = a in axes
+        if groups and groups[-1][0] == is_feature:
+            groups[-1][1].append(a)
+        else:
+            groups.append((is_feature, [a]))
+    return groups
+
+
+def merged_shape(x, groups, features=True, reduced=True):
+    """The shape of `x` with each run of `groups` merged into one axis.
+
+    Runs of a kind that is not kept (`features=False` or `reduced=False`)
+    get size 1, for tensors that broadcast against the merged `x`. Static
+    where the sizes are known, a tensor otherwise.
+    """
+    static = x.shape.as_list()
+    keep = {True: features, False: reduced}
+    if all(static[a] is not None for _, run in groups for a in run):
+        sizes = []
+        for is_feature, run in groups:
+            size = 1
+            for a in run:
+                size *= static[a] if keep[is_feature] else 1
+            sizes.append(size)
+        return sizes
+    dynamic = tf.shape(x)
+    return tf.stack(
+        [
+            tf.reduce_prod(tf.gather(dynamic, run)) if keep[is_feature] else 1
+            for is_feature, run in groups
+        ]
+    )

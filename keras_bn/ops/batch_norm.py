@@ -32,11 +32,14 @@ Backward pass of the inference form (`mean` and `variance` are inputs):
     dgamma    = inv * S2
     dbeta     = S1
 
-Statistics use a corrected two-pass algorithm: `mean` from a first pass, then
-`delta = mean(x - mean)` and `variance = mean((x - mean)^2) - delta^2` from the
-second, and `mean + delta` as the final mean. The correction removes the
-rounding error of the first pass, so inputs with a large offset (1e4 + N(0, 1)
-in float32) keep accurate statistics. The variance is clamped at zero.
+Statistics use a shifted two-pass algorithm: with `pivot` the values at the
+first position (per feature), `mean = pivot + sum(x - pivot) / N` from a first
+pass, then `variance = sum((x - mean)^2) / N` from a second. The shift keeps
+the partial sums near the spread of `x` rather than its offset, so inputs with
+a large offset (1e4 + N(0, 1) in float32) keep accurate statistics; the second
+pass cannot go negative. The computation runs on a view of `x` with adjacent
+reduced axes merged (`[N, H, W, C]` as `[N * H * W, C]`), which compiles to
+faster loops under XLA.
 
 Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
@@ -46,6 +49,8 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.axes import merge_adjacent_axes
+from keras_bn.ops.axes import merged_shape
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.dtypes import compute_dtype
@@ -54,6 +59,7 @@ from keras_bn.ops.dtypes import statically_zero
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
+from keras_bn.ops.fused_batch_norm import in_xla_function
 from keras_bn.ops.sync import combine_moments
 from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
@@ -129,30 +135,37 @@ def _sum(x, axes):
 
 
 def _moments(xf, red, mask):
-    """Corrected two-pass statistics, kept at broadcast shape.
+    """Shifted two-pass statistics, kept at broadcast shape.
 
-    Returns `(mean, variance, xc, delta, count)` where `xc = x - first_mean`,
-    `xc - delta` is `x - mean` for the returned `mean`, and `count` is the
-    number of (unmasked) positions, possibly 0.
+    Returns `(mean, variance, count)`, `count` being the number of (unmasked)
+    positions, possibly 0 (then mean and variance are 0).
     """
     dtype = xf.dtype
     if mask is None:
         shape = tf.shape(xf, out_type=tf.int64)
         count = tf.cast(tf.reduce_prod(tf.gather(shape, red)), dtype)
         count = tf.reshape(count, [1] * xf.shape.rank)
-        safe_count = tf.maximum(count, 1.0)
-        first_mean = _sum(xf, red) / safe_count
-        xc = xf - first_mean
-        centred = xc
+        kept = xf
     else:
         count = _sum(tf.cast(mask, dtype), red)
-        safe_count = tf.maximum(count, 1.0)
-        first_mean = _sum(tf.where(mask, xf, tf.zeros([], dtype)), red) / safe_count
-        xc = xf - first_mean
-        centred = tf.where(mask, xc, tf.zeros([], dtype))
-    delta = _sum(centred, red) / safe_count
-    variance = tf.maximum(_sum(tf.square(centred), red) / safe_count - delta**2, 0.0)
-    return first_mean + delta, variance, xc, delta, count
+        kept = tf.where(mask, xf, tf.zeros([], dtype))
+    safe_count = tf.maximum(count, 1.0)
+    # The values at the first position of the reduced axes (0 if masked out,
+    # or if there is no position): summing x - pivot keeps the partial sums
+    # near the spread of x rather than its offset.
+    first = tuple(
+        slice(0, 1) if a in red else slice(None) for a in range(xf.shape.rank)
+    )
+    pivot = _sum(kept[first], red)
+    mean = pivot + _sum(_kept(xf - pivot, mask), red) / safe_count
+    centred = _kept(xf - mean, mask)
+    variance = _sum(tf.square(centred), red) / safe_count
+    return mean, variance, count
+
+
+def _kept(t, mask):
+    """`t` with the masked-out positions set to 0 (`t` itself without a mask)."""
+    return t if mask is None else tf.where(mask, t, tf.zeros([], t.dtype))
 
 
 def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip):
@@ -172,7 +185,12 @@ def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip
 
 
 def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=False):
-    """Resolves the `fused` argument (None: automatic) to True or False."""
+    """Resolves the `fused` argument to True or False.
+
+    None (automatic) picks the fused kernels where they apply, except in a
+    function XLA compiles: XLA expands them into plain loops, and the closed
+    form compiles to faster ones (`benchmarks/run.py`, README "Performance").
+    """
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"`fused` must be None, True or False. Received: {fused!r}")
     if fused is False:
@@ -183,6 +201,8 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=Fal
             f"fused=True, but the fused kernels cannot apply because {reason}. "
             "Use fused=None (automatic) or fused=False (closed form)."
         )
+    if fused is None and in_xla_function():
+        return False
     return reason is None
 
 
@@ -192,7 +212,6 @@ def _batch_norm_train(
     x = float_tensor(x, "x")
     rank = static_rank(x, "x")
     axes = canonicalize_axes(axis, rank)
-    red = reduction_axes(rank, axes)
     epsilon = _check_epsilon(epsilon)
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
@@ -205,7 +224,14 @@ def _batch_norm_train(
         )
     mask = _prepare_mask(mask, x, axes)
     dtype = compute_dtype(x.dtype)
-    shape = broadcast_shape(x, axes)
+    # Computed on a view of `x` with adjacent reduced axes merged (and
+    # adjacent feature axes): [N, H, W, C] is viewed as [N * H * W, C].
+    groups = merge_adjacent_axes(rank, axes)
+    view = merged_shape(x, groups)
+    red = [i for i, (is_feature, _) in enumerate(groups) if not is_feature]
+    shape = merged_shape(x, groups, reduced=False)
+    if mask is not None:
+        mask = tf.reshape(mask, merged_shape(x, groups, features=False))
     if renorm is not None:
         renorm_stats = _present_params(
             renorm_mean=renorm["mean"], renorm_stddev=renorm["stddev"]
@@ -221,12 +247,10 @@ def _batch_norm_train(
         p = _reshape_params(
             dict(zip(params, [tf.stop_gradient(v) for v in values])), shape, dtype
         )
-        xf = tf.cast(x, dtype)
-        mean, variance, xc, delta, count = _moments(xf, red, mask)
+        xf = tf.cast(tf.reshape(x, view), dtype)
+        mean, variance, count = _moments(xf, red, mask)
         if replica is not None:
-            local_mean = mean
             count, mean, variance = combine_moments(replica, count, mean, variance)
-            delta = delta + (mean - local_mean)  # keeps xc - delta = x - mean
         safe_count = tf.maximum(count, 1.0)
         inv = tf.math.rsqrt(variance + epsilon)
         gamma = p.get("gamma")
@@ -243,15 +267,14 @@ def _batch_norm_train(
             )
             scale = scale * r
             offset = offset + (d if gamma is None else d * gamma)
-        # y = (x - mean) * scale + offset, with x - mean = xc - delta.
-        y = xc * scale + (offset - delta * scale)
+        centred = xf - mean  # the one input-sized tensor the backward keeps
+        y = centred * scale + offset
 
         def grad(dy, dmean, dvariance, dcount):
             del dcount  # a count has no gradient
-            dy = tf.cast(dy, dtype)
-            dy_kept = dy if mask is None else tf.where(mask, dy, tf.zeros([], dtype))
-            s1 = _sum(dy_kept, red)
-            s2 = _sum(dy_kept * xc, red) - delta * s1  # sum(dy * (x - mean))
+            dy = _kept(tf.cast(tf.reshape(dy, view), dtype), mask)
+            s1 = _sum(dy, red)
+            s2 = _sum(dy * centred, red)  # sum(dy * (x - mean))
             # Gradients reaching the returned statistics, unless no loss uses
             # them (the usual case, known when the graph is built).
             live = not (statically_zero(dmean) and statically_zero(dvariance))
@@ -270,24 +293,25 @@ def _batch_norm_train(
             if live:
                 b += 2.0 * sums[3] / safe_count
                 c += sums[2] / safe_count
-            dx = dy * scale + (xc * b + (c - delta * b))
-            if mask is not None:
-                dx = tf.where(mask, dx, tf.zeros([], dtype))
+            dx = _kept(dy * scale + (centred * b + c), mask)
             # Per-replica contributions: the strategy sums them across replicas.
             grads = {"beta": local_s1}
             if renorm is None:
                 grads["gamma"] = inv * local_s2
             else:
                 grads["gamma"] = r * inv * local_s2 + d * local_s1
-            return (tf.cast(dx, x.dtype),) + tuple(
+            return (tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype),) + tuple(
                 tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
                 for name, v in zip(params, values)
             )
 
+        features = _feature_shape(x, axes)
+        if any(d is None for d in features):
+            features = tf.gather(tf.shape(x), axes)
         outputs = (
-            tf.cast(y, x.dtype),
-            tf.squeeze(mean, axis=red),
-            tf.squeeze(variance, axis=red),
+            tf.reshape(tf.cast(y, x.dtype), tf.shape(x)),
+            tf.reshape(mean, features),
+            tf.reshape(variance, features),
             tf.reduce_max(count),  # equal for every feature; a scalar
         )
         return outputs, grad
@@ -346,9 +370,12 @@ def batch_norm_train(
             cuDNN on GPUs), which apply to float16/bfloat16/float32 inputs
             with one feature axis, the last or axis 1, no mask and
             `epsilon >= 1.001e-5`; elsewhere True raises a ValueError that
-            says why. False always uses the closed form, whose corrected
+            says why. False always uses the closed form, whose shifted
             two-pass statistics are the more accurate for inputs with a large
-            offset. None picks the fused kernels where they apply.
+            offset. None picks the fused kernels where they apply, except in
+            a function XLA compiles (`jit_compile=True`): XLA expands the
+            fused kernels into plain loops there, and the closed form
+            compiles to faster ones.
         synchronized: If True and called in a replica context of a
             `tf.distribute` strategy with several replicas, the statistics are
             those of the global batch across replicas (combined as in
@@ -454,8 +481,9 @@ def batch_norm_inference(
         epsilon: Positive float added to the variance.
         fused: None (automatic), True or False: whether the forward pass runs
             on TensorFlow's fused kernel (one pass over `x`), with the same
-            conditions as in `batch_norm_train`. The backward pass is the
-            closed form either way.
+            conditions and the same automatic choice as in
+            `batch_norm_train`. The backward pass is the closed form either
+            way.
 
     Returns:
         `y`, with the shape and dtype of `x`.

@@ -18,7 +18,7 @@ returned statistics are added in closed form (`dmean / N` and
 The fused kernels take the mean in one pass: for inputs with a large offset
 relative to their spread (1e4 + N(0, 1) in float32) the mean is off by about
 1e-2 standard deviations, as in Keras's and TensorFlow's own layers; the
-closed form (`fused=False`) corrects it to rounding.
+closed form (`fused=False`) keeps it to rounding.
 """
 
 import tensorflow as tf
@@ -51,6 +51,26 @@ def fused_unavailable_reason(
     if epsilon < MIN_EPSILON:
         return f"epsilon={epsilon} is below the fused kernels' minimum {MIN_EPSILON}"
     return None
+
+
+def in_xla_function():
+    """Whether ops are being traced into a function that XLA compiles.
+
+    True inside `tf.function(jit_compile=True)` (and functions it calls),
+    which is how Keras compiles with `jit_compile=True`. XLA expands the
+    fused kernels into plain loops there, which compile slower than the closed
+    form, so `fused=None` picks the closed form. Reads TensorFlow's own XLA
+    flag on the graph; False if TensorFlow no longer exposes it.
+    """
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return False
+    return bool(
+        control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    )
 
 
 def _as_4d(x, axis):
