@@ -24,12 +24,15 @@ Sparse labels (one class id `y` per example) are the dense case with
     loss = lse - (1 - s) z_y - s * mean_c(z_c)
     dx   = upstream * (p - s / C - (1 - s) [c == y])
 
-The forward pass picks `z_y` with a gather (class axis last) or a masked sum
-over a compare with a class iota (other axes); the backward pass subtracts at
-the label positions with `where(iota == y, p - a, p - b)`: one fused
-elementwise op under XLA, and on CPU cheaper than a scatter (which needs an
-index tensor) for per-pixel losses with few classes, the case where the
-logits are large. A scatter is faster only for many classes and few examples.
+With the class axis last, the forward pass picks `z_y` with a gather and the
+backward pass subtracts at the label positions with a scatter, which touches
+one entry per example. On other axes (per-pixel losses, class axis 1) both
+use a compare with a class iota: a masked sum forward, and
+`where(iota == y, p - a, p - b)` backward, one elementwise op.
+
+The dense forward pass keeps `exp(z)` for the backward pass (one exponential
+per entry, as in `tf.nn`'s kernel) and takes the loss and `sum(t)` in one
+reduction over a stack of `t * (lse - z)` and `t`.
 
 Sparse labels outside `[0, C)` (other than `ignore_class`): in eager mode a
 ValueError; in a `tf.function` or under XLA, the loss and the gradient of
@@ -199,16 +202,22 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         num_classes = _num_classes(logits, axis, dtype)
         xf = tf.cast(logits, dtype)
         z = xf - tf.reduce_max(xf, axis=axis, keepdims=True)
-        lse = tf.math.log(tf.reduce_sum(tf.exp(z), axis=axis, keepdims=True))
-        neg_log_p = lse - z
+        exp_z = tf.exp(z)
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
-        loss = tf.reduce_sum(target * neg_log_p, axis=axis)
+        sum_exp = tf.reduce_sum(exp_z, axis=axis, keepdims=True)
+        neg_log_p = tf.math.log(sum_exp) - z
+        # The loss and sum(t) in one reduction: one kernel instead of two
+        # where rows are short (many examples, few classes).
+        sums = tf.reduce_sum(tf.stack([target * neg_log_p, target]), axis=axis + 1)
+        loss, total = sums[0], tf.expand_dims(sums[1], axis)
 
         def grad(upstream):
             upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
+            # Rebuilt from the labels rather than kept: the backward pass keeps
+            # one logits-sized tensor, exp(z).
             target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
-            total = tf.reduce_sum(target, axis=axis, keepdims=True)
-            dlogits = upstream * (tf.exp(-neg_log_p) * total - target)
+            # softmax * sum(t) - t, reusing the forward's exponentials.
+            dlogits = upstream * (exp_z * (total / sum_exp) - target)
             dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
             return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
 
@@ -256,8 +265,7 @@ def _pick(z, labels, axis):
     """`z` at the label positions, without a one-hot tensor."""
     rank = z.shape.rank
     if axis == rank - 1:
-        picked = tf.gather(z, tf.expand_dims(labels, -1), batch_dims=rank - 1)
-        return tf.squeeze(picked, -1)
+        return tf.gather(z, labels, batch_dims=rank - 1)
     hit = tf.equal(_class_iota(z, axis, labels.dtype), tf.expand_dims(labels, axis))
     return tf.reduce_sum(tf.where(hit, z, tf.zeros([], z.dtype)), axis=axis)
 
@@ -269,15 +277,19 @@ def _subtract_at_labels(values, labels, amounts, axis):
     copy of `values`); elsewhere (per-pixel losses, class axis 1) a select
     against a class iota is the cheaper form.
     """
-    if axis == values.shape.rank - 1:
-        classes = tf.shape(values)[-1]
-        flat = tf.reshape(values, tf.stack([-1, classes]))
-        flat_labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-        rows = tf.range(tf.shape(flat_labels)[0])
+    rank = values.shape.rank
+    if axis == rank - 1:
+        if rank == 2:
+            flat, flat_labels, flat_amounts = values, labels, amounts
+        else:
+            flat = tf.reshape(values, tf.stack([-1, tf.shape(values)[-1]]))
+            flat_labels = tf.reshape(labels, [-1])
+            flat_amounts = tf.reshape(amounts, [-1])
+        rows = tf.range(tf.shape(flat_labels, out_type=flat_labels.dtype)[0])
         flat = tf.tensor_scatter_nd_sub(
-            flat, tf.stack([rows, flat_labels], axis=1), tf.reshape(amounts, [-1])
+            flat, tf.stack([rows, flat_labels], axis=1), flat_amounts
         )
-        return tf.reshape(flat, tf.shape(values))
+        return flat if rank == 2 else tf.reshape(flat, tf.shape(values))
     hit = tf.equal(
         _class_iota(values, axis, labels.dtype), tf.expand_dims(labels, axis)
     )
@@ -301,7 +313,7 @@ def sparse_softmax_cross_entropy(
     max(logits)`, `lse = log(sum_c exp(z_c))`, `y` the label and `s` the label
     smoothing: the dense loss for the target `(1 - s) * onehot(y) + s / C`.
     Gradient: `dlogits = upstream * (softmax - s / C - (1 - s) * onehot(y))`,
-    formed as a select at the label positions (module docstring).
+    subtracted at the label positions only (module docstring).
 
     Args:
         labels: int32 or int64 tensor of class ids in `[0, C)`, shaped as
@@ -363,9 +375,8 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
             if smoothing:
                 off = smoothing / _num_classes(logits, axis, dtype)
                 dlogits -= tf.expand_dims(off * upstream, axis)
-            dlogits = _subtract_at_labels(
-                dlogits, safe_labels, (1.0 - smoothing) * upstream, axis
-            )
+            hit = upstream if not smoothing else (1.0 - smoothing) * upstream
+            dlogits = _subtract_at_labels(dlogits, safe_labels, hit, axis)
             if ignored is not None:
                 # Zero even where ignored logits are not finite.
                 dlogits = tf.where(
