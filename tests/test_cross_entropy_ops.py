@@ -97,6 +97,25 @@ def test_dense_gradient_is_exact_for_unnormalized_labels(smoothing):
     assert not np.allclose(tf_grad[1][1], ref_grads[1])
 
 
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_dense_under_xla_is_exact_for_unnormalized_labels(axis):
+    """XLA takes the loss and sum(t) from one stacked reduction; same values."""
+    logits, labels, _, upstream = random_problem([4, 5, 3], axis, tf.float64)
+    labels = labels * tf.constant([[[0.5]], [[1.0]], [[2.0]], [[3.5]]], tf.float64)
+
+    def fn(t, x):
+        return vjp(
+            lambda t, x: softmax_cross_entropy(t, x, axis, label_smoothing=0.1),
+            [t, x],
+            upstream,
+        )
+
+    (loss, grads), (ref, ref_grads) = run("xla", fn, labels, logits), fn(labels, logits)
+    np.testing.assert_allclose(loss, ref, rtol=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("shape,axis", [([3, 4], -1), ([2, 3, 2, 2], 1)])
 def test_gradients_match_finite_differences(smoothing, shape, axis):

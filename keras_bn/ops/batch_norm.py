@@ -59,10 +59,10 @@ from keras_bn.ops.dtypes import statically_zero
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
-from keras_bn.ops.fused_batch_norm import in_xla_function
 from keras_bn.ops.sync import combine_moments
 from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
+from keras_bn.ops.xla import in_xla_function
 
 
 def _present_params(**params):

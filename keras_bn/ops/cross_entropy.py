@@ -32,7 +32,8 @@ use a compare with a class iota: a masked sum forward, and
 
 The dense forward pass keeps `exp(z)` for the backward pass (one exponential
 per entry, as in `tf.nn`'s kernel) and takes the loss and `sum(t)` in one
-reduction over a stack of `t * (lse - z)` and `t`.
+reduction over a stack of `t * (lse - z)` and `t` under XLA (one kernel
+instead of two; elsewhere two reductions, which avoid the stacked copy).
 
 Sparse labels outside `[0, C)` (other than `ignore_class`): in eager mode a
 ValueError; in a `tf.function` or under XLA, the loss and the gradient of
@@ -68,6 +69,7 @@ from keras_bn.ops.axes import static_rank
 from keras_bn.ops.axes import validate_axis_argument
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
+from keras_bn.ops.xla import in_xla_function
 
 _INTS = (tf.int32, tf.int64)
 
@@ -206,10 +208,15 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
         sum_exp = tf.reduce_sum(exp_z, axis=axis, keepdims=True)
         neg_log_p = tf.math.log(sum_exp) - z
-        # The loss and sum(t) in one reduction: one kernel instead of two
-        # where rows are short (many examples, few classes).
-        sums = tf.reduce_sum(tf.stack([target * neg_log_p, target]), axis=axis + 1)
-        loss, total = sums[0], tf.expand_dims(sums[1], axis)
+        loss_terms = target * neg_log_p
+        if in_xla_function():
+            # The loss and sum(t) in one reduction: one kernel instead of two
+            # under XLA, which runs each reduction as its own kernel.
+            sums = tf.reduce_sum(tf.stack([loss_terms, target]), axis=axis + 1)
+            loss, total = sums[0], tf.expand_dims(sums[1], axis)
+        else:
+            loss = tf.reduce_sum(loss_terms, axis=axis)
+            total = tf.reduce_sum(target, axis=axis, keepdims=True)
 
         def grad(upstream):
             upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)

@@ -53,26 +53,6 @@ def fused_unavailable_reason(
     return None
 
 
-def in_xla_function():
-    """Whether ops are being traced into a function that XLA compiles.
-
-    True inside `tf.function(jit_compile=True)` (and functions it calls),
-    which is how Keras compiles with `jit_compile=True`. XLA expands the
-    fused kernels into plain loops there, which compile slower than the closed
-    form, so `fused=None` picks the closed form. Reads TensorFlow's own XLA
-    flag on the graph; False if TensorFlow no longer exposes it.
-    """
-    if tf.executing_eagerly():
-        return False
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow that moved it
-        return False
-    return bool(
-        control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-    )
-
-
 def _as_4d(x, axis):
     """Reshapes `x` for the kernels: returns (x4, data_format)."""
     rank = x.shape.rank
