@@ -221,3 +221,33 @@ def test_automatic_choice_under_xla_keeps_accurate_statistics(rng):
     mean, var = compiled(x)
     np.testing.assert_allclose(mean, exact.mean(axis=0), rtol=1e-7)
     np.testing.assert_allclose(var, exact.var(axis=0), rtol=1e-3)
+
+
+def _input_sized_loops(layer, x):
+    """The instructions of the optimized XLA program that produce x-sized arrays."""
+    layer.build(x.shape)
+    compiled = tf.function(lambda x: layer(x, training=False), jit_compile=True)
+    hlo = compiled.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    entry = hlo[hlo.index("ENTRY") :].splitlines()
+    shape = "f32[" + ",".join(str(d) for d in x.shape) + "]"
+    return [
+        line
+        for line in entry
+        if " = " in line
+        and line.split(" = ")[1].startswith(shape)
+        and "parameter(" not in line
+    ]
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 6, 5), (16, 5)])
+def test_inference_under_xla_is_one_loop_over_the_input(shape):
+    """One read of x and one write of y: the least any layer can do.
+
+    Keras's layer compiles to the same single loop, which is why inference
+    under XLA runs at parity with it (README, "Performance").
+    """
+    x = tf.random.normal(shape)
+    ours = _input_sized_loops(keras_bn.BatchNormalization(), x)
+    theirs = _input_sized_loops(keras.layers.BatchNormalization(), x)
+    assert len(ours) == len(theirs) == 1
+    assert " fusion(" in ours[0]
