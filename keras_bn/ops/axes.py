@@ -160,10 +160,12 @@ def merged_shape(x, groups, features=True, reduced=True):
                 size *= static[a] if keep[is_feature] else 1
             sizes.append(size)
         return sizes
-    dynamic = tf.shape(x)
+    dynamic = tf.shape(x, out_type=tf.int64)  # products may pass 2**31
     return tf.stack(
         [
-            tf.reduce_prod(tf.gather(dynamic, run)) if keep[is_feature] else 1
+            tf.reduce_prod(tf.gather(dynamic, run))
+            if keep[is_feature]
+            else tf.constant(1, tf.int64)
             for is_feature, run in groups
         ]
     )

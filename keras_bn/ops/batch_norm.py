@@ -32,14 +32,15 @@ Backward pass of the inference form (`mean` and `variance` are inputs):
     dgamma    = inv * S2
     dbeta     = S1
 
-Statistics use a shifted two-pass algorithm: with `pivot` the values at the
-first position (per feature), `mean = pivot + sum(x - pivot) / N` from a first
-pass, then `variance = sum((x - mean)^2) / N` from a second. The shift keeps
-the partial sums near the spread of `x` rather than its offset, so inputs with
-a large offset (1e4 + N(0, 1) in float32) keep accurate statistics; the second
-pass cannot go negative. The computation runs on a view of `x` with adjacent
-reduced axes merged (`[N, H, W, C]` as `[N * H * W, C]`), which compiles to
-faster loops under XLA.
+Statistics use a shifted two-pass algorithm. With `pivot` the values at the
+first position (per feature; with a mask, the plain mean of the unmasked
+values, as the first position may be padding), the first pass gives
+`mean = pivot + sum(x - pivot) / N`, the second `variance = sum((x - mean)^2)
+/ N`. The shift keeps the partial sums near the spread of `x` rather than its
+offset, so inputs with a large offset (1e4 + N(0, 1) in float32) keep accurate
+statistics; the second pass cannot go negative. The computation runs on a
+view of `x` with adjacent reduced axes merged (`[N, H, W, C]` as
+`[N * H * W, C]`), which compiles to faster loops under XLA.
 
 Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
@@ -137,7 +138,8 @@ def _sum(x, axes):
 def _moments(xf, red, mask):
     """Shifted two-pass statistics, kept at broadcast shape.
 
-    Returns `(mean, variance, count)`, `count` being the number of (unmasked)
+    Returns `(mean, variance, centred, count)`: `centred` is `x - mean` at
+    every position, masked or not, and `count` the number of (unmasked)
     positions, possibly 0 (then mean and variance are 0).
     """
     dtype = xf.dtype
@@ -145,22 +147,24 @@ def _moments(xf, red, mask):
         shape = tf.shape(xf, out_type=tf.int64)
         count = tf.cast(tf.reduce_prod(tf.gather(shape, red)), dtype)
         count = tf.reshape(count, [1] * xf.shape.rank)
-        kept = xf
+        safe_count = tf.maximum(count, 1.0)
+        # The values at the first position (0 if there is none): summing
+        # x - pivot keeps the partial sums near the spread of x, not its
+        # offset.
+        first = tuple(
+            slice(0, 1) if a in red else slice(None) for a in range(xf.shape.rank)
+        )
+        pivot = _sum(xf[first], red)
     else:
         count = _sum(tf.cast(mask, dtype), red)
-        kept = tf.where(mask, xf, tf.zeros([], dtype))
-    safe_count = tf.maximum(count, 1.0)
-    # The values at the first position of the reduced axes (0 if masked out,
-    # or if there is no position): summing x - pivot keeps the partial sums
-    # near the spread of x rather than its offset.
-    first = tuple(
-        slice(0, 1) if a in red else slice(None) for a in range(xf.shape.rank)
-    )
-    pivot = _sum(kept[first], red)
+        safe_count = tf.maximum(count, 1.0)
+        # The first position may be masked-out padding far from the data: the
+        # shift is the plain mean of the unmasked values instead (one pass more).
+        pivot = _sum(_kept(xf, mask), red) / safe_count
     mean = pivot + _sum(_kept(xf - pivot, mask), red) / safe_count
-    centred = _kept(xf - mean, mask)
-    variance = _sum(tf.square(centred), red) / safe_count
-    return mean, variance, count
+    centred = xf - mean
+    variance = _sum(tf.square(_kept(centred, mask)), red) / safe_count
+    return mean, variance, centred, count
 
 
 def _kept(t, mask):
@@ -248,9 +252,10 @@ def _batch_norm_train(
             dict(zip(params, [tf.stop_gradient(v) for v in values])), shape, dtype
         )
         xf = tf.cast(tf.reshape(x, view), dtype)
-        mean, variance, count = _moments(xf, red, mask)
+        mean, variance, centred, count = _moments(xf, red, mask)
         if replica is not None:
             count, mean, variance = combine_moments(replica, count, mean, variance)
+            centred = xf - mean  # from the global mean
         safe_count = tf.maximum(count, 1.0)
         inv = tf.math.rsqrt(variance + epsilon)
         gamma = p.get("gamma")
@@ -267,7 +272,7 @@ def _batch_norm_train(
             )
             scale = scale * r
             offset = offset + (d if gamma is None else d * gamma)
-        centred = xf - mean  # the one input-sized tensor the backward keeps
+        # `centred` is the one input-sized tensor the backward pass keeps.
         y = centred * scale + offset
 
         def grad(dy, dmean, dvariance, dcount):
