@@ -114,6 +114,12 @@ def test_dense_under_xla_is_exact_for_unnormalized_labels(axis):
     np.testing.assert_allclose(loss, ref, rtol=1e-12)
     for grad, ref_grad in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    # The stacked reduction (a Pack op) is traced under XLA only.
+    for jit_compile in (False, True):
+        traced = tf.function(fn, jit_compile=jit_compile, autograph=False)
+        graph = traced.get_concrete_function(labels, logits).graph
+        packed = any(op.type == "Pack" for op in graph.get_operations())
+        assert packed == jit_compile
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])

@@ -203,11 +203,16 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         logits = tf.stop_gradient(logits)
         num_classes = _num_classes(logits, axis, dtype)
         xf = tf.cast(logits, dtype)
-        z = xf - tf.reduce_max(xf, axis=axis, keepdims=True)
-        exp_z = tf.exp(z)
+        row_max = tf.reduce_max(xf, axis=axis, keepdims=True)
+        exp_z = tf.exp(xf - row_max)  # exp(z)
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
         sum_exp = tf.reduce_sum(exp_z, axis=axis, keepdims=True)
-        neg_log_p = tf.math.log(sum_exp) - z
+        log_sum = tf.math.log(sum_exp)
+
+        def minus_log_softmax():  # lse - z, with z = x - max exact near the max
+            return log_sum - (tf.cast(logits, dtype) - row_max)
+
+        neg_log_p = minus_log_softmax()
         loss_terms = target * neg_log_p
         if in_xla_function():
             # The loss and sum(t) in one reduction: one kernel instead of two
@@ -220,12 +225,12 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
 
         def grad(upstream):
             upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
-            # Rebuilt from the labels rather than kept: the backward pass keeps
-            # one logits-sized tensor, exp(z).
+            # The targets and -log p are rebuilt from the inputs and per-row
+            # values: the backward pass keeps one logits-sized tensor, exp(z).
             target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
             # softmax * sum(t) - t, reusing the forward's exponentials.
             dlogits = upstream * (exp_z * (total / sum_exp) - target)
-            dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
+            dlabels = (upstream * (1.0 - smoothing)) * minus_log_softmax()
             return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
 
         return loss, grad
