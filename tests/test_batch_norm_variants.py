@@ -49,6 +49,19 @@ def test_ghost_batch_gradients_match_finite_differences(rng):
         np.testing.assert_allclose(np.ravel(got), np.ravel(want), rtol=1e-5, atol=1e-6)
 
 
+def test_ghost_batches_with_a_mask_raise_before_state_changes(rng):
+    layer = keras_bn.BatchNormalization(virtual_batch_size=2)
+    x = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    layer.build(x.shape)
+    before = layer.get_weights()
+    with pytest.raises(ValueError, match=r"`virtual_batch_size` cannot be combined"):
+        layer(x, training=True, mask=rng.random((4, 3)) > 0.3)
+    for a, b in zip(before, layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Inference ignores virtual batches, so a mask is fine there.
+    layer(x, training=False, mask=rng.random((4, 3)) > 0.3)
+
+
 def test_ghost_batch_size_must_divide_the_batch(rng):
     layer = keras_bn.BatchNormalization(virtual_batch_size=5)
     layer.build((None, 3))

@@ -354,6 +354,14 @@ class BatchNormalization(keras.layers.Layer):
         renorm_mean = self._value(getattr(self, "renorm_mean", None))
         renorm_stddev = self._value(getattr(self, "renorm_stddev", None))
         if self.virtual_batch_size is not None:
+            if mask is not None:
+                raise ValueError(
+                    "Argument `virtual_batch_size` cannot be combined with a mask "
+                    "in training: masked positions would leave virtual batches "
+                    "with different numbers of positions, whose statistics the "
+                    "moving averages cannot weigh. Received: virtual_batch_size="
+                    f"{self.virtual_batch_size}, mask.shape={mask.shape}"
+                )
             x, mask = split_virtual_batches(inputs, self.virtual_batch_size, mask)
             axes = (0,) + tuple(a + 1 for a in axes)
             gamma, beta, renorm_mean, renorm_stddev = (
