@@ -204,16 +204,12 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         num_classes = _num_classes(logits, axis, dtype)
         xf = tf.cast(logits, dtype)
         row_max = tf.reduce_max(xf, axis=axis, keepdims=True)
-        exp_z = tf.exp(xf - row_max)  # exp(z)
+        z = xf - row_max
+        exp_z = tf.exp(z)
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
         sum_exp = tf.reduce_sum(exp_z, axis=axis, keepdims=True)
         log_sum = tf.math.log(sum_exp)
-
-        def minus_log_softmax():  # lse - z, with z = x - max exact near the max
-            return log_sum - (tf.cast(logits, dtype) - row_max)
-
-        neg_log_p = minus_log_softmax()
-        loss_terms = target * neg_log_p
+        loss_terms = target * (log_sum - z)  # t * -log p
         if in_xla_function():
             # The loss and sum(t) in one reduction: one kernel instead of two
             # under XLA, which runs each reduction as its own kernel.
@@ -230,7 +226,8 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
             target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
             # softmax * sum(t) - t, reusing the forward's exponentials.
             dlogits = upstream * (exp_z * (total / sum_exp) - target)
-            dlabels = (upstream * (1.0 - smoothing)) * minus_log_softmax()
+            neg_log_p = log_sum - (tf.cast(logits, dtype) - row_max)
+            dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
             return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
 
         return loss, grad
