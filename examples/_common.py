@@ -2,22 +2,28 @@
 
 Every example imports this module from its own directory, so the scripts run
 from any working directory (`python path/to/examples/covariate_shift.py`).
+
+This module does not import TensorFlow or Keras at the top: each example
+parses its command line first, so `--help` and a bad argument answer at once,
+and imports TensorFlow after.
 """
 
 import argparse
 import csv
+import math
 import os
 import pathlib
 import time
+import zipfile
 
-# Hide TensorFlow's C++ start-up INFO lines; warnings and errors still show.
+# Hide TensorFlow's C++ INFO lines; warnings and errors still show. A few
+# start-up lines print before TensorFlow reads this setting (see README.md).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -112,29 +118,70 @@ def _load_bundled_digits():
     return Dataset(x_train, y_train, x_test, y_test, "scikit-learn digits (8x8)")
 
 
-def _load_mnist_npz(path):
-    expected = (
-        "an .npz archive with arrays x_train (n, height, width), y_train (n,), "
-        "x_test (m, height, width), y_test (m,) and labels 0..9, as Keras's "
-        "mnist.npz"
-    )
+EXPECTED_NPZ = (
+    "an .npz archive with arrays x_train (n, height, width), y_train (n,), "
+    "x_test (m, height, width), y_test (m,) and labels 0..9, as Keras's "
+    "mnist.npz"
+)
+
+
+def check_npz_archive(path):
+    """Checks that `path` is an `.npz` archive holding the four MNIST arrays.
+
+    Reads only the archive's list of arrays, so it is cheap enough to run
+    while parsing the command line; `load_data` checks the arrays themselves.
+
+    Args:
+        path: the file to check.
+
+    Returns:
+        `path` as a `pathlib.Path`.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: if it is not an `.npz` archive, or lacks an array.
+
+    Example:
+
+    ```python
+    check_npz_archive("mnist.npz")
+    ```
+    """
+    path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data: no file at {path}; expected {expected}.")
+        raise FileNotFoundError(f"--data: no file at {path}; expected {EXPECTED_NPZ}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"--data: {path} is not an .npz archive (an .npz is a zip file of "
+            f".npy arrays); expected {EXPECTED_NPZ}."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            names = set(archive.files)
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"--data: cannot read {path} as {expected} ({error})."
+            f"--data: cannot read {path} as {EXPECTED_NPZ} ({error})."
         ) from error
-    missing = [key for key in MNIST_KEYS if key not in arrays]
+    missing = [key for key in MNIST_KEYS if key not in names]
     if missing:
         raise ValueError(
             f"--data: {path} lacks {', '.join(missing)}; found "
-            f"{sorted(arrays) or 'no arrays'}; expected {expected}."
+            f"{sorted(names) or 'no arrays'}; expected {EXPECTED_NPZ}."
         )
+    return path
+
+
+def _load_mnist_npz(path):
+    check_npz_archive(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in MNIST_KEYS}
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--data: cannot read {path} as {EXPECTED_NPZ} ({error})."
+        ) from error
     for split in ("train", "test"):
-        _check_split(path, arrays[f"x_{split}"], arrays[f"y_{split}"], split, expected)
+        _check_split(path, arrays[f"x_{split}"], arrays[f"y_{split}"], split)
     return Dataset(
         _scale_images(arrays["x_train"]),
         arrays["y_train"].astype("int32"),
@@ -144,7 +191,7 @@ def _load_mnist_npz(path):
     )
 
 
-def _check_split(path, images, labels, split, expected):
+def _check_split(path, images, labels, split):
     problem = None
     if images.ndim != 3 or len(images) == 0:
         problem = f"x_{split} has shape {images.shape}"
@@ -157,7 +204,7 @@ def _check_split(path, images, labels, split, expected):
     elif labels.min() < 0 or labels.max() > 9:
         problem = f"y_{split} has labels outside 0..9"
     if problem:
-        raise ValueError(f"--data: in {path}, {problem}; expected {expected}.")
+        raise ValueError(f"--data: in {path}, {problem}; expected {EXPECTED_NPZ}.")
 
 
 def _scale_images(images):
@@ -166,24 +213,134 @@ def _scale_images(images):
     return images / peak if peak > 0 else images
 
 
-def make_parser(example_name, description):
-    """Command line shared by the examples: `--quick`, `--out`, `--data`, `--seed`.
+def positive_int(text):
+    """argparse type: a whole number >= 1, or a clear error.
+
+    Example:
+
+    ```python
+    parser.add_argument("--epochs", type=positive_int)
+    ```
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0, or a clear error.
+
+    Example:
+
+    ```python
+    parser.add_argument("--learning-rate", type=positive_float)
+    ```
+    """
+    value = _finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value:g}")
+    return value
+
+
+def unit_fraction(text):
+    """argparse type: a number in (0, 1], or a clear error.
+
+    Example:
+
+    ```python
+    parser.add_argument("--threshold", type=unit_fraction)
+    ```
+    """
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value:g}")
+    return value
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+class ExampleParser(argparse.ArgumentParser):
+    """An `ArgumentParser` with options whose default depends on `--quick`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._size_defaults = {}
+
+    def add_size(self, flag, what, full, quick, type=None):
+        """Adds a positive option that defaults to `full`, or `quick` with --quick.
+
+        Args:
+            flag: the option, such as `"--epochs"`.
+            what: what it counts, for `--help` (`"epochs per run"`).
+            full: the default of a full run.
+            quick: the default with `--quick`.
+            type: the argparse type (default: `positive_int`).
+
+        Example:
+
+        ```python
+        parser.add_size("--epochs", "epochs per run", full=30, quick=2)
+        ```
+        """
+        action = self.add_argument(
+            flag,
+            type=type or positive_int,
+            help=f"{what} (default: {full}, {quick} with --quick)",
+        )
+        self._size_defaults[action.dest] = (full, quick)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for dest, (full, quick) in self._size_defaults.items():
+            if getattr(parsed, dest) is None:
+                setattr(parsed, dest, quick if parsed.quick else full)
+        return parsed
+
+
+def _npz_argument(text):
+    try:
+        return check_npz_archive(text)
+    except (FileNotFoundError, ValueError) as error:
+        # argparse adds "argument --data: " itself.
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--data: ")) from None
+
+
+def make_parser(example_name, description, data=True):
+    """Command line shared by the examples: `--quick`, `--out`, `--seed`, `--data`.
 
     Args:
         example_name: the script's name without `.py`; the default output
             folder is `./keras_bn_runs/<example_name>`.
         description: the `--help` text.
+        data: whether the example trains on the digit images and so takes
+            `--data`; the examples that make their own data do not.
 
     Returns:
-        An `argparse.ArgumentParser` the example may extend.
+        An `ExampleParser` the example may extend.
 
     Example:
 
     ```python
-    args = make_parser("bn_vs_plain", __doc__).parse_args()
+    parser = make_parser("bn_vs_plain", __doc__)
+    parser.add_size("--epochs", "epochs per run", full=30, quick=2)
+    args = parser.parse_args()
     ```
     """
-    parser = argparse.ArgumentParser(
+    parser = ExampleParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -196,19 +353,43 @@ def make_parser(example_name, description):
         "--out",
         type=pathlib.Path,
         default=pathlib.Path("keras_bn_runs") / example_name,
-        help="folder for the figures and CSV files (default: %(default)s)",
+        help="folder for the figure and CSV files (default: %(default)s)",
     )
+    if data:
+        parser.add_argument(
+            "--data",
+            type=_npz_argument,
+            default=None,
+            help="an mnist.npz in Keras's format (default: scikit-learn's "
+            "bundled 8x8 digits, no download)",
+        )
     parser.add_argument(
-        "--data",
-        type=pathlib.Path,
-        default=None,
-        help="an mnist.npz in Keras's format (default: scikit-learn's bundled "
-        "8x8 digits, no download)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random seed (default: %(default)s)"
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed (default: %(default)s)",
     )
     return parser
+
+
+def start_run(args):
+    """Seeds every generator and creates `args.out`.
+
+    Imports Keras, so call it after the command line is parsed.
+
+    Args:
+        args: parsed arguments from `make_parser`.
+
+    Example:
+
+    ```python
+    start_run(args)
+    ```
+    """
+    import keras
+
+    keras.utils.set_random_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_run(args):
@@ -226,17 +407,80 @@ def prepare_run(args):
     data = prepare_run(args)
     ```
     """
-    keras.utils.set_random_seed(args.seed)
     try:
         data = load_data(args.data)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     print(
         f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} "
         f"test images; output: {args.out}"
     )
     return data
+
+
+def announce(index, total, text):
+    """Prints one progress line, `[index/total] text`, at once.
+
+    Example:
+
+    ```python
+    announce(3, 12, "BN, learning rate 0.01")  # [ 3/12] BN, learning rate 0.01
+    ```
+    """
+    width = len(str(total))
+    print(f"[{index:>{width}}/{total}] {text}", flush=True)
+
+
+# Colours for the compared variants (Okabe & Ito's colour-blind-safe set,
+# without its green and vermilion, which read as "good" and "bad").
+COLORS = ("#0072B2", "#E69F00", "#CC79A7", "#56B4E9", "#000000")
+# The line a threshold is drawn with.
+THRESHOLD_STYLE = dict(color="gray", linestyle=":", linewidth=1)
+
+
+def legend_below(figure, *axes, ncols=None):
+    """One legend for the whole figure, below the panels, off every curve.
+
+    Args:
+        figure: a figure made with `layout="constrained"`.
+        *axes: the axes whose labelled artists become the entries; a label
+            seen twice appears once.
+        ncols: entries per row (default: all in one row).
+
+    Example:
+
+    ```python
+    legend_below(figure, axes[0], axes[1])
+    ```
+    """
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    figure.legend(
+        list(entries.values()),
+        list(entries),
+        loc="outside lower center",
+        ncols=ncols or len(entries),
+        frameon=False,
+    )
+
+
+def save_figure(figure, path):
+    """Writes `figure` as a PNG at 120 dpi and closes it.
+
+    Example:
+
+    ```python
+    save_figure(figure, args.out / "bn_vs_plain.png")
+    ```
+    """
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def write_csv(path, rows):
@@ -292,6 +536,19 @@ def _format_cell(value):
     if isinstance(value, float | np.floating):
         return f"{value:.4g}"
     return str(value)
+
+
+def mean_and_spread(values):
+    """Mean and standard deviation (over seeds) of a list of numbers.
+
+    Example:
+
+    ```python
+    mean, std = mean_and_spread([0.97, 0.98, 0.96])
+    ```
+    """
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std())
 
 
 class Stopwatch:

@@ -12,18 +12,30 @@ The learning rate of SGD with momentum grows in proportion to the batch size
 size) about constant: what changes with the batch size is mainly the noise of
 BN's batch statistics. Every run trains for the same number of epochs, and at
 least a minimum number of steps so large batches also fit the training set.
-Figures and a CSV go to --out.
+The figure (a PNG) and a CSV go to --out.
 """
 
 import time
 
 import _common
-import keras
-import matplotlib.pyplot as plt
-import numpy as np
 
-from keras_bn import BatchNormalization
-from keras_bn.losses import SoftmaxCrossEntropy
+
+def parse_args(argv=None):
+    parser = _common.make_parser("batch_size_tradeoff", __doc__)
+    parser.add_size("--epochs", "epochs per run", full=15, quick=2)
+    parser.add_size("--seeds", "seeds per batch size", full=3, quick=1)
+    return parser.parse_args(argv)
+
+
+# Parse before importing TensorFlow: --help and bad arguments answer at once.
+ARGS = parse_args() if __name__ == "__main__" else None
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_bn import BatchNormalization  # noqa: E402
+from keras_bn.losses import SoftmaxCrossEntropy  # noqa: E402
 
 HIDDEN_UNITS = 512
 HIDDEN_LAYERS = 2
@@ -118,16 +130,23 @@ def summarize(rows, batch_sizes):
 
 
 def plot(summary, path):
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     seconds = [row["seconds_per_epoch"] for row in summary]
     gaps = [row["gap_mean"] for row in summary]
     axes[0].errorbar(
-        seconds, gaps, yerr=[row["gap_std"] for row in summary], fmt="o-", capsize=3
+        seconds,
+        gaps,
+        yerr=[row["gap_std"] for row in summary],
+        fmt="o-",
+        color=_common.COLORS[0],
+        capsize=3,
+        label="gap, mean +- std over seeds",
     )
     for row, x, y in zip(summary, seconds, gaps):
         axes[0].annotate(
             str(row["batch_size"]), (x, y), xytext=(5, 5), textcoords="offset points"
         )
+    axes[0].margins(x=0.1, y=0.1)
     axes[0].set(
         title="(a) cost vs generalization gap (labels: batch size)",
         xlabel="seconds per epoch",
@@ -135,8 +154,11 @@ def plot(summary, path):
         ylabel="train accuracy - test accuracy",
     )
     sizes = [row["batch_size"] for row in summary]
-    for key in ("train_accuracy", "test_accuracy"):
-        axes[1].plot(sizes, [row[key] for row in summary], "o-", label=key)
+    for color, key in zip(_common.COLORS[1:], ("train_accuracy", "test_accuracy")):
+        label = key.replace("_", " ")
+        axes[1].plot(
+            sizes, [row[key] for row in summary], "o-", color=color, label=label
+        )
     axes[1].set(
         title="(b) accuracy after training",
         xlabel="batch size",
@@ -144,9 +166,8 @@ def plot(summary, path):
         ylabel="accuracy (inference mode)",
     )
     axes[1].set_xticks(sizes, [str(size) for size in sizes])
-    axes[1].legend()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _common.legend_below(figure, axes[0], axes[1])
+    _common.save_figure(figure, path)
 
 
 def report_effects(summary):
@@ -175,17 +196,7 @@ def report_effects(summary):
         )
 
 
-def main():
-    parser = _common.make_parser("batch_size_tradeoff", __doc__)
-    parser.add_argument(
-        "--epochs", type=int, help="epochs per run (default: 15, 2 with --quick)"
-    )
-    parser.add_argument(
-        "--seeds", type=int, help="seeds per batch size (default: 3, 1 with --quick)"
-    )
-    args = parser.parse_args()
-    epochs = args.epochs or (2 if args.quick else 15)
-    n_seeds = args.seeds or (1 if args.quick else 3)
+def main(args):
     min_steps = 10 if args.quick else 150
     batch_sizes = QUICK_BATCH_SIZES if args.quick else FULL_BATCH_SIZES
     clock = _common.Stopwatch()
@@ -193,18 +204,29 @@ def main():
     if args.quick:
         data = data.shrink(256, 256)
 
-    rows = [
-        train(data, batch_size, epochs, min_steps, args.seed + offset)
-        for offset in range(n_seeds)
+    runs = [
+        (args.seed + offset, batch_size)
+        for offset in range(args.seeds)
         for batch_size in batch_sizes
     ]
+    rows = []
+    for index, (seed, batch_size) in enumerate(runs, start=1):
+        row = train(data, batch_size, args.epochs, min_steps, seed)
+        rows.append(row)
+        _common.announce(
+            index,
+            len(runs),
+            f"batch size {batch_size}, seed {seed}: {row['epochs']} epochs, "
+            f"{row['seconds_per_epoch']:.2f} s per epoch, gap "
+            f"{row['accuracy_gap']:.3f}",
+        )
     _common.write_csv(args.out / "batch_size_tradeoff.csv", rows)
     summary = summarize(rows, batch_sizes)
     plot(summary, args.out / "batch_size_tradeoff.png")
     _common.print_table(summary)
     report_effects(summary)
-    print(f"wall time: {clock.seconds():.0f} s; figures and CSV in {args.out}")
+    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

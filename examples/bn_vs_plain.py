@@ -11,15 +11,26 @@ loss and accuracy after every epoch, and plots
   (c) final test accuracy against the learning rate.
 
 Batch normalization should keep training stable at rates where the plain
-network degrades. Figures and a CSV go to --out.
+network degrades. The figure (a PNG) and a CSV go to --out.
 """
 
 import _common
-import keras
-import matplotlib.pyplot as plt
 
-from keras_bn import BatchNormalization
-from keras_bn.losses import SoftmaxCrossEntropy
+
+def parse_args(argv=None):
+    parser = _common.make_parser("bn_vs_plain", __doc__)
+    parser.add_size("--epochs", "epochs per run", full=30, quick=2)
+    return parser.parse_args(argv)
+
+
+# Parse before importing TensorFlow: --help and bad arguments answer at once.
+ARGS = parse_args() if __name__ == "__main__" else None
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+from keras_bn import BatchNormalization  # noqa: E402
+from keras_bn.losses import SoftmaxCrossEntropy  # noqa: E402
 
 HIDDEN_UNITS = 256
 HIDDEN_LAYERS = 3
@@ -86,8 +97,8 @@ def final_accuracies(rows):
 
 
 def plot(rows, rates, path):
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
-    colors = {"plain": "tab:blue", "BN": "tab:orange"}
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    colors = dict(zip(MODELS, _common.COLORS))
     for rate, style in ((rates[0], "-"), (rates[-1], "--")):
         for model in MODELS:
             run = [
@@ -98,23 +109,33 @@ def plot(rows, rates, path):
             kwargs = dict(color=colors[model], linestyle=style, label=label)
             axes[0].plot(epochs, [r["train_loss"] for r in run], **kwargs)
             axes[1].plot(epochs, [r["test_accuracy"] for r in run], **kwargs)
-    axes[0].set(title="(a) training loss", xlabel="epoch", yscale="log")
-    axes[1].set(title="(b) test accuracy", xlabel="epoch", ylim=(0, 1))
+    axes[0].set(
+        title="(a) training loss",
+        xlabel="epoch",
+        ylabel="training loss (log scale)",
+        yscale="log",
+    )
+    axes[1].set(
+        title="(b) test accuracy",
+        xlabel="epoch",
+        ylabel="test accuracy",
+        ylim=(0, 1),
+    )
     finals = final_accuracies(rows)
     for model in MODELS:
         accuracies = [finals[(model, rate)] for rate in rates]
-        axes[2].plot(rates, accuracies, "o-", color=colors[model], label=model)
+        axes[2].plot(
+            rates, accuracies, "o-", color=colors[model], label=f"{model}, final"
+        )
     axes[2].set(
         title="(c) final test accuracy vs learning rate",
         xlabel="Adam learning rate",
+        ylabel="test accuracy after the last epoch",
         xscale="log",
         ylim=(0, 1),
     )
-    for ax in axes[:2]:
-        ax.legend()
-    axes[2].legend(loc="lower left")
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _common.legend_below(figure, axes[0], axes[2])
+    _common.save_figure(figure, path)
 
 
 def report_effects(finals, rates, tolerance):
@@ -135,13 +156,7 @@ def report_effects(finals, rates, tolerance):
         print(f"BN's tolerance of high rates did not show at {top:g} (gap {gap:.3f}).")
 
 
-def main():
-    parser = _common.make_parser("bn_vs_plain", __doc__)
-    parser.add_argument(
-        "--epochs", type=int, help="epochs per run (default: 30, 2 with --quick)"
-    )
-    args = parser.parse_args()
-    epochs = args.epochs or (2 if args.quick else 30)
+def main(args):
     rates = QUICK_RATES if args.quick else FULL_RATES
     clock = _common.Stopwatch()
     data = _common.prepare_run(args)
@@ -149,9 +164,16 @@ def main():
         data = data.shrink(512, 256)
 
     rows = []
-    for rate in rates:
-        for use_bn in (False, True):
-            rows += train(data, use_bn, rate, epochs, args.seed)
+    runs = [(rate, use_bn) for rate in rates for use_bn in (False, True)]
+    for index, (rate, use_bn) in enumerate(runs, start=1):
+        run = train(data, use_bn, rate, args.epochs, args.seed)
+        rows += run
+        _common.announce(
+            index,
+            len(runs),
+            f"{run[-1]['model']}, learning rate {rate:g}: {args.epochs} epochs, "
+            f"final test accuracy {run[-1]['test_accuracy']:.3f}",
+        )
     _common.write_csv(args.out / "bn_vs_plain.csv", rows)
     plot(rows, rates, args.out / "bn_vs_plain.png")
 
@@ -163,8 +185,8 @@ def main():
         ]
     )
     report_effects(finals, rates, tolerance=0.02)
-    print(f"wall time: {clock.seconds():.0f} s; figures and CSV in {args.out}")
+    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

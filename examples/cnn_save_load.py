@@ -19,19 +19,42 @@ them, and test accuracy (inference mode) trails training accuracy (batch
 statistics); --bn-momentum 0.9 shortens their memory from about 100 steps to
 about 10.
 
-Figures and CSV files go to --out.
+The figure (a PNG) and CSV files go to --out.
 """
 
 import subprocess
 import sys
 
 import _common
-import keras
-import matplotlib.pyplot as plt
-import numpy as np
 
-from keras_bn import BatchNormalization
-from keras_bn.losses import SoftmaxCrossEntropy
+
+def parse_args(argv=None):
+    parser = _common.make_parser("cnn_save_load", __doc__)
+    parser.add_size("--epochs", "training epochs", full=15, quick=1)
+    parser.add_argument(
+        "--bn-momentum",
+        type=_common.unit_fraction,
+        default=0.99,
+        help="momentum of BN's moving statistics (default: %(default)s, Keras's)",
+    )
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="only load --out/digits_cnn.keras in this process, predict the "
+        "saved test images and evaluate (the script runs itself this way)",
+    )
+    return parser.parse_args(argv)
+
+
+# Parse before importing TensorFlow: --help and bad arguments answer at once.
+ARGS = parse_args() if __name__ == "__main__" else None
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_bn import BatchNormalization  # noqa: E402
+from keras_bn.losses import SoftmaxCrossEntropy  # noqa: E402
 
 MODEL_FILE = "digits_cnn.keras"
 IMAGES_FILE = "test_images.npy"
@@ -117,22 +140,44 @@ def _max_abs(a, b):
 
 
 def plot(history, numbers, path):
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    inference_color, training_color = _common.COLORS[:2]
     epochs = np.arange(1, len(history["loss"]) + 1)
-    axes[0].plot(epochs, history["accuracy"], "o-", label="train (training mode)")
-    axes[0].plot(epochs, history["val_accuracy"], "o-", label="test (inference mode)")
-    axes[0].set(title="(a) accuracy during fit", xlabel="epoch", ylim=(0, 1))
-    axes[0].legend()
+    axes[0].plot(
+        epochs,
+        history["accuracy"],
+        "o-",
+        color=training_color,
+        label="training mode (batch statistics): training images during fit",
+    )
+    axes[0].plot(
+        epochs,
+        history["val_accuracy"],
+        "o-",
+        color=inference_color,
+        label="inference mode (moving statistics): test images",
+    )
+    axes[0].set(
+        title="(a) accuracy during fit",
+        xlabel="epoch",
+        ylabel="accuracy",
+        ylim=(0, 1.02),
+    )
     labels = ["inference\n(saved)", "inference\n(reloaded)"]
     values = [numbers["test_accuracy"], numbers["reloaded_test_accuracy"]]
     for batch_size in TRAINING_MODE_BATCH_SIZES:
         labels.append(f"training\nbatch {batch_size}")
         values.append(numbers[f"training_mode_accuracy_batch_{batch_size}"])
-    bars = axes[1].bar(labels, values, color=["tab:green"] * 2 + ["tab:red"] * 3)
+    colors = [inference_color] * 2 + [training_color] * len(TRAINING_MODE_BATCH_SIZES)
+    bars = axes[1].bar(labels, values, color=colors)
     axes[1].bar_label(bars, fmt="%.3f")
-    axes[1].set(title="(b) test accuracy by BN mode", ylim=(0, 1.08))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    axes[1].set(
+        title="(b) test accuracy by BN mode",
+        ylabel="test accuracy",
+        ylim=(0, 1.08),
+    )
+    _common.legend_below(figure, axes[0])
+    _common.save_figure(figure, path)
 
 
 def report_effects(numbers, history):
@@ -160,28 +205,10 @@ def report_effects(numbers, history):
     )
 
 
-def main():
-    parser = _common.make_parser("cnn_save_load", __doc__)
-    parser.add_argument(
-        "--epochs", type=int, help="training epochs (default: 15, 1 with --quick)"
-    )
-    parser.add_argument(
-        "--bn-momentum",
-        type=float,
-        default=0.99,
-        help="momentum of BN's moving statistics (default: %(default)s, Keras's)",
-    )
-    parser.add_argument(
-        "--reload",
-        action="store_true",
-        help="only load --out/digits_cnn.keras in this process, predict the "
-        "saved test images and evaluate (the script runs itself this way)",
-    )
-    args = parser.parse_args()
+def main(args):
     if args.reload:
         reload_and_predict(args.out)
         return
-    epochs = args.epochs or (1 if args.quick else 15)
     clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
@@ -199,7 +226,7 @@ def main():
         x_train,
         y_train,
         batch_size=32,
-        epochs=epochs,
+        epochs=args.epochs,
         validation_data=(x_test, y_test),
         verbose=1,
     ).history
@@ -225,7 +252,7 @@ def main():
     }
     history_rows = [
         {"epoch": epoch + 1, **{key: values[epoch] for key, values in history.items()}}
-        for epoch in range(epochs)
+        for epoch in range(args.epochs)
     ]
     _common.write_csv(args.out / "history.csv", history_rows)
     _common.write_csv(
@@ -235,8 +262,8 @@ def main():
     plot(history, numbers, args.out / "cnn_save_load.png")
     _common.print_table([{"quantity": k, "value": v} for k, v in numbers.items()])
     report_effects(numbers, history)
-    print(f"wall time: {clock.seconds():.0f} s; figures and CSV in {args.out}")
+    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -9,8 +9,8 @@ before each sigmoid. The script plots
       the last hidden layer, over training, without and with BN.
 
 It prints the number of steps each network needs to reach a test-accuracy
-threshold, and how far the sigmoid's input distribution moves. Figures and a
-CSV go to --out.
+threshold, and how far the sigmoid's input distribution moves. The figure
+(a PNG) and a CSV go to --out.
 
 The percentiles are recorded by `keras_bn.callbacks.ActivationStatistics` on
 the test images, in inference mode. BN runs with momentum 0.9 here, so its
@@ -22,14 +22,57 @@ Network Training by Reducing Internal Covariate Shift", ICML 2015.
 """
 
 import _common
-import keras
-import matplotlib.pyplot as plt
-import numpy as np
-import tensorflow as tf
 
-from keras_bn import BatchNormalization
-from keras_bn.callbacks import ActivationStatistics
-from keras_bn.losses import SoftmaxCrossEntropy
+
+def parse_args(argv=None):
+    parser = _common.make_parser("covariate_shift", __doc__)
+    parser.add_size(
+        "--steps", "training steps, a multiple of --eval-every", full=6000, quick=100
+    )
+    parser.add_size(
+        "--eval-every",
+        "steps between evaluations and percentile records",
+        full=50,
+        quick=20,
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=_common.positive_float,
+        default=0.5,
+        help="SGD learning rate, the same for both networks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--init-stddev",
+        type=_common.positive_float,
+        default=0.1,
+        help="stddev of the Gaussian initial weights (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_common.unit_fraction,
+        default=0.9,
+        help="test accuracy to reach (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.steps % args.eval_every:
+        parser.error(
+            f"--steps ({args.steps}) must be a multiple of --eval-every "
+            f"({args.eval_every})"
+        )
+    return args
+
+
+# Parse before importing TensorFlow: --help and bad arguments answer at once.
+ARGS = parse_args() if __name__ == "__main__" else None
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_bn import BatchNormalization  # noqa: E402
+from keras_bn.callbacks import ActivationStatistics  # noqa: E402
+from keras_bn.losses import SoftmaxCrossEntropy  # noqa: E402
 
 HIDDEN_LAYERS = 3
 HIDDEN_UNITS = 100
@@ -63,7 +106,10 @@ def build_mlp(input_dim, use_bn, init_stddev):
 
 
 def train(data, use_bn, args):
-    """Trains one network; returns (steps, test accuracies, percentile stats)."""
+    """Trains one network; returns (steps, test accuracies, percentile stats).
+
+    Keras prints one line per evaluation, every `args.eval_every` steps.
+    """
     x_train, y_train, x_test, y_test = data.flat()
     keras.utils.set_random_seed(args.seed)
     model = build_mlp(x_train.shape[1], use_bn, args.init_stddev)
@@ -95,7 +141,7 @@ def train(data, use_bn, args):
         validation_batch_size=len(x_test),
         callbacks=[stats],
         shuffle=False,  # the dataset is shuffled
-        verbose=0,
+        verbose=2,
     )
     accuracies = [initial_accuracy, *history.history["val_accuracy"]]
     steps = np.arange(len(accuracies)) * args.eval_every
@@ -152,29 +198,43 @@ def report_effects(summary, threshold):
 
 
 def plot(results, threshold, path):
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
-    for name, (steps, accuracies, _) in results.items():
-        axes[0].plot(steps, accuracies, label=name)
-    axes[0].axhline(threshold, color="gray", linestyle=":", linewidth=1)
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    for color, (name, (steps, accuracies, _)) in zip(_common.COLORS, results.items()):
+        axes[0].plot(steps, accuracies, color=color, label=name)
+    axes[0].axhline(
+        threshold,
+        **_common.THRESHOLD_STYLE,
+        label=f"{threshold:.0%} test-accuracy threshold",
+    )
     axes[0].set(
         title="(a) test accuracy",
         xlabel="training step",
-        ylabel="accuracy",
+        ylabel="test accuracy",
         ylim=(0, 1),
     )
-    axes[0].legend()
     limits = _shared_limits(
         [stats.percentiles[WATCHED_LAYER] for *_, stats in results.values()]
     )
+    styles = dict(zip(PERCENTILES, (":", "-", "--")))
     for ax, label, (name, (*_, stats)) in zip(axes[1:], "bc", results.items()):
-        stats.plot(ax, layer=WATCHED_LAYER)
+        values = stats.percentiles[WATCHED_LAYER]
+        for column, level in enumerate(PERCENTILES):
+            ax.plot(
+                stats.steps,
+                values[:, column],
+                color="black",
+                linestyle=styles[level],
+                linewidth=1.2,
+                label=f"{level}th percentile",
+            )
         ax.set(
             title=f"({label}) {name}: input of one last-layer sigmoid",
+            xlabel="training step",
+            ylabel="sigmoid input (test images)",
             ylim=limits,
-            ylabel="sigmoid input",
         )
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _common.legend_below(figure, axes[0], axes[1])
+    _common.save_figure(figure, path)
 
 
 def _shared_limits(arrays):
@@ -184,48 +244,20 @@ def _shared_limits(arrays):
     return low - margin, high + margin
 
 
-def main():
-    parser = _common.make_parser("covariate_shift", __doc__)
-    parser.add_argument(
-        "--steps", type=int, help="training steps (default: 6000, 100 with --quick)"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=50,
-        help="steps between evaluations and percentile records (default: "
-        "%(default)s, at most 20 with --quick)",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=0.5,
-        help="SGD learning rate, the same for both networks (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--init-stddev",
-        type=float,
-        default=0.1,
-        help="stddev of the Gaussian initial weights (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=0.9,
-        help="test accuracy to reach (default: %(default)s)",
-    )
-    args = parser.parse_args()
-    if args.steps is None:
-        args.steps = 100 if args.quick else 6000
-    if args.quick:
-        args.eval_every = min(args.eval_every, 20)
+def main(args):
     clock = _common.Stopwatch()
     data = _common.prepare_run(args)
-
-    results = {
-        "without BN": train(data, use_bn=False, args=args),
-        "with BN": train(data, use_bn=True, args=args),
-    }
+    results = {}
+    for index, (name, use_bn) in enumerate(
+        (("without BN", False), ("with BN", True)), start=1
+    ):
+        _common.announce(
+            index,
+            2,
+            f"{name}: {args.steps} steps; each Keras epoch below is "
+            f"{args.eval_every} steps and one evaluation",
+        )
+        results[name] = train(data, use_bn=use_bn, args=args)
 
     rows, summary = [], []
     for name, (steps, accuracies, stats) in results.items():
@@ -254,8 +286,8 @@ def main():
     plot(results, args.threshold, args.out / "covariate_shift.png")
     _common.print_table(summary)
     report_effects(summary, args.threshold)
-    print(f"wall time: {clock.seconds():.0f} s; figures and CSV in {args.out}")
+    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -192,10 +192,10 @@ def test_malformed_npz_raises_naming_the_problem(tmp_path, arrays, message):
     assert str(path) in str(error.value)
 
 
-def test_non_npz_file_raises_naming_the_path(tmp_path):
+def test_text_file_is_named_as_not_an_npz_archive(tmp_path):
     path = tmp_path / "mnist.npz"
     path.write_text("not an archive")
-    with pytest.raises(ValueError, match="cannot read") as error:
+    with pytest.raises(ValueError, match="is not an .npz archive") as error:
         _common.load_data(path)
     assert str(path) in str(error.value)
 
