@@ -46,6 +46,8 @@ Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from keras_bn.ops.axes import broadcast_shape
@@ -54,9 +56,9 @@ from keras_bn.ops.axes import merge_adjacent_axes
 from keras_bn.ops.axes import merged_shape
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
-from keras_bn.ops.dtypes import statically_zero
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
@@ -172,19 +174,22 @@ def _kept(t, mask):
     return t if mask is None else tf.where(mask, t, tf.zeros([], t.dtype))
 
 
-def _renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clip):
-    """Batch Renormalization's `r` and `d` (Ioffe, 2017), treated as constants."""
+def _renorm_correction(mean, variance, renorm, epsilon):
+    """Batch Renormalization's `r` and `d` (Ioffe, 2017), constants by design.
+
+    Computed from the forward pass's stopped statistics: as in the paper, no
+    gradient flows through them.
+    """
     stddev = tf.sqrt(variance + epsilon)
-    renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(tf.cast(epsilon, mean.dtype)))
+    renorm_stddev = tf.maximum(renorm.stddev, tf.sqrt(tf.cast(epsilon, mean.dtype)))
     r = stddev / renorm_stddev
-    d = (mean - renorm_mean) / renorm_stddev
-    rmin, rmax, dmax = clip
-    if rmin is not None:
-        r = tf.maximum(r, rmin)
-    if rmax is not None:
-        r = tf.minimum(r, rmax)
-    if dmax is not None:
-        d = tf.clip_by_value(d, -dmax, dmax)
+    d = (mean - renorm.mean) / renorm_stddev
+    if renorm.rmin is not None:
+        r = tf.maximum(r, renorm.rmin)
+    if renorm.rmax is not None:
+        r = tf.minimum(r, renorm.rmax)
+    if renorm.dmax is not None:
+        d = tf.clip_by_value(d, -renorm.dmax, renorm.dmax)
     return r, d
 
 
@@ -210,6 +215,31 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=Fal
     return reason is None
 
 
+class Renorm(NamedTuple):
+    """Batch Renormalization's inputs: the moving statistics it corrects
+    towards (shaped as `gamma`) and the optional clipping bounds of `r`
+    (`[rmin, rmax]`) and `d` (`[-dmax, dmax]`)."""
+
+    mean: tf.Tensor
+    stddev: tf.Tensor
+    rmin: float = None
+    rmax: float = None
+    dmax: float = None
+
+
+class _Layout(NamedTuple):
+    """The static layout of one training-mode call, shared by both passes."""
+
+    view: object  # x's shape with adjacent reduced (and feature) axes merged
+    red: list  # the reduced axes of the view
+    shape: object  # the broadcast shape of a per-feature tensor on the view
+    mask: object  # boolean, broadcastable to the view, or None
+    names: tuple  # the parameters given, of ("gamma", "beta")
+    dtype: tf.DType  # the compute dtype
+    epsilon: float
+    replica: object  # the replica context to synchronize over, or None
+
+
 def _batch_norm_train(
     x, gamma, beta, axis, epsilon, mask, renorm, fused=False, synchronized=False
 ):
@@ -232,96 +262,138 @@ def _batch_norm_train(
     # adjacent feature axes): [N, H, W, C] is viewed as [N * H * W, C].
     groups = merge_adjacent_axes(rank, axes)
     view = merged_shape(x, groups)
-    red = [i for i, (is_feature, _) in enumerate(groups) if not is_feature]
-    shape = merged_shape(x, groups, reduced=False)
     if mask is not None:
         mask = tf.reshape(mask, merged_shape(x, groups, features=False))
+    layout = _Layout(
+        view=view,
+        red=[i for i, (is_feature, _) in enumerate(groups) if not is_feature],
+        shape=merged_shape(x, groups, reduced=False),
+        mask=mask,
+        names=tuple(params),
+        dtype=dtype,
+        epsilon=epsilon,
+        replica=replica,
+    )
     if renorm is not None:
-        renorm_stats = _present_params(
-            renorm_mean=renorm["mean"], renorm_stddev=renorm["stddev"]
+        stats = _present_params(renorm_mean=renorm.mean, renorm_stddev=renorm.stddev)
+        _check_param_shapes(x, axes, stats)
+        stats = _reshape_params(stats, layout.shape, dtype)
+        renorm = renorm._replace(
+            mean=stats["renorm_mean"], stddev=stats["renorm_stddev"]
         )
-        _check_param_shapes(x, axes, renorm_stats)
-        renorm_stats = _reshape_params(renorm_stats, shape, dtype)
+    features = _feature_shape(x, axes)
+    if any(d is None for d in features):
+        features = tf.gather(tf.shape(x), axes)
 
-    @tf.custom_gradient
     def forward(x, *values):
-        # Only the custom gradient below differentiates this function: stopping
-        # the tape here keeps an outer eager tape from holding intermediates.
-        x = tf.stop_gradient(x)
-        p = _reshape_params(
-            dict(zip(params, [tf.stop_gradient(v) for v in values])), shape, dtype
-        )
-        xf = tf.cast(tf.reshape(x, view), dtype)
-        mean, variance, centred, count = _moments(xf, red, mask)
-        if replica is not None:
-            count, mean, variance = combine_moments(replica, count, mean, variance)
-            centred = xf - mean  # from the global mean
-        safe_count = tf.maximum(count, 1.0)
-        inv = tf.math.rsqrt(variance + epsilon)
-        gamma = p.get("gamma")
-        scale = inv if gamma is None else inv * gamma
-        offset = p.get("beta", tf.zeros([], dtype))
-        if renorm is not None:
-            r, d = _renorm_correction(
-                mean,
-                variance,
-                renorm_stats["renorm_mean"],
-                renorm_stats["renorm_stddev"],
-                epsilon,
-                renorm["clip"],
-            )
-            scale = scale * r
-            offset = offset + (d if gamma is None else d * gamma)
-        # `centred` is the one input-sized tensor the backward pass keeps.
-        y = centred * scale + offset
+        return _train_forward(layout, renorm, features, x, values)
 
-        def grad(dy, dmean, dvariance, dcount):
-            del dcount  # a count has no gradient
-            dy = _kept(tf.cast(tf.reshape(dy, view), dtype), mask)
-            s1 = _sum(dy, red)
-            s2 = _sum(dy * centred, red)  # sum(dy * (x - mean))
-            # Gradients reaching the returned statistics, unless no loss uses
-            # them (the usual case, known when the graph is built).
-            live = not (statically_zero(dmean) and statically_zero(dvariance))
-            local_s1, local_s2 = s1, s2
-            if live:
-                dmean = _upstream(dmean, s1, shape)
-                dvariance = _upstream(dvariance, s1, shape)
-                sums = (s1, s2, dmean, dvariance)
-            else:
-                sums = (s1, s2)
-            if replica is not None:
-                sums = sum_over_replicas(replica, *sums)
-            s1, s2 = sums[:2]
-            b = -scale * tf.square(inv) * s2 / safe_count
-            c = -scale * s1 / safe_count
-            if live:
-                b += 2.0 * sums[3] / safe_count
-                c += sums[2] / safe_count
-            dx = _kept(dy * scale + (centred * b + c), mask)
-            # Per-replica contributions: the strategy sums them across replicas.
-            grads = {"beta": local_s1}
-            if renorm is None:
-                grads["gamma"] = inv * local_s2
-            else:
-                grads["gamma"] = r * inv * local_s2 + d * local_s1
-            return (tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype),) + tuple(
-                tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
-                for name, v in zip(params, values)
-            )
+    def backward(context, upstream, hidden_upstream):
+        return _train_backward(layout, context, upstream, hidden_upstream)
 
-        features = _feature_shape(x, axes)
-        if any(d is None for d in features):
-            features = tf.gather(tf.shape(x), axes)
-        outputs = (
-            tf.reshape(tf.cast(y, x.dtype), tf.shape(x)),
-            tf.reshape(mean, features),
-            tf.reshape(variance, features),
-            tf.reduce_max(count),  # equal for every feature; a scalar
-        )
-        return outputs, grad
+    return custom_op(forward, backward, x, *params.values())
 
-    return forward(x, *params.values())
+
+def _train_forward(layout, renorm, features, x, values):
+    """The training forward pass: `(outputs, hidden, saved)` for `custom_op`.
+
+    Outputs `(y, mean, variance, count)`; one hidden output, `x - mean` on
+    the view (the one input-sized tensor the backward pass keeps); saved: the
+    count at broadcast shape and renorm's `(r, d)` (constants by definition).
+    """
+    p = _reshape_params(dict(zip(layout.names, values)), layout.shape, layout.dtype)
+    xf = tf.cast(tf.reshape(x, layout.view), layout.dtype)
+    mean, variance, centred, count = _moments(xf, layout.red, layout.mask)
+    if layout.replica is not None:
+        count, mean, variance = combine_moments(layout.replica, count, mean, variance)
+        centred = xf - mean  # from the global mean
+    inv = tf.math.rsqrt(variance + layout.epsilon)
+    gamma = p.get("gamma")
+    scale = inv if gamma is None else inv * gamma
+    offset = p.get("beta", tf.zeros([], layout.dtype))
+    correction = None
+    if renorm is not None:
+        correction = _renorm_correction(mean, variance, renorm, layout.epsilon)
+        r, d = correction
+        scale = scale * r
+        offset = offset + (d if gamma is None else d * gamma)
+    y = centred * scale + offset
+    outputs = (
+        tf.reshape(tf.cast(y, x.dtype), tf.shape(x)),
+        tf.reshape(mean, features),
+        tf.reshape(variance, features),
+        tf.reduce_max(count),  # equal for every feature; a scalar
+    )
+    return outputs, (centred,), (count, correction)
+
+
+def _train_backward(layout, context, upstream, hidden_upstream):
+    r"""The training backward pass, built to be differentiated again.
+
+    With `S1 = sum(dy)`, `S2 = sum(dy * (x - mean))` over the `N` (unmasked)
+    positions and `scale = gamma * inv` (times renorm's `r`):
+
+        dx     = dy * scale + (x - mean) * b + c
+        b      = -scale * inv^2 * S2 / N + 2 * dvariance / N
+        c      = -scale * S1 / N + dmean / N
+        dgamma = inv * S2                (renorm: r * inv * S2 + d * S1)
+        dbeta  = S1
+
+    (module docstring). The hidden output `x - mean` adds its own
+    vector-Jacobian product for an upstream `dc`: `dx += dc - sum(dc) / N` at
+    the unmasked positions (`dc` elsewhere). Everything is computed from the
+    op's original inputs and its outputs (`variance`, `x - mean`), so a
+    second differentiation runs through this op again: the terms of every
+    higher order follow.
+    """
+    x, *values = context.inputs
+    _, _, variance, _ = context.outputs
+    (centred,) = context.hidden
+    dy, dmean, dvariance, _ = upstream  # a count has no gradient
+    (dcentred,) = hidden_upstream
+    count, correction = context.saved
+    mask, red, shape, dtype = layout.mask, layout.red, layout.shape, layout.dtype
+    safe_count = tf.maximum(count, 1.0)
+    p = _reshape_params(dict(zip(layout.names, values)), shape, dtype)
+    inv = tf.math.rsqrt(tf.reshape(variance, shape) + layout.epsilon)
+    gamma = p.get("gamma")
+    scale = inv if gamma is None else inv * gamma
+    if correction is not None:
+        scale = scale * correction[0]
+    dy = _kept(tf.cast(tf.reshape(dy, layout.view), dtype), mask)
+    s1 = _sum(dy, red)
+    s2 = _sum(dy * centred, red)  # sum(dy * (x - mean))
+    sums = {"s1": s1, "s2": s2}
+    # Gradients reaching the returned statistics, unless no loss uses them
+    # (the usual case, known when the graph is built).
+    if context.live(dmean, hidden=False) or context.live(dvariance, hidden=False):
+        sums["dmean"] = _upstream(dmean, s1, shape)
+        sums["dvariance"] = _upstream(dvariance, s1, shape)
+    if context.live(dcentred):
+        dcentred = tf.cast(dcentred, dtype)
+        sums["dcentred"] = _sum(dcentred, red)
+    total = sums
+    if layout.replica is not None:
+        total = dict(zip(sums, sum_over_replicas(layout.replica, *sums.values())))
+    b = -scale * tf.square(inv) * total["s2"] / safe_count
+    c = -scale * total["s1"] / safe_count
+    if "dmean" in total:
+        b += 2.0 * total["dvariance"] / safe_count
+        c += total["dmean"] / safe_count
+    dx = _kept(dy * scale + (centred * b + c), mask)
+    if "dcentred" in total:
+        dx += dcentred - _kept(total["dcentred"] / safe_count, mask)
+    # Per-replica contributions: the strategy sums them across replicas.
+    grads = {"beta": s1}
+    if correction is None:
+        grads["gamma"] = inv * s2
+    else:
+        r, d = correction
+        grads["gamma"] = r * inv * s2 + d * s1
+    return (tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype),) + tuple(
+        tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
+        for name, v in zip(layout.names, values)
+    )
 
 
 def _upstream(gradient, like, shape):
@@ -454,11 +526,7 @@ def batch_renorm_train(
     >>> y.shape
     TensorShape([32, 8])
     """
-    renorm = {
-        "mean": renorm_mean,
-        "stddev": renorm_stddev,
-        "clip": (rmin, rmax, dmax),
-    }
+    renorm = Renorm(renorm_mean, renorm_stddev, rmin, rmax, dmax)
     outputs = _batch_norm_train(
         x, gamma, beta, axis, epsilon, mask, renorm, False, synchronized
     )
@@ -503,38 +571,42 @@ def batch_norm_inference(
     x, axes, epsilon, params = _inference_inputs(
         x, mean, variance, gamma, beta, axis, epsilon
     )
-    red = reduction_axes(x.shape.rank, axes)
-    dtype = compute_dtype(x.dtype)
-    shape = broadcast_shape(x, axes)
     fused = use_fused(fused, x, axes, epsilon)
+    names = tuple(params)
 
-    @tf.custom_gradient
     def forward(x, *values):
-        x = tf.stop_gradient(x)
-        given = dict(zip(params, [tf.stop_gradient(v) for v in values]))
-        y = _normalize_with(x, given, axes, epsilon, fused)
+        y = _normalize_with(x, dict(zip(names, values)), axes, epsilon, fused)
+        return (y,), (), None
 
-        def grad(dy):
-            p = _reshape_params(given, shape, dtype)
-            inv = tf.math.rsqrt(p["variance"] + epsilon)
-            scale = inv * p["gamma"] if "gamma" in p else inv
-            dy = tf.cast(dy, dtype)
-            s1 = _sum(dy, red)
-            s2 = _sum(dy * (tf.cast(x, dtype) - p["mean"]), red)
-            grads = {
-                "mean": -scale * s1,
-                "variance": -0.5 * scale * tf.square(inv) * s2,
-                "gamma": inv * s2,
-                "beta": s1,
-            }
-            return (tf.cast(dy * scale, x.dtype),) + tuple(
-                tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
-                for name, v in zip(params, values)
-            )
+    def backward(context, upstream, hidden_upstream):
+        del hidden_upstream  # none
+        return _inference_backward(context, upstream[0], names, axes, epsilon)
 
-        return y, grad
+    return custom_op(forward, backward, x, *params.values())[0]
 
-    return forward(x, *params.values())
+
+def _inference_backward(context, dy, names, axes, epsilon):
+    """The inference backward pass (module docstring), from the original
+    inputs only, so it differentiates again to every order."""
+    x, *values = context.inputs
+    dtype = compute_dtype(x.dtype)
+    red = reduction_axes(x.shape.rank, axes)
+    p = _reshape_params(dict(zip(names, values)), broadcast_shape(x, axes), dtype)
+    inv = tf.math.rsqrt(p["variance"] + epsilon)
+    scale = inv * p["gamma"] if "gamma" in p else inv
+    dy = tf.cast(dy, dtype)
+    s1 = _sum(dy, red)
+    s2 = _sum(dy * (tf.cast(x, dtype) - p["mean"]), red)
+    grads = {
+        "mean": -scale * s1,
+        "variance": -0.5 * scale * tf.square(inv) * s2,
+        "gamma": inv * s2,
+        "beta": s1,
+    }
+    return (tf.cast(dy * scale, x.dtype),) + tuple(
+        tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
+        for name, v in zip(names, values)
+    )
 
 
 def _inference_inputs(x, mean, variance, gamma, beta, axis, epsilon):

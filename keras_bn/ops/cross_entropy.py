@@ -67,6 +67,7 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.axes import validate_axis_argument
+from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.xla import in_xla_function
@@ -195,12 +196,7 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
     labels = _check_shapes(labels, logits, axis, sparse=False)
     dtype = compute_dtype(logits.dtype)
 
-    @tf.custom_gradient
     def forward(labels, logits):
-        # Only the gradient below differentiates this function: stopping the
-        # tape here keeps an outer eager tape from holding intermediates.
-        labels = tf.stop_gradient(labels)
-        logits = tf.stop_gradient(logits)
         num_classes = _num_classes(logits, axis, dtype)
         xf = tf.cast(logits, dtype)
         row_max = tf.reduce_max(xf, axis=axis, keepdims=True)
@@ -208,8 +204,7 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         exp_z = tf.exp(z)
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
         sum_exp = tf.reduce_sum(exp_z, axis=axis, keepdims=True)
-        log_sum = tf.math.log(sum_exp)
-        loss_terms = target * (log_sum - z)  # t * -log p
+        loss_terms = target * (tf.math.log(sum_exp) - z)  # t * -log p
         if in_xla_function():
             # The loss and sum(t) in one reduction: one kernel instead of two
             # under XLA, which runs each reduction as its own kernel.
@@ -218,21 +213,58 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         else:
             loss = tf.reduce_sum(loss_terms, axis=axis)
             total = tf.reduce_sum(target, axis=axis, keepdims=True)
+        # exp(z), its row sums and sum(t) are hidden outputs: the backward
+        # pass keeps one logits-sized tensor, exp(z), and differentiates
+        # through all three.
+        return (loss,), (exp_z, sum_exp, total), (row_max, num_classes)
 
-        def grad(upstream):
-            upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
-            # The targets and -log p are rebuilt from the inputs and per-row
-            # values: the backward pass keeps one logits-sized tensor, exp(z).
-            target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
-            # softmax * sum(t) - t, reusing the forward's exponentials.
-            dlogits = upstream * (exp_z * (total / sum_exp) - target)
-            neg_log_p = log_sum - (tf.cast(logits, dtype) - row_max)
-            dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
-            return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
+    def backward(context, upstream, hidden_upstream):
+        return _dense_backward(context, upstream[0], hidden_upstream, axis, smoothing)
 
-        return loss, grad
+    return custom_op(forward, backward, labels, logits)[0]
 
-    return forward(labels, logits)
+
+def _dense_backward(context, upstream, hidden_upstream, axis, smoothing):
+    r"""The dense cross-entropy backward pass (module docstring).
+
+    From the original labels and logits and the hidden outputs `u = exp(x -
+    m)`, `S = sum(u)` and `T = sum(t)`, with the row maximum `m` a constant
+    (every use of `u` is through `u / S`, which does not depend on `m`):
+
+        dlogits = upstream * (u * T / S - t)
+        dlabels = upstream * (1 - s) * (log(S) + m - x)     (-log p)
+
+    plus the hidden outputs' own vector-Jacobian products for upstream
+    gradients `du`, `dS`, `dT`: `dlogits += u * (du + dS)` and
+    `dlabels += (1 - s) * dT`.
+    """
+    labels, logits = context.inputs
+    exp_z, sum_exp, total = context.hidden
+    row_max, num_classes = context.saved
+    dtype = exp_z.dtype
+    upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
+    target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
+    # softmax * sum(t) - t, reusing the forward's exponentials.
+    dlogits = upstream * (exp_z * (total / sum_exp) - target)
+    neg_log_p = tf.math.log(sum_exp) - (tf.cast(logits, dtype) - row_max)
+    dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
+    dlogits = _add_exp_terms(context, dlogits, hidden_upstream[:2], exp_z)
+    if context.live(hidden_upstream[2]):
+        dlabels += (1.0 - smoothing) * tf.cast(hidden_upstream[2], dtype)
+    return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
+
+
+def _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis=None):
+    """`dlogits + u * (du + dS)`: the vector-Jacobian products of the hidden
+    outputs `u = exp(x - m)` and `S = sum(u)` (`dS` is expanded at `axis`
+    when given, else already at broadcast shape)."""
+    du, dsum = hidden_upstream
+    terms = [du] if context.live(du) else []
+    if context.live(dsum):
+        terms.append(dsum if axis is None else tf.expand_dims(dsum, axis))
+    if not terms:
+        return dlogits
+    return dlogits + exp_z * (terms[0] if len(terms) == 1 else terms[0] + terms[1])
 
 
 def _sparse_labels(labels, logits, axis, ignore_class, name):
@@ -365,9 +397,7 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
     safe_labels = tf.where(in_range, labels, tf.zeros([], labels.dtype))
     dtype = compute_dtype(logits.dtype)
 
-    @tf.custom_gradient
     def forward(logits):
-        logits = tf.stop_gradient(logits)
         xf = tf.cast(logits, dtype)
         z = xf - tf.reduce_max(xf, axis=axis, keepdims=True)
         exp_z = tf.exp(z)
@@ -376,26 +406,29 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
         if smoothing:
             loss -= smoothing * tf.reduce_mean(z, axis=axis)
         loss = _per_example_mask(loss, in_range, ignored)
+        return (loss,), (exp_z, total), None
 
-        def grad(upstream):
-            upstream = _per_example_mask(tf.cast(upstream, dtype), in_range, ignored)
-            # upstream * softmax, then the smoothing and label terms.
-            dlogits = exp_z * tf.expand_dims(upstream / total, axis)
-            if smoothing:
-                off = smoothing / _num_classes(logits, axis, dtype)
-                dlogits -= tf.expand_dims(off * upstream, axis)
-            hit = upstream if not smoothing else (1.0 - smoothing) * upstream
-            dlogits = _subtract_at_labels(dlogits, safe_labels, hit, axis)
-            if ignored is not None:
-                # Zero even where ignored logits are not finite.
-                dlogits = tf.where(
-                    tf.expand_dims(ignored, axis), tf.zeros([], dtype), dlogits
-                )
-            return tf.cast(dlogits, logits.dtype)
+    def backward(context, upstream, hidden_upstream):
+        (logits,) = context.inputs
+        exp_z, total = context.hidden
+        upstream = _per_example_mask(tf.cast(upstream[0], dtype), in_range, ignored)
+        # upstream * softmax, then the smoothing and label terms.
+        dlogits = exp_z * tf.expand_dims(upstream / total, axis)
+        if smoothing:
+            off = smoothing / _num_classes(logits, axis, dtype)
+            dlogits -= tf.expand_dims(off * upstream, axis)
+        hit = upstream if not smoothing else (1.0 - smoothing) * upstream
+        dlogits = _subtract_at_labels(dlogits, safe_labels, hit, axis)
+        # The hidden outputs exp(z) and its sums, as in the dense case.
+        dlogits = _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis)
+        if ignored is not None:
+            # Zero even where ignored logits are not finite.
+            dlogits = tf.where(
+                tf.expand_dims(ignored, axis), tf.zeros([], dtype), dlogits
+            )
+        return (tf.cast(dlogits, logits.dtype),)
 
-        return loss, grad
-
-    return forward(logits)
+    return custom_op(forward, backward, logits)[0]
 
 
 def probability_cross_entropy(
@@ -438,50 +471,54 @@ def probability_cross_entropy(
     )
     dtype = compute_dtype(probabilities.dtype)
 
-    @tf.custom_gradient
     def forward(labels, probabilities):
-        labels = tf.stop_gradient(labels)
-        probabilities = tf.stop_gradient(probabilities)
         num_classes = _num_classes(probabilities, axis, dtype)
         pf = tf.cast(probabilities, dtype)
         total = tf.reduce_sum(pf, axis=axis, keepdims=True)
         normalized = pf / total
-        q = tf.clip_by_value(normalized, epsilon, 1.0 - epsilon)
-        log_q = tf.math.log(q)
+        log_q = tf.math.log(tf.clip_by_value(normalized, epsilon, 1.0 - epsilon))
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
         loss = -tf.reduce_sum(target * log_q, axis=axis)
+        return (loss,), (total, normalized), num_classes
 
-        def grad(upstream):
-            upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
-            target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
-            inside = tf.logical_and(normalized >= epsilon, normalized <= 1.0 - epsilon)
-            g = tf.where(inside, -upstream * target / q, tf.zeros([], dtype))
-            dp = (g - tf.reduce_sum(g * normalized, axis=axis, keepdims=True)) / total
-            dlabels = (-upstream * (1.0 - smoothing)) * log_q
-            return tf.cast(dlabels, labels.dtype), tf.cast(dp, probabilities.dtype)
+    def backward(context, upstream, hidden_upstream):
+        labels, probabilities = context.inputs
+        total, normalized = context.hidden
+        dtotal, dnormalized = hidden_upstream
+        upstream = tf.expand_dims(tf.cast(upstream[0], dtype), axis)
+        target = _smooth(tf.cast(labels, dtype), context.saved, smoothing)
+        q = tf.clip_by_value(normalized, epsilon, 1.0 - epsilon)
+        inside = tf.logical_and(normalized >= epsilon, normalized <= 1.0 - epsilon)
+        g = tf.where(inside, -upstream * target / q, tf.zeros([], dtype))
+        if context.live(dnormalized):
+            g += dnormalized  # the hidden p / sum(p) shares the Jacobian
+        dp = (g - tf.reduce_sum(g * normalized, axis=axis, keepdims=True)) / total
+        if context.live(dtotal):
+            dp += dtotal  # the hidden sum(p)
+        dlabels = (-upstream * (1.0 - smoothing)) * tf.math.log(q)
+        return tf.cast(dlabels, labels.dtype), tf.cast(dp, probabilities.dtype)
 
-        return loss, grad
-
-    return forward(labels, probabilities)
+    return custom_op(forward, backward, labels, probabilities)[0]
 
 
 def _clipped_log(probabilities, epsilon, dtype):
     """`log(clip(p, epsilon, 1 - epsilon))` in `dtype`; derivative 1/p inside."""
 
-    @tf.custom_gradient
     def forward(p):
-        p = tf.stop_gradient(p)
+        clipped = tf.clip_by_value(tf.cast(p, dtype), epsilon, 1.0 - epsilon)
+        return (tf.math.log(clipped),), (), None
+
+    def backward(context, upstream, hidden_upstream):
+        del hidden_upstream  # none
+        (p,) = context.inputs
         pf = tf.cast(p, dtype)
         clipped = tf.clip_by_value(pf, epsilon, 1.0 - epsilon)
+        inside = tf.logical_and(pf >= epsilon, pf <= 1.0 - epsilon)
+        dy = tf.cast(upstream[0], dtype)
+        dp = tf.where(inside, dy / clipped, tf.zeros([], dtype))
+        return (tf.cast(dp, p.dtype),)
 
-        def grad(dy):
-            inside = tf.logical_and(pf >= epsilon, pf <= 1.0 - epsilon)
-            dp = tf.where(inside, tf.cast(dy, dtype) / clipped, tf.zeros([], dtype))
-            return tf.cast(dp, p.dtype)
-
-        return tf.math.log(clipped), grad
-
-    return forward(probabilities)
+    return custom_op(forward, backward, probabilities)[0]
 
 
 def sparse_probability_cross_entropy(

@@ -24,7 +24,7 @@ closed form (`fused=False`) keeps it to rounding.
 import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
-from keras_bn.ops.dtypes import statically_zero
+from keras_bn.ops.custom_op import custom_op
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 MIN_EPSILON = 1.001e-5
@@ -80,15 +80,19 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
     `axis` is the single, non-negative feature axis; the caller has checked
     `fused_unavailable_reason`. Returns `(y, batch_mean, batch_variance, count)`,
     statistics in float32 with the biased variance.
+
+    The backward pass calls `FusedBatchNormGradV3` on the original `x` and
+    `gamma` (not the stopped copies), and adds the statistics' terms from the
+    op's own `mean` output: TensorFlow's registered gradient of that kernel
+    (the closed form, recomputed from `x` in differentiable ops) then gives
+    every higher order.
     """
-    params = {k: v for k, v in (("gamma", gamma), ("beta", beta)) if v is not None}
+    names = tuple(k for k, v in (("gamma", gamma), ("beta", beta)) if v is not None)
     channels = x.shape[axis]
     empty = tf.constant([], tf.float32)
 
-    @tf.custom_gradient
     def forward(x, *values):
-        x = tf.stop_gradient(x)
-        p = dict(zip(params, [tf.stop_gradient(v) for v in values]))
+        p = dict(zip(names, values))
         scale, offset = _scale_offset(p.get("gamma"), p.get("beta"), channels)
         x4, data_format = _as_4d(x, axis)
         out = tf.raw_ops.FusedBatchNormV3(
@@ -108,9 +112,22 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             has_examples, out.batch_variance * (tf.maximum(count, 1.0) - 1.0), 0.0
         ) / tf.maximum(count, 1.0)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
+        y = tf.reshape(out.y, tf.shape(x))
+        return (y, mean, variance, count), (), (reserve, data_format)
 
-        def grad(dy, dmean, dvariance, dcount):
-            del dcount  # a count has no gradient
+    def backward(context, upstream, hidden_upstream):
+        del hidden_upstream  # none
+        x, *values = context.inputs
+        dy, dmean, dvariance, _ = upstream  # a count has no gradient
+        p = dict(zip(names, values))
+        scale, _ = _scale_offset(p.get("gamma"), None, channels)
+        if context.recording:
+            dx, dscale, doffset = _closed_form_backward(
+                context, dy, scale, axis, epsilon
+            )
+        else:
+            reserve, data_format = context.saved
+            x4, _ = _as_4d(x, axis)
             dy4, _ = _as_4d(dy, axis)
             dx4, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy4,
@@ -124,21 +141,57 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
                 is_training=True,
             )
             dx = tf.reshape(dx4, tf.shape(x))
-            dx = _add_statistics_gradient(dx, x, mean, dmean, dvariance, count, axis)
-            grads = {"gamma": dscale, "beta": doffset}
-            return (dx,) + tuple(
-                tf.cast(grads[name], v.dtype) for name, v in zip(params, values)
-            )
+        _, mean, _, count = context.outputs
+        dx = _add_statistics_gradient(
+            context, dx, x, mean, dmean, dvariance, count, axis
+        )
+        grads = {"gamma": dscale, "beta": doffset}
+        return (dx,) + tuple(
+            tf.cast(grads[name], v.dtype) for name, v in zip(names, values)
+        )
 
-        y = tf.reshape(out.y, tf.shape(x))
-        return (y, mean, variance, count), grad
-
-    return forward(x, *params.values())
+    return custom_op(forward, backward, x, *[v for v in (gamma, beta) if v is not None])
 
 
-def _add_statistics_gradient(dx, x, mean, dmean, dvariance, count, axis):
-    """dx + dmean / N + 2 * dvariance * (x - mean) / N, when those are nonzero."""
-    if statically_zero(dmean) and statically_zero(dvariance):
+def _closed_form_backward(context, dy, scale, axis, epsilon):
+    r"""The fused kernels' backward pass in plain ops, for a backward pass
+    that is itself differentiated.
+
+    `dx = scale * inv * (dy - S1 / N - (x - mean) * inv^2 * S2 / N)`,
+    `dscale = inv * S2`, `doffset = S1`, with `S1 = sum(dy)` and
+    `S2 = sum(dy * (x - mean))`, from the original `x` and the op's `mean`
+    and `variance` outputs: differentiating it runs through this op again.
+    (TensorFlow's registered gradient of `FusedBatchNormGradV3` holds a
+    nested tape that a forward accumulator cannot see through: its JVPs would
+    come out None eagerly and zero in a graph.)
+    """
+    x = context.inputs[0]
+    _, mean, variance, count = context.outputs
+    shape = [1] * x.shape.rank
+    shape[axis] = -1
+    red = [a for a in range(x.shape.rank) if a != axis]
+    centred = tf.cast(x, tf.float32) - tf.reshape(mean, shape)
+    inv = tf.math.rsqrt(tf.reshape(variance, shape) + epsilon)
+    dy = tf.cast(dy, tf.float32)
+    s1 = tf.reduce_sum(dy, red, keepdims=True)
+    s2 = tf.reduce_sum(dy * centred, red, keepdims=True)
+    safe_count = tf.maximum(count, 1.0)
+    a = tf.reshape(scale, shape) * inv
+    dx = a * (dy - s1 / safe_count - centred * tf.square(inv) * s2 / safe_count)
+    return (
+        tf.cast(dx, x.dtype),
+        tf.reshape(inv * s2, [-1]),
+        tf.reshape(s1, [-1]),
+    )
+
+
+def _add_statistics_gradient(context, dx, x, mean, dmean, dvariance, count, axis):
+    """dx + dmean / N + 2 * dvariance * (x - mean) / N, when those are nonzero.
+
+    From the original `x` and the op's `mean` output, so a differentiated
+    backward pass runs through this op again.
+    """
+    if not (context.live(dmean, hidden=False) or context.live(dvariance, hidden=False)):
         return dx
     shape = [1] * x.shape.rank
     shape[axis] = -1
@@ -149,6 +202,8 @@ def _add_statistics_gradient(dx, x, mean, dmean, dvariance, count, axis):
         centred = tf.cast(x, tf.float32) - tf.reshape(mean, shape)
         return tf.cast(tf.cast(dx, tf.float32) + (centred * b + c), dx.dtype)
 
+    if tf.executing_eagerly() or context.recording:
+        return with_statistics()
     live = tf.reduce_any(tf.not_equal(dmean, 0.0)) | tf.reduce_any(
         tf.not_equal(dvariance, 0.0)
     )

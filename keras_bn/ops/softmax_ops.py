@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
@@ -73,22 +74,38 @@ def softmax(x, axis=-1):
     """
     x, axes, dtype = _prepare(x, axis)
 
-    @tf.custom_gradient
     def forward(x):
-        # Only the gradient below differentiates this function: stopping the
-        # tape here keeps an outer eager tape from holding intermediates.
-        x = tf.stop_gradient(x)
         z, total = _shifted(tf.cast(x, dtype), axes)
         y = tf.exp(z) / total
+        return (tf.cast(y, x.dtype),), _full_precision(y, x), None
 
-        def grad(dy):
-            dy = tf.cast(dy, dtype)
-            dx = y * (dy - tf.reduce_sum(dy * y, axis=axes, keepdims=True))
-            return tf.cast(dx, x.dtype)
+    def backward(context, upstream, hidden_upstream):
+        y, dy = _output_and_upstream(context, upstream, hidden_upstream, dtype)
+        dx = y * (dy - tf.reduce_sum(dy * y, axis=axes, keepdims=True))
+        return (tf.cast(dx, context.inputs[0].dtype),)
 
-        return tf.cast(y, x.dtype), grad
+    return custom_op(forward, backward, x)[0]
 
-    return forward(x)
+
+def _full_precision(y, x):
+    """The output in the compute dtype, as a hidden output where the returned
+    one is rounded to float16/bfloat16 (the backward pass then reads it)."""
+    return () if y.dtype == x.dtype else (y,)
+
+
+def _output_and_upstream(context, upstream, hidden_upstream, dtype):
+    """The output `y` in the compute dtype and the upstream gradient for it.
+
+    A hidden full-precision copy of `y` is the same function of `x`, so its
+    upstream gradient adds to the output's, and one vector-Jacobian product
+    serves both.
+    """
+    dy = tf.cast(upstream[0], dtype)
+    if not context.hidden:
+        return tf.cast(context.outputs[0], dtype), dy
+    if context.live(hidden_upstream[0]):
+        dy += hidden_upstream[0]
+    return context.hidden[0], dy
 
 
 def log_softmax(x, axis=-1):
@@ -116,17 +133,14 @@ def log_softmax(x, axis=-1):
     """
     x, axes, dtype = _prepare(x, axis)
 
-    @tf.custom_gradient
     def forward(x):
-        x = tf.stop_gradient(x)
         z, total = _shifted(tf.cast(x, dtype), axes)
         y = z - tf.math.log(total)
+        return (tf.cast(y, x.dtype),), _full_precision(y, x), None
 
-        def grad(dy):
-            dy = tf.cast(dy, dtype)
-            dx = dy - tf.exp(y) * tf.reduce_sum(dy, axis=axes, keepdims=True)
-            return tf.cast(dx, x.dtype)
+    def backward(context, upstream, hidden_upstream):
+        y, dy = _output_and_upstream(context, upstream, hidden_upstream, dtype)
+        dx = dy - tf.exp(y) * tf.reduce_sum(dy, axis=axes, keepdims=True)
+        return (tf.cast(dx, context.inputs[0].dtype),)
 
-        return tf.cast(y, x.dtype), grad
-
-    return forward(x)
+    return custom_op(forward, backward, x)[0]

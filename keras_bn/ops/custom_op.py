@@ -1,0 +1,157 @@
+r"""Custom-gradient ops that stay differentiable to any order.
+
+Every op in `keras_bn.ops` runs its forward pass on inputs cut from the tape
+(`tf.stop_gradient`), so that an outer eager tape holds none of its
+intermediates, and gives its gradient as a hand-written backward pass. A
+backward pass is itself differentiated by a gradient penalty, a
+Hessian-vector product, `tf.autodiff.ForwardAccumulator` (which transposes
+it) or `jacobian`; it is exact there only if it is built from differentiable
+ops of tensors that the tape links to the op's inputs. `custom_op` arranges
+that:
+
+- the backward pass sees the op's *original* inputs, not the stopped ones;
+- it sees the op's *outputs* as the tape knows them: tensors whose gradient
+  is this op's own backward pass;
+- values the backward pass needs beyond those (say `x - mean`) are *hidden
+  outputs*: the op returns them to the tape and drops them before the caller
+  sees them. The backward pass then also takes an upstream gradient for each
+  hidden output and adds that output's own exact vector-Jacobian product.
+
+Differentiating the backward pass then runs through the op's own backward
+pass again, so the op is differentiable to every order, with each order's
+terms derived from the first. In a first-order pass a hidden output's
+upstream gradient is zero: under `tf.function` the tape makes it a `Fill` or
+`ZerosLike` op, recognized when the graph is built, so its term costs
+nothing; eagerly, it is skipped unless the backward pass of this call has run
+while a tape or forward accumulator was recording (the only way a nonzero
+gradient can reach it).
+"""
+
+import tensorflow as tf
+
+_ZERO_OPS = ("ZerosLike", "Fill", "Const")
+
+
+def structurally_zero(tensor):
+    """Whether `tensor` is None or, in a graph, built as zeros.
+
+    True for the upstream gradient the tape makes for an unused output
+    (`ZerosLike`, or `Fill` with 0; a `Const` of zeros). Never reads an eager
+    tensor's values: False for every eager tensor.
+    """
+    if tensor is None:
+        return True
+    if isinstance(tensor, tf.__internal__.EagerTensor) or not hasattr(tensor, "op"):
+        return False
+    op = tensor.op
+    if op.type == "ZerosLike":
+        return True
+    if op.type == "Fill":
+        value = tf.get_static_value(op.inputs[1])
+        return value is not None and not value.any()
+    if op.type == "Const":
+        value = tf.get_static_value(tensor)
+        return value is not None and not value.any()
+    return False
+
+
+def tape_could_record():
+    """Whether a gradient tape or forward accumulator is recording now.
+
+    Reads TensorFlow's tape set. True (the safe answer: hidden outputs are
+    then differentiated) if TensorFlow no longer exposes it.
+    """
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return True
+    return record.could_possibly_record()
+
+
+class OpContext:
+    """What a backward pass of `custom_op` sees.
+
+    Attributes:
+        inputs: The op's inputs, as the caller passed them (not stopped).
+        outputs: The op's outputs, linked to the inputs through this op.
+        hidden: The op's hidden outputs, linked the same way.
+        saved: Whatever the forward pass returned to keep; constants under
+            differentiation (values the math treats as constant, such as the
+            shift of a softmax or Batch Renormalization's `r` and `d`).
+    """
+
+    def __init__(self, inputs):
+        self.inputs = tuple(inputs)
+        self.outputs = ()
+        self.hidden = ()
+        self.saved = None
+        self._recorded = False
+
+    def live(self, upstream, hidden=True):
+        """Whether an upstream gradient can be nonzero, so its terms count.
+
+        False when it is structurally zero (an unused output in a graph).
+        Eagerly, while this op's backward pass is recorded (by a tape or a
+        forward accumulator, which transposes it), always True: the
+        gradient's value then does not matter, its dependents do. Otherwise,
+        eagerly, False for a hidden output (nothing can have reached it) and,
+        for a returned output, whether any entry is nonzero.
+        """
+        if structurally_zero(upstream):
+            return False
+        if not tf.executing_eagerly() or self.recording:
+            return True
+        return not hidden and bool(tf.reduce_any(tf.not_equal(upstream, 0)))
+
+    @property
+    def recording(self):
+        """Whether a tape or forward accumulator has recorded (or is
+        recording) this op's backward pass: then it is differentiated."""
+        return self._recorded
+
+    def _note_recording(self):
+        if not self._recorded:
+            self._recorded = tape_could_record()
+
+
+def custom_op(forward, backward, *inputs):
+    """Calls `forward` as one op with gradient `backward`, to any order.
+
+    Args:
+        forward: `forward(*stopped_inputs) -> (outputs, hidden, saved)`:
+            tuples of output and hidden-output tensors, and anything to keep
+            for the backward pass (`OpContext.saved`).
+        backward: `backward(context, upstream, hidden_upstream)`, with
+            `context` an `OpContext` and the upstream gradients as tuples,
+            returns one gradient per input. It must build them from
+            differentiable ops of `context.inputs`, `context.outputs` and
+            `context.hidden` (and the constants in `context.saved`), and add
+            each hidden output's own vector-Jacobian product for its upstream
+            gradient where `context.live(gradient)`.
+        *inputs: Tensors.
+
+    Returns:
+        The tuple of outputs (hidden outputs dropped).
+    """
+    context = OpContext(inputs)
+    sizes = []
+
+    @tf.custom_gradient
+    def op(*args):
+        outputs, hidden, context.saved = forward(*[tf.stop_gradient(a) for a in args])
+        sizes.append(len(outputs))
+        # A forward accumulator runs the backward pass (transposed) before
+        # this op returns, on these values; the linked outputs replace them.
+        context.outputs, context.hidden = tuple(outputs), tuple(hidden)
+
+        def grad(*upstream):
+            context._note_recording()
+            n = sizes[0]
+            return tuple(backward(context, upstream[:n], upstream[n:]))
+
+        return tuple(outputs) + tuple(hidden), grad
+
+    results = op(*inputs)
+    n = sizes[0]
+    context.outputs, context.hidden = tuple(results[:n]), tuple(results[n:])
+    return context.outputs
