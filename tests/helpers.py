@@ -99,6 +99,14 @@ def autodiff_batch_norm_train(
     )
 
 
+def float32_mean_tolerance(values):
+    """Absolute error bound of a float32 mean of `values` against the exact
+    float64 mean: rounding the result to float32 costs half a unit in the
+    last place at its magnitude, and the shifted pairwise sums at most about
+    one more. Two units in the last place bound both."""
+    return 2 * float(np.spacing(np.float32(np.max(np.abs(values)))))
+
+
 def random_mask(rng, shape, axis, keep=0.7):
     """A random mask for inputs of `shape` (feature axes removed), never empty."""
     axes = canonical_axes(axis, len(shape))

@@ -14,9 +14,9 @@ norm scale with `1 / variance`.
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import autodiff_batch_norm_train
 
 from keras_bn import ops
-from tests.helpers import autodiff_batch_norm_train
 
 EPS = 1e-3
 
