@@ -56,6 +56,7 @@ from keras_bn.ops.axes import merge_adjacent_axes
 from keras_bn.ops.axes import merged_shape
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
@@ -123,6 +124,14 @@ def _prepare_mask(mask, x, axes):
         )
     if mask.dtype != tf.bool:
         mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    if None in got or None in expected:
+        kept = [i for i in range(rank) if i not in axes]
+        mask = shape_at_run_time(
+            mask,
+            tf.gather(tf.shape(x, out_type=tf.int64), kept),
+            "`mask` must have the shape of the inputs with the feature axes "
+            f"{list(axes)} removed",
+        )
     for a in axes:
         mask = tf.expand_dims(mask, a)
     mask.shape.assert_has_rank(rank)

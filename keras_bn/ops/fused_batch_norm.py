@@ -68,6 +68,11 @@ def _as_4d(x, axis):
     return tf.reshape(x, tf.stack([shape[0], shape[1], rest, 1])), "NCHW"
 
 
+def _channels(x, axis):
+    """The size of the feature axis: static where known, else a tensor."""
+    return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+
+
 def _scale_offset(gamma, beta, channels):
     scale = tf.ones([channels]) if gamma is None else tf.cast(gamma, tf.float32)
     offset = tf.zeros([channels]) if beta is None else tf.cast(beta, tf.float32)
@@ -88,7 +93,7 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
     every higher order.
     """
     names = tuple(k for k, v in (("gamma", gamma), ("beta", beta)) if v is not None)
-    channels = x.shape[axis]
+    channels = _channels(x, axis)
     empty = tf.constant([], tf.float32)
 
     def forward(x, *values):
@@ -105,7 +110,9 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             data_format=data_format,
             is_training=True,
         )
-        count = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / channels
+        count = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / tf.cast(
+            channels, tf.float32
+        )
         has_examples = count > 0
         mean = tf.where(has_examples, out.batch_mean, 0.0)
         variance = tf.where(
@@ -216,7 +223,7 @@ def fused_batch_norm_inference(x, mean, variance, gamma, beta, axis, epsilon):
     Returns `y` only; `batch_norm_inference` wraps it with its closed-form
     backward pass.
     """
-    scale, offset = _scale_offset(gamma, beta, x.shape[axis])
+    scale, offset = _scale_offset(gamma, beta, _channels(x, axis))
     x4, data_format = _as_4d(x, axis)
     out = tf.raw_ops.FusedBatchNormV3(
         x=x4,

@@ -9,13 +9,16 @@ around the hand-written batch-norm gradient.
 
 import tensorflow as tf
 
+from keras_bn.ops.checks import divisible_at_run_time
+
 
 def split_virtual_batches(x, virtual_batch_size, mask=None):
     """Reshapes `x` (and `mask`) from `[B, ...]` to `[B / v, v, ...]`.
 
     Raises:
         ValueError: If the batch size is known and not a multiple of
-            `virtual_batch_size`.
+            `virtual_batch_size`; an InvalidArgumentError with the same
+            message when it is known only at run time.
     """
     batch = x.shape[0]
     if batch is not None and batch % virtual_batch_size:
@@ -24,8 +27,16 @@ def split_virtual_batches(x, virtual_batch_size, mask=None):
             f"the batch size. Received: inputs.shape={x.shape}"
         )
 
+    message = (
+        f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide the "
+        "batch size"
+    )
+
     def split(t):
-        rest = tf.shape(t)[1:]
+        shape = tf.shape(t)
+        if batch is None:  # known only at run time
+            shape = divisible_at_run_time(shape, virtual_batch_size, message)
+        rest = shape[1:]
         return tf.reshape(t, tf.concat([[-1, virtual_batch_size], rest], axis=0))
 
     return split(x), None if mask is None else split(mask)
