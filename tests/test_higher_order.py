@@ -355,3 +355,19 @@ def test_jacobians_and_vectorized_map_keep_working(name):
     _assert_all_close(
         [per_example_gradient(ours)], [per_example_gradient(reference)], tol
     )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["bn_closed_form", "bn_fused", "bn_masked", "dense_ce", "sparse_ce", "softmax"],
+)
+def test_graph_gradients_of_gradients_without_a_tape(name):
+    """`tf.hessians` (graph-mode `tf.gradients`, no tape records the first
+    backward pass) gives the reference Hessian."""
+    ours, reference, (x, gamma, beta), w = _setup(name)
+
+    def hessian(fn):
+        loss = _loss(fn, w, False)
+        return tf.function(lambda x: tf.hessians(loss(x, gamma, beta), x)[0])(x)
+
+    _assert_all_close([hessian(ours)], [hessian(reference)], _tolerance(x.dtype))
