@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from keras_bn import callbacks  # noqa: E402
 from keras_bn import layers  # noqa: E402
 from keras_bn import losses  # noqa: E402
+from keras_bn import models  # noqa: E402
 from keras_bn import ops  # noqa: E402
 from keras_bn.layers import BatchNormalization  # noqa: E402
 from keras_bn.layers import Softmax  # noqa: E402
@@ -28,5 +29,6 @@ __all__ = [
     "callbacks",
     "layers",
     "losses",
+    "models",
     "ops",
 ]

@@ -1,10 +1,16 @@
-"""Callbacks that watch what batch normalization changes during training."""
+"""Callbacks for batch normalization: watch its inputs, recompute its statistics."""
 
 import numbers
 import os
 
 import keras
 import numpy as np
+
+from keras_bn.models._data import Batches
+from keras_bn.models.recompute import Recomputation
+from keras_bn.models.recompute import check_verbose
+
+RECOMPUTE_MOMENTS = ("train_end", "epoch_end")
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -231,6 +237,106 @@ class ActivationStatistics(keras.callbacks.Callback):
             config["probe_data"]
         )
         return cls(**config)
+
+
+class RecomputeStatistics(keras.callbacks.Callback):
+    """Recomputes batch normalization's statistics at the end of training.
+
+    Runs `keras_bn.models.recompute_statistics(model, data, steps,
+    batch_size)` on the trained model (see there for the formulas): every
+    trainable batch-normalization layer's moving statistics become the
+    count-weighted population statistics of its inputs over `data`, with the
+    model in training mode; no other weight changes.
+
+    - `on="train_end"`: once, when `fit` ends. Keras swaps in the averaged
+      weights of an optimizer with `use_ema=True` before that, so the
+      statistics are those of the weights the model keeps.
+    - `on="epoch_end"`: after the last training batch of every epoch, before
+      validation (at the start of the validation pass when `fit` validates
+      that epoch, else at the end of the epoch), so validation metrics and
+      later callbacks see fresh statistics.
+
+    Keras calls callbacks in list order: without validation, place this one
+    before a `ModelCheckpoint` that should save fresh statistics; with
+    `EarlyStopping(restore_best_weights=True)` and `on="train_end"`, after
+    it, so the restored weights get their own statistics.
+
+    Args:
+        data: what `recompute_statistics` takes: a `tf.data.Dataset` of `x`
+            or `(x, y[, sample_weight])`, a `keras.utils.PyDataset`, or
+            arrays with `batch_size`. Usually the training data.
+        steps: None (all of `data`) or the number of batches to use.
+        batch_size: the batch size for arrays, required there (use the
+            training batch size); None for datasets.
+        on: `"train_end"` or `"epoch_end"`.
+        verbose: 0 (silent, the default), 1 (a progress bar) or 2.
+
+    Call arguments:
+        As every `keras.callbacks.Callback`: `fit` calls it; the work happens
+        in `on_test_begin`, `on_epoch_end` and `on_train_end`.
+
+    Raises:
+        ValueError: for bad arguments, at construction; from `fit`, for a
+            model `recompute_statistics` refuses.
+
+    Example:
+
+    ```python
+    model.compile(keras.optimizers.Adam(use_ema=True), loss=...)
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=32,
+        epochs=10,
+        callbacks=[RecomputeStatistics(x_train, batch_size=32)],
+    )  # ends with EMA weights and their own statistics
+    ```
+    """
+
+    def __init__(self, data, steps=None, batch_size=None, on="train_end", verbose=0):
+        super().__init__()
+        if on not in RECOMPUTE_MOMENTS:
+            raise ValueError(
+                f"Argument `on` must be one of {list(RECOMPUTE_MOMENTS)}. "
+                f"Received: on={on!r}"
+            )
+        self.batches = Batches(data, steps, batch_size)
+        self.on = on
+        self.verbose = check_verbose(verbose)
+        self._recomputation = None
+        self._in_fit = False
+        self._fresh = False
+
+    def recompute(self):
+        """Recomputes the statistics of `self.model` now."""
+        current = self._recomputation
+        if (
+            current is None
+            or current.model is not self.model
+            or not current.is_current()
+        ):
+            current = self._recomputation = Recomputation(self.model)
+        current.run(self.batches, self.verbose)
+        self._fresh = True
+
+    def on_train_begin(self, logs=None):
+        self._in_fit = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._fresh = False
+
+    def on_test_begin(self, logs=None):
+        if self.on == "epoch_end" and self._in_fit and not self._fresh:
+            self.recompute()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.on == "epoch_end" and not self._fresh:
+            self.recompute()
+
+    def on_train_end(self, logs=None):
+        self._in_fit = False
+        if self.on == "train_end":
+            self.recompute()
 
 
 def _validate_layers(layers):

@@ -1,0 +1,255 @@
+"""Walking and copying Sequential and Functional models, nested ones included.
+
+Only the public Keras API is used: `model.layers`, `Model.get_config()` (whose
+`inbound_nodes` record which layer feeds which), `keras.models.clone_model`
+with its `clone_function` and `call_function` hooks, and `keras.Sequential`.
+"""
+
+import collections
+import functools
+
+import keras
+
+from keras_bn.layers import BatchNormalization
+
+BATCH_NORMALIZATION_CLASSES = (keras.layers.BatchNormalization, BatchNormalization)
+
+
+@functools.cache
+def _functional_class():
+    # Keras exports no Functional class; `keras.Model(inputs, outputs)` is one.
+    inputs = keras.Input((1,))
+    return type(keras.Model(inputs, keras.layers.Identity()(inputs)))
+
+
+def is_graph_model(layer):
+    """True for a Sequential or Functional model whose `call` runs its graph.
+
+    A subclass that overrides `call` computes something the graph does not
+    show, so it counts as subclassed.
+    """
+    if isinstance(layer, keras.Sequential):
+        return type(layer).call is keras.Sequential.call
+    functional = _functional_class()
+    return isinstance(layer, functional) and type(layer).call is functional.call
+
+
+def check_graph_model(model, function_name, instead):
+    """Raises unless `model` is a built Sequential or Functional model.
+
+    Args:
+        model: the model passed to a `keras_bn.models` function.
+        function_name: the function's name, for the messages.
+        instead: one sentence on what to do with a subclassed model.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`{function_name}` takes a keras.Model. Received: model={model!r}"
+        )
+    if not is_graph_model(model):
+        raise ValueError(
+            f"`{function_name}` needs a Sequential or Functional model (nested "
+            "models included), whose layers and connections it can read. "
+            f"Received a subclassed model of class {type(model).__name__}, "
+            f"whose `call` is Python code. {instead}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"`{function_name}`: the model {model.name!r} is not built. Start "
+            "it with `keras.Input(...)` or call it once on data first."
+        )
+
+
+def iter_layers(model, descend=is_graph_model):
+    """Yields every layer of a model once, depth first.
+
+    Args:
+        model: a keras.Model.
+        descend: `fn(layer) -> bool`: whether to yield the layers of a nested
+            model (after the model itself). Default: graph models only.
+    """
+    seen = set()
+
+    def visit(parent):
+        for layer in parent.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            yield layer
+            if descend(layer):
+                yield from visit(layer)
+
+    yield from visit(model)
+
+
+def graph_models(model):
+    """The model and every graph model nested in it."""
+    return [model] + [layer for layer in iter_layers(model) if is_graph_model(layer)]
+
+
+HIDDEN_ADVICE = (
+    "Build that part with the Functional API, so that its layers are "
+    "reachable, and try again."
+)
+
+
+def reachable_batch_normalization(
+    model, function_name, instead=HIDDEN_ADVICE, descend=is_graph_model
+):
+    """The batch-normalization layers of a model; raises if some are hidden.
+
+    A batch-normalization layer inside a custom layer or a subclassed model
+    is invisible to `model.layers`; acting on the others only would silently
+    leave it out. Its variable named `moving_variance` gives it away.
+
+    Args:
+        model: a keras.Model.
+        function_name: for the message.
+        instead: what to do about a hidden layer, for the message.
+        descend: which nested models to walk into (see `iter_layers`).
+
+    Returns:
+        The layers of either class (subclasses included), each once.
+    """
+    found = [
+        layer
+        for layer in iter_layers(model, descend)
+        if isinstance(layer, BATCH_NORMALIZATION_CLASSES)
+    ]
+    known = {id(variable) for layer in found for variable in layer.weights}
+    hidden = [
+        variable.path
+        for variable in model.weights
+        if variable.name == "moving_variance" and id(variable) not in known
+    ]
+    if hidden:
+        raise ValueError(
+            f"`{function_name}` reaches the layers of Sequential and Functional "
+            "models only, but the model holds batch-normalization statistics "
+            f"inside a custom layer or a subclassed model: {hidden}. {instead}"
+        )
+    return found
+
+
+def graph_batch_normalization(model, function_name, subclassed_advice):
+    """Checks a graph model (`check_graph_model`) and returns its BN layers."""
+    check_graph_model(model, function_name, subclassed_advice)
+    return reachable_batch_normalization(model, function_name)
+
+
+def copy_model(model, clone_layer, skip=()):
+    """A copy of a graph model, with nested graph models copied recursively.
+
+    Args:
+        model: a built Sequential or Functional model.
+        clone_layer: `fn(layer) -> layer`, called once per layer that is not a
+            graph model (a layer shared by several nodes is cloned once). It
+            may return `layer` itself to share it.
+        skip: layers to cut out of the copy. Each must be called on one
+            tensor, which then takes the place of the layer's output.
+
+    Returns:
+        `(copy, pairs)`: the copy (built, of the original's kind) and the list
+        of `(original_layer, new_layer)` for every call of `clone_layer`, so
+        that the caller can set the new layers' weights.
+    """
+    skip_ids = {id(layer) for layer in skip}
+    cache, pairs = {}, []
+
+    def clone(layer):
+        if id(layer) not in cache:
+            if is_graph_model(layer):
+                cache[id(layer)] = copy(layer)
+            elif id(layer) in skip_ids:
+                cache[id(layer)] = layer  # never called: `call` passes through
+            else:
+                cache[id(layer)] = clone_layer(layer)
+                pairs.append((layer, cache[id(layer)]))
+        return cache[id(layer)]
+
+    def call(layer, *args, **kwargs):
+        if id(layer) in skip_ids:
+            return args[0]
+        return layer(*args, **kwargs)
+
+    def copy(graph_model):
+        if isinstance(graph_model, keras.Sequential):
+            return _copy_sequential(graph_model, clone, skip_ids)
+        return keras.models.clone_model(
+            graph_model, clone_function=clone, call_function=call
+        )
+
+    return copy(model), pairs
+
+
+def _copy_sequential(model, clone, skip_ids):
+    layers = [clone(layer) for layer in model.layers if id(layer) not in skip_ids]
+    spec = model.inputs[0]
+    inputs = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name)
+    return keras.Sequential(
+        [inputs, *layers], name=model.name, trainable=model.trainable
+    )
+
+
+def clone_from_config(layer, **changes):
+    """A new layer of the same class, from `layer`'s config with `changes`."""
+    return type(layer).from_config({**layer.get_config(), **changes})
+
+
+def sole_input_producers(model):
+    """Maps a layer to the layer that alone feeds it, in one graph model.
+
+    Returns:
+        A dict from a layer's name to the name of its producer, for every
+        layer that is called once on a single tensor, when that tensor comes
+        from a layer called once and goes nowhere else (no other layer, no
+        model output). In a Sequential model, each layer and the one before
+        it.
+    """
+    if isinstance(model, keras.Sequential):
+        names = [layer.name for layer in model.layers]
+        return dict(zip(names[1:], names[:-1]))
+    config = model.get_config()
+    nodes = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
+    uses = collections.Counter()
+    inputs = {}
+    for name, layer_nodes in nodes.items():
+        for node in layer_nodes:
+            histories = list(_keras_histories(node))
+            uses.update(histories)
+            inputs.setdefault(name, []).append(histories)
+    uses.update(_output_histories(config["output_layers"]))
+    producers = {}
+    for name, calls in inputs.items():
+        if len(calls) != 1 or len(calls[0]) != 1:
+            continue
+        producer, node_index, tensor_index = calls[0][0]
+        if len(nodes.get(producer, ())) == 1 and uses[calls[0][0]] == 1:
+            producers[name] = producer
+    return producers
+
+
+def _keras_histories(node):
+    """The `(layer, node, tensor)` triples of the tensors a node is called on."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "__keras_tensor__":
+            yield tuple(node["config"]["keras_history"])
+            return
+        for value in node.values():
+            yield from _keras_histories(value)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            yield from _keras_histories(value)
+
+
+def _output_histories(outputs):
+    """The triples of `output_layers`: a triple, or a list or dict of them."""
+    if isinstance(outputs, dict):
+        for value in outputs.values():
+            yield from _output_histories(value)
+    elif isinstance(outputs, list | tuple) and outputs:
+        if isinstance(outputs[0], str):
+            yield tuple(outputs)
+        else:
+            for value in outputs:
+                yield from _output_histories(value)
