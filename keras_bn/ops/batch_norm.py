@@ -642,7 +642,10 @@ def _normalize_with(x, params, axes, epsilon, fused):
             params.get("beta"), axes[0], epsilon,
         )  # fmt: skip
     dtype = compute_dtype(x.dtype)
-    p = _reshape_params(params, broadcast_shape(x, axes), dtype)
+    # Vectors broadcast along the last axis as they are: an export converter
+    # then folds the multiply-add into the layer before, as it does Keras's.
+    last = list(axes) == [x.shape.rank - 1]
+    p = _reshape_params(params, [-1] if last else broadcast_shape(x, axes), dtype)
     scale = tf.math.rsqrt(p["variance"] + epsilon)
     if "gamma" in p:
         scale *= p["gamma"]

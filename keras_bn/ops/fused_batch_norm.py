@@ -54,18 +54,40 @@ def fused_unavailable_reason(
 
 
 def _as_4d(x, axis):
-    """Reshapes `x` for the kernels: returns (x4, data_format)."""
+    """Views `x` as the kernels' 4-D input: returns (x4, data_format).
+
+    Rank 4 is taken as it is; ranks 2 and 3 gain size-1 axes (`ExpandDims`
+    with constant axes, which export converters fold away, unlike a reshape
+    to a shape computed at run time); higher ranks merge their middle axes.
+    """
     rank = x.shape.rank
-    shape = tf.shape(x)
-    if axis == rank - 1:
-        if rank == 4:
-            return x, "NHWC"
-        middle = tf.reduce_prod(shape[1:-1])
-        return tf.reshape(x, tf.stack([shape[0], middle, 1, shape[-1]])), "NHWC"
+    last = axis == rank - 1
+    data_format = "NHWC" if last else "NCHW"
     if rank == 4:
-        return x, "NCHW"
+        return x, data_format
+    if rank < 4:
+        # [N, C] -> [N, 1, 1, C] (NHWC) or [N, C, 1, 1] (NCHW); [N, L, C] ->
+        # [N, L, 1, C] or [N, C, L, 1].
+        for _ in range(4 - rank):
+            x = tf.expand_dims(x, rank - 1 if last else -1)
+        return x, data_format
+    shape = tf.shape(x)
+    if last:
+        middle = tf.reduce_prod(shape[1:-1])
+        return tf.reshape(x, tf.stack([shape[0], middle, 1, shape[-1]])), data_format
     rest = tf.reduce_prod(shape[2:])
-    return tf.reshape(x, tf.stack([shape[0], shape[1], rest, 1])), "NCHW"
+    return tf.reshape(x, tf.stack([shape[0], shape[1], rest, 1])), data_format
+
+
+def _from_4d(y4, x, axis):
+    """The inverse of `_as_4d`: `y4` back in the shape of `x`."""
+    rank = x.shape.rank
+    if rank == 4:
+        return y4
+    if rank < 4:
+        added = range(rank - 1, 3) if axis == rank - 1 else range(rank, 4)
+        return tf.squeeze(y4, list(added))
+    return tf.reshape(y4, tf.shape(x))
 
 
 def _channels(x, axis):
@@ -119,7 +141,7 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             has_examples, out.batch_variance * (tf.maximum(count, 1.0) - 1.0), 0.0
         ) / tf.maximum(count, 1.0)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
-        y = tf.reshape(out.y, tf.shape(x))
+        y = _from_4d(out.y, x, axis)
         return (y, mean, variance, count), (), (reserve, data_format)
 
     def backward(context, upstream, hidden_upstream):
@@ -147,7 +169,7 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
                 data_format=data_format,
                 is_training=True,
             )
-            dx = tf.reshape(dx4, tf.shape(x))
+            dx = _from_4d(dx4, x, axis)
         _, mean, _, count = context.outputs
         dx = _add_statistics_gradient(
             context, dx, x, mean, dmean, dvariance, count, axis
@@ -235,4 +257,4 @@ def fused_batch_norm_inference(x, mean, variance, gamma, beta, axis, epsilon):
         data_format=data_format,
         is_training=False,
     )
-    return tf.reshape(out.y, tf.shape(x))
+    return _from_4d(out.y, x, axis)
