@@ -1,0 +1,233 @@
+"""Batch normalization folded into the convolution or dense layer before it."""
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_bn.layers import BatchNormalization
+from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
+from keras_bn.models._graph import clone_from_config
+from keras_bn.models._graph import copy_model
+from keras_bn.models._graph import graph_batch_normalization
+from keras_bn.models._graph import graph_models
+from keras_bn.models._graph import sole_input_producers
+from keras_bn.models.convert import copy_batch_normalization_weights
+from keras_bn.models.convert import target_config
+from keras_bn.ops import canonicalize_axes
+
+FUNCTION_NAME = "fold_batch_normalization"
+# Exact classes: a subclass may compute something else with the same kernel.
+CONVOLUTIONS = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+)
+FOLDABLE = (*CONVOLUTIONS, keras.layers.Dense)
+TRANSPOSED = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+SUBCLASSED_ADVICE = (
+    "For a subclassed model, fold each pair yourself: scale the kernel's "
+    "output channels by gamma / sqrt(moving_variance + epsilon) and set the "
+    "bias to (bias - moving_mean) * that scale + beta (see the docstring)."
+)
+
+
+def fold_batch_normalization(model):
+    r"""An inference copy of a model with batch normalization folded away.
+
+    In inference, batch normalization is a per-channel affine map, so when it
+    directly follows a linear layer it merges into that layer's kernel and
+    bias. With `z = conv(x) + bias` and the BN's `gamma`, `beta`,
+    `moving_mean`, `moving_variance` and `epsilon`,
+
+        BN(z) = gamma * (z - moving_mean) / sqrt(moving_variance + epsilon) + beta
+              = conv'(x) + bias'
+
+        scale = gamma / sqrt(moving_variance + epsilon)   (gamma = 1 if scale=False)
+        kernel' = kernel * scale     (per output channel)
+        bias'   = (bias - moving_mean) * scale + beta     (bias = 0 without one,
+                                                           beta = 0 if center=False)
+
+    computed in float64 and stored in the kernel's dtype. The output channel
+    is the kernel's last axis for `Conv1D/2D/3D` and `Dense`, the second to
+    last for `Conv1D/2D/3DTranspose`, entry `i * depth_multiplier + m` of
+    `DepthwiseConv1D/2D` kernels `[..., i, m]`, and the pointwise kernel's
+    last axis for `SeparableConv1D/2D` (the depthwise kernel is unchanged).
+
+    A batch-normalization layer (Keras's or keras_bn's, of exactly those
+    classes) folds when
+    - the layer before it is one of those (of exactly that class), called
+      once, with a linear activation (a `Dense` without LoRA or quantization);
+    - it is that layer's only consumer, is called once, and normalizes its
+      channel axis (the last one, or axis 1 for `channels_first`);
+    - for `channels_first`, the output's last axis has a known size other
+      than the number of channels: there, Keras 3 (on TensorFlow) adds a
+      convolution's bias along the wrong axis, so the folded layer would be
+      wrong (such a BN stays, with a warning).
+    Any other batch-normalization layer stays unchanged, except that a
+    keras_bn layer with one feature axis becomes a
+    `keras.layers.BatchNormalization` with the same inference (`axis`,
+    `epsilon`, weights), so that the result holds Keras's layers only:
+    it saves to `.keras` and loads where keras_bn is not installed. A
+    keras_bn layer with several feature axes stays keras_bn's, with a
+    warning. The folded layers get `use_bias=True` and keep their names.
+
+    Predictions equal the original's up to float32 rounding. The copy is for
+    inference: its folded layers no longer have batch normalization to
+    train. It shares nothing with the original and is not compiled.
+
+    Args:
+        model: a built Sequential or Functional model (nested models
+            included).
+
+    Returns:
+        The folded copy, a `keras.Model` of the original's kind.
+
+    Raises:
+        ValueError: for a subclassed or unbuilt model, or batch normalization
+            inside a custom layer.
+
+    Example:
+
+    ```python
+    folded = keras_bn.models.fold_batch_normalization(model)
+    folded.save("deploy.keras")  # loads without keras_bn
+    ```
+    """
+    found = graph_batch_normalization(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
+    folds = foldable_pairs(model)  # id(linear layer) -> its batch normalization
+    kept = {
+        id(layer): _keras_inference_config(layer)
+        for layer in found
+        if type(layer) is BatchNormalization
+        and id(layer) not in {id(bn) for bn in folds.values()}
+    }
+
+    def clone(layer):
+        if id(layer) in folds:
+            return clone_from_config(layer, use_bias=True)
+        if kept.get(id(layer)) is not None:
+            return keras.layers.BatchNormalization.from_config(kept[id(layer)])
+        return clone_from_config(layer)
+
+    folded, pairs = copy_model(model, clone, skip=list(folds.values()))
+    for old, new in pairs:
+        if id(old) in folds:
+            set_folded_weights(new, old, folds[id(old)])
+        elif kept.get(id(old)) is not None:
+            copy_batch_normalization_weights(old, new)
+        else:
+            new.set_weights(old.get_weights())
+    return folded
+
+
+def foldable_pairs(model):
+    """`{id(linear layer): batch-normalization layer}` for every pair to fold."""
+    pairs = {}
+    for graph in graph_models(model):
+        layers = {layer.name: layer for layer in graph.layers}
+        for name, producer in sole_input_producers(graph).items():
+            bn, linear = layers[name], layers[producer]
+            if type(bn) in BATCH_NORMALIZATION_CLASSES and _can_fold(linear, bn):
+                pairs[id(linear)] = bn
+    return pairs
+
+
+def _can_fold(linear, bn):
+    if type(linear) not in FOLDABLE:
+        return False
+    config = linear.get_config()
+    if config.get("activation") != "linear" or config.get("lora_rank"):
+        return False
+    if getattr(linear.dtype_policy, "quantization_mode", None) is not None:
+        return False
+    shape = linear.output.shape
+    channels_first = config.get("data_format") == "channels_first"
+    channel_axis = 1 if channels_first else len(shape) - 1
+    if canonicalize_axes(bn.axis, len(shape)) != (channel_axis,):
+        return False
+    if channels_first and shape[-1] in (None, shape[1]):
+        # Keras 3's `ops.add` (TensorFlow) adds a bias of shape (1, C, 1, ...)
+        # along the last axis when that axis also has C entries: the folded
+        # layer's bias would land on the wrong axis.
+        warnings.warn(
+            f"`{FUNCTION_NAME}`: layer {bn.name!r} stays unfolded: "
+            f"{linear.name!r} is channels_first with output shape {shape}, "
+            "and where its last axis has as many entries as channels, Keras "
+            "adds a convolution's bias along the last axis instead of the "
+            "channels.",
+            stacklevel=4,
+        )
+        return False
+    return True
+
+
+def folded_kernel_and_bias(linear, bn):
+    """The folded `(kernel, bias)` in float64 (the pointwise kernel if separable).
+
+    Returns:
+        Two NumPy arrays: the kernel with its output channels scaled by
+        `gamma / sqrt(moving_variance + epsilon)`, and the new bias.
+    """
+    mean = np.asarray(bn.moving_mean, "float64")
+    variance = np.asarray(bn.moving_variance, "float64")
+    gamma = np.asarray(bn.gamma, "float64") if bn.scale else np.ones_like(mean)
+    beta = np.asarray(bn.beta, "float64") if bn.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(variance + bn.epsilon)
+    bias = np.asarray(linear.bias, "float64") if linear.use_bias else 0.0
+    kernel_variable = (
+        linear.pointwise_kernel if isinstance(linear, SEPARABLE) else linear.kernel
+    )
+    kernel = np.asarray(kernel_variable, "float64")
+    if isinstance(linear, TRANSPOSED):  # [..., filters, input channels]
+        kernel = kernel * scale[:, None]
+    elif isinstance(linear, DEPTHWISE):  # [..., input channel i, multiplier m]
+        kernel = kernel * scale.reshape(kernel.shape[-2:])
+    else:
+        kernel = kernel * scale
+    return kernel, (bias - mean) * scale + beta
+
+
+def set_folded_weights(new, linear, bn):
+    """Writes the folded kernel and bias of `linear` and `bn` into `new`."""
+    kernel, bias = folded_kernel_and_bias(linear, bn)
+    if isinstance(linear, SEPARABLE):
+        new.depthwise_kernel.assign(linear.depthwise_kernel)
+        target = new.pointwise_kernel
+    else:
+        target = new.kernel
+    target.assign(kernel.astype(target.dtype))
+    new.bias.assign(bias.astype(new.bias.dtype))
+
+
+def _keras_inference_config(layer):
+    """Config of a Keras layer with `layer`'s inference, or None (warned)."""
+    training_only = {
+        "virtual_batch_size": None,
+        "moving_variance_estimator": "biased",
+        "momentum": 0.99 if layer.momentum is None else layer.momentum,
+    }
+    try:
+        return target_config(layer, keras.layers.BatchNormalization, training_only)
+    except ValueError:
+        warnings.warn(
+            f"`{FUNCTION_NAME}`: layer {layer.name!r} (axis={layer.axis}) does "
+            "not fold and has several feature axes, which Keras's layer "
+            "cannot express: it stays a keras_bn.BatchNormalization, so "
+            "loading the folded model needs keras_bn.",
+            stacklevel=3,
+        )
+        return None
