@@ -551,6 +551,40 @@ def mean_and_spread(values):
     return float(values.mean()), float(values.std())
 
 
+# A paired difference is "clear" when its mean exceeds this many standard errors.
+CLEAR_DIFFERENCE = 2.0
+
+
+def paired_difference(first, second):
+    """Compares two variants run with the same seeds, pair by pair.
+
+    Args:
+        first, second: equal-length sequences of one metric, `first[i]` and
+            `second[i]` from runs with the same seed.
+
+    Returns:
+        `(mean, error, sign)`: the mean of `first - second`, its standard
+        error, and `sign` +1 (first clearly larger), -1 (clearly smaller) or
+        0 (no clear difference): clear means `|mean| > 2 * error`, with at
+        least two finite pairs.
+
+    Example:
+
+    ```python
+    mean, error, sign = paired_difference([0.97, 0.98, 0.96], [0.95, 0.97, 0.95])
+    ```
+    """
+    differences = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
+    if len(differences) < 2 or not np.all(np.isfinite(differences)):
+        mean = float(differences.mean()) if len(differences) else float("nan")
+        return mean, float("nan"), 0
+    mean = float(differences.mean())
+    error = float(differences.std(ddof=1) / np.sqrt(len(differences)))
+    if abs(mean) > CLEAR_DIFFERENCE * error:
+        return mean, error, 1 if mean > 0 else -1
+    return mean, error, 0
+
+
 class Stopwatch:
     """Wall time since creation, for the closing line of each example."""
 

@@ -41,7 +41,7 @@ HIDDEN_UNITS = 512
 HIDDEN_LAYERS = 2
 RATE_PER_32 = 0.05
 FULL_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
-QUICK_BATCH_SIZES = (8, 64, 512)
+QUICK_BATCH_SIZES = (16, 128)
 
 
 class EpochTimer(keras.callbacks.Callback):

@@ -7,19 +7,21 @@ skewed distribution. This script trains the same ReLU MLP (3 hidden layers of
 128 units) both ways, over several seeds and SGD learning rates, and measures
 after a fixed number of epochs
 
-  - the test accuracy and the training loss (inference mode);
+  - the final test accuracy and training loss (inference mode), and the
+    epochs needed to reach 95% test accuracy;
   - the fraction of ReLU units active (input > 0) per layer, on the test
     images, the quantity behind the argument.
 
-The figure plots (a) test accuracy and (b) training loss against the learning
-rate (mean and spread over seeds), (c) test accuracy per epoch at the middle
-rate, (d) the active fraction per layer.
+The figure plots (a) final test accuracy and (b) final training loss against
+the learning rate, (c) test accuracy per epoch at the middle rate, (d) the
+active fraction per layer.
 
-Verdict rule, per learning rate and metric: one placement is better when the
-mean over seeds of the paired difference (same seed, same initial Dense
-weights) exceeds twice its standard error; otherwise there is no clear
-difference. The claim holds when "before" is better at most rates and
-"after" at none, for test accuracy. The figure (a PNG) and a CSV go to --out.
+Verdict rule, per learning rate and metric (final test accuracy, log10 of the
+final training loss, epochs to 95%): one placement is better when the mean
+over seeds of the paired difference (same seed) exceeds twice its standard
+error; otherwise there is no clear difference. For each metric, the claim
+holds when "before" is better at most rates and "after" at none. The figure
+(a PNG) and a CSV go to --out.
 """
 
 import _common
@@ -38,6 +40,7 @@ ARGS = parse_args() if __name__ == "__main__" else None
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from keras_bn import BatchNormalization  # noqa: E402
 from keras_bn.losses import SoftmaxCrossEntropy  # noqa: E402
@@ -48,6 +51,13 @@ BATCH_SIZE = 64
 FULL_RATES = (0.01, 0.05, 0.25)
 QUICK_RATES = (0.05,)
 PLACEMENTS = ("before", "after")
+TARGET_ACCURACY = 0.95
+# (metric, whether higher is better, how the summary names it)
+METRICS = (
+    ("test_accuracy", True, "final test accuracy"),
+    ("log10_train_loss", False, "final training loss"),
+    ("epochs_to_target", False, f"epochs to {TARGET_ACCURACY:.0%} test accuracy"),
+)
 LABELS = {"before": "Dense -> BN -> ReLU", "after": "Dense -> ReLU -> BN"}
 
 
@@ -105,13 +115,21 @@ def train(data, placement, learning_rate, epochs, seed):
         "learning_rate": learning_rate,
         "seed": seed,
         "train_loss": _finite_or_inf(train_loss),
+        "log10_train_loss": float(np.log10(train_loss)),
         "test_accuracy": test_accuracy,
+        "epochs_to_target": _epochs_to(history["val_accuracy"], TARGET_ACCURACY),
         "test_accuracy_per_epoch": history["val_accuracy"],
         **{
             f"active_fraction_{i}": fraction
             for i, fraction in enumerate(active_fractions(model, x_test), start=1)
         },
     }
+
+
+def _epochs_to(accuracies, target):
+    """First epoch with test accuracy >= target; epochs + 1 if never."""
+    reached = [epoch for epoch, a in enumerate(accuracies, start=1) if a >= target]
+    return reached[0] if reached else len(accuracies) + 1
 
 
 def _finite_or_inf(value):
@@ -124,18 +142,14 @@ def paired_verdict(rows, rate, metric, higher_is_better):
     for row in rows:
         if row["learning_rate"] == rate:
             by_seed.setdefault(row["seed"], {})[row["placement"]] = row[metric]
-    differences = np.array(
-        [runs["before"] - runs["after"] for runs in by_seed.values()]
+    mean, error, sign = _common.paired_difference(
+        [runs["before"] for runs in by_seed.values()],
+        [runs["after"] for runs in by_seed.values()],
     )
     if not higher_is_better:
-        differences = -differences
-    if not np.all(np.isfinite(differences)):
-        return "no clear difference", float("nan"), float("nan")
-    mean = float(differences.mean())
-    error = float(differences.std(ddof=1) / np.sqrt(len(differences)))
-    if len(differences) > 1 and abs(mean) > 2 * error:
-        return ("before" if mean > 0 else "after"), mean, error
-    return "no clear difference", mean, error
+        mean, sign = 0.0 - mean, -sign
+    better = {1: "before", -1: "after", 0: "no clear difference"}[sign]
+    return better, mean, error
 
 
 def summarize(rows, rates):
@@ -145,13 +159,20 @@ def summarize(rows, rates):
         for placement in PLACEMENTS:
             runs = [r for r in rows if r["learning_rate"] == rate]
             runs = [r for r in runs if r["placement"] == placement]
-            mean, std = _common.mean_and_spread([r["test_accuracy"] for r in runs])
-            entry[f"{placement}_test_accuracy"] = mean
-            entry[f"{placement}_test_accuracy_std"] = std
+            entry[f"{placement}_test_accuracy"] = float(
+                np.mean([r["test_accuracy"] for r in runs])
+            )
             entry[f"{placement}_train_loss"] = float(
                 np.median([r["train_loss"] for r in runs])
             )
-        for metric, higher in (("test_accuracy", True), ("train_loss", False)):
+            entry[f"{placement}_epochs_to_target"] = float(
+                np.mean([r["epochs_to_target"] for r in runs])
+            )
+            # A run that ends above chance level (log 10) did not train.
+            entry[f"{placement}_failed_runs"] = sum(
+                r["train_loss"] > np.log(10) for r in runs
+            )
+        for metric, higher, _ in METRICS:
             better, mean, error = paired_verdict(rows, rate, metric, higher)
             entry[f"{metric}_better"] = better
             entry[f"{metric}_advantage_of_before"] = mean
@@ -161,62 +182,63 @@ def summarize(rows, rates):
 
 
 def report(summary):
+    """Prints per metric and rate which placement was better, and the verdicts."""
+    for metric, _, name in METRICS:
+        parts = [
+            f"{entry['learning_rate']:g}: {_better_words(entry[f'{metric}_better'])} "
+            f"(before's advantage {entry[f'{metric}_advantage_of_before']:+.3g} "
+            f"+- {entry[f'{metric}_advantage_error']:.2g})"
+            for entry in summary
+        ]
+        print(f"{name}, by learning rate: " + "; ".join(parts) + ".")
     for entry in summary:
+        failed = [entry[f"{p}_failed_runs"] for p in PLACEMENTS]
+        if any(failed):
+            print(
+                f"At learning rate {entry['learning_rate']:g}, runs that did not "
+                f"train (final loss above log 10): {failed[0]} before, "
+                f"{failed[1]} after."
+            )
+    for metric, _, name in METRICS:
+        verdicts = [entry[f"{metric}_better"] for entry in summary]
+        before, after = verdicts.count("before"), verdicts.count("after")
+        held = before > len(verdicts) / 2 and after == 0
         print(
-            f"learning rate {entry['learning_rate']:g}: test accuracy before "
-            f"{entry['before_test_accuracy']:.4f}, after "
-            f"{entry['after_test_accuracy']:.4f} (paired advantage of before "
-            f"{entry['test_accuracy_advantage_of_before']:+.4f} +- "
-            f"{entry['test_accuracy_advantage_error']:.4f}): "
-            f"{_better_words(entry['test_accuracy_better'])}; training loss: "
-            f"{_better_words(entry['train_loss_better'])}."
-        )
-    verdicts = [entry["test_accuracy_better"] for entry in summary]
-    before, after = verdicts.count("before"), verdicts.count("after")
-    if before > len(verdicts) / 2 and after == 0:
-        print(
-            f"The claim held: BN before the ReLU gave the better test accuracy "
-            f"at {before} of {len(verdicts)} learning rates, after it at none."
-        )
-    else:
-        print(
-            "The claim did NOT hold on this data: BN before the ReLU was "
-            f"better at {before} of {len(verdicts)} learning rates, after it "
-            f"at {after}, no clear difference at {len(verdicts) - before - after}."
+            f"{name}: the claim {'held' if held else 'did NOT hold'} (BN before "
+            f"the ReLU clearly better at {before} of {len(verdicts)} learning "
+            f"rates, after it at {after})."
         )
 
 
 def _better_words(better):
     if better == "no clear difference":
         return better
-    return f"{LABELS[better]} better"
+    return f"{better} better"
 
 
 def plot(rows, summary, rates, path):
     figure, axes = plt.subplots(1, 4, figsize=(19, 4.4), layout="constrained")
     colors = dict(zip(PLACEMENTS, _common.COLORS))
+    middle = rates[len(rates) // 2]
     for placement in PLACEMENTS:
         style = dict(color=colors[placement], label=LABELS[placement])
-        axes[0].errorbar(
-            rates,
-            [entry[f"{placement}_test_accuracy"] for entry in summary],
-            yerr=[entry[f"{placement}_test_accuracy_std"] for entry in summary],
-            fmt="o-",
-            capsize=3,
-            **style,
+        runs = [row for row in rows if row["placement"] == placement]
+        for ax, metric in ((axes[0], "test_accuracy"), (axes[1], "train_loss")):
+            ax.plot(
+                [r["learning_rate"] for r in runs],
+                [r[metric] for r in runs],
+                "o",
+                alpha=0.5,
+                color=colors[placement],
+            )
+        axes[0].plot(
+            rates, [e[f"{placement}_test_accuracy"] for e in summary], "-", **style
         )
-        for row in rows:
-            if row["placement"] == placement:
-                axes[1].plot(
-                    row["learning_rate"], row["train_loss"], "o", alpha=0.6, **style
-                )
-        middle = rates[len(rates) // 2]
+        axes[1].plot(
+            rates, [e[f"{placement}_train_loss"] for e in summary], "-", **style
+        )
         curves = np.array(
-            [
-                row["test_accuracy_per_epoch"]
-                for row in rows
-                if row["placement"] == placement and row["learning_rate"] == middle
-            ]
+            [r["test_accuracy_per_epoch"] for r in runs if r["learning_rate"] == middle]
         )
         epochs = np.arange(1, curves.shape[1] + 1)
         axes[2].plot(epochs, curves.mean(axis=0), "o-", markersize=3, **style)
@@ -224,42 +246,48 @@ def plot(rows, summary, rates, path):
         fractions = [
             np.mean(
                 [
-                    row[f"active_fraction_{layer}"]
-                    for row in rows
-                    if row["placement"] == placement and row["learning_rate"] == middle
+                    r[f"active_fraction_{layer}"]
+                    for r in runs
+                    if r["learning_rate"] == middle
                 ]
             )
             for layer in layers
         ]
         offset = -0.2 if placement == "before" else 0.2
-        axes[3].bar(layers + offset, fractions, width=0.4, **style)
+        axes[3].bar(layers + offset, fractions, width=0.4, color=colors[placement])
     axes[0].set(
-        title="(a) test accuracy after training",
+        title="(a) final test accuracy (points: seeds)",
         xlabel="SGD learning rate (momentum 0.9)",
-        ylabel="test accuracy (mean +- std over seeds)",
+        ylabel="test accuracy (line: mean over seeds)",
         xscale="log",
     )
     axes[1].set(
-        title="(b) training loss after training",
+        title="(b) final training loss (points: seeds)",
         xlabel="SGD learning rate (momentum 0.9)",
-        ylabel="training loss, one point per seed (log scale)",
+        ylabel="training loss (line: median; log scale)",
         xscale="log",
         yscale="log",
     )
+    axes[2].axhline(
+        TARGET_ACCURACY,
+        **_common.THRESHOLD_STYLE,
+        label=f"{TARGET_ACCURACY:.0%} test accuracy",
+    )
     axes[2].set(
-        title=f"(c) test accuracy per epoch, rate {middle:g}",
+        title=f"(c) test accuracy per epoch, learning rate {middle:g}",
         xlabel="epoch",
         ylabel="test accuracy (mean over seeds)",
     )
-    axes[3].axhline(0.5, **_common.THRESHOLD_STYLE, label="half of the units")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3].axhline(0.5, color="gray", linestyle="--", linewidth=1, label="half")
     axes[3].set(
-        title=f"(d) ReLU units active on test images, rate {middle:g}",
+        title=f"(d) active ReLU units, test images, rate {middle:g}",
         xlabel="hidden layer",
         ylabel="fraction of ReLU inputs > 0",
         xticks=layers,
         ylim=(0, 1),
     )
-    _common.legend_below(figure, axes[2], axes[3])
+    _common.legend_below(figure, axes[0], axes[2], axes[3])
     _common.save_figure(figure, path)
 
 
@@ -301,10 +329,10 @@ def main(args):
             "learning_rate",
             "before_test_accuracy",
             "after_test_accuracy",
-            "test_accuracy_better",
             "before_train_loss",
             "after_train_loss",
-            "train_loss_better",
+            "before_epochs_to_target",
+            "after_epochs_to_target",
         ],
     )
     report(summary)

@@ -36,7 +36,7 @@ HIDDEN_UNITS = 256
 HIDDEN_LAYERS = 3
 BATCH_SIZE = 64
 FULL_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-QUICK_RATES = (1e-3, 1e-1)
+QUICK_RATES = (1e-1,)
 MODELS = ("plain", "BN")
 
 

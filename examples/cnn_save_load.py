@@ -212,7 +212,7 @@ def main(args):
     clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
-        data = data.shrink(256, 256)
+        data = data.shrink(128, 64)
     x_train, x_test = data.x_train[..., None], data.x_test[..., None]
     y_train, y_test = data.y_train, data.y_test
 

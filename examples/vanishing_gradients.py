@@ -116,31 +116,29 @@ def train(data, network, use_bn, args):
         optimizer.apply(grads, model.trainable_variables)
 
     @tf.function
-    def gradient_norms(x, y):
-        # The gradient SGD would apply, without applying it; BN in training
-        # mode (the probe's statistics update the moving averages, which only
-        # the test accuracy reads).
+    def probe(x, y):
+        """Per-layer gradient norms on (x, y), and the test accuracy.
+
+        The gradient is the one SGD would apply, in training mode, without
+        applying it (the probe's batch statistics do enter BN's moving
+        averages, which only the test accuracy reads).
+        """
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        return tf.stack([tf.norm(g) for g in tape.gradient(loss, kernels)])
-
-    @tf.function
-    def test_accuracy():
+        norms = tf.stack([tf.norm(g) for g in tape.gradient(loss, kernels)])
         predictions = tf.argmax(model(x_test, training=False), axis=-1)
-        return tf.reduce_mean(tf.cast(predictions == y_test, tf.float32))
+        accuracy = tf.reduce_mean(tf.cast(predictions == y_test, tf.float32))
+        return norms, accuracy
 
     rng = np.random.default_rng(args.seed)
-    probe = (x_train[:PROBE_SIZE], y_train[:PROBE_SIZE])
+    probe_batch = (x_train[:PROBE_SIZE], y_train[:PROBE_SIZE])
     records = []
     for step in range(args.steps + 1):
         if step % args.record_every == 0:
-            norms = gradient_norms(*probe).numpy()
+            norms, accuracy = probe(*probe_batch)
+            norms = norms.numpy()
             records.append(
-                {
-                    "step": step,
-                    "norms": norms,
-                    "test_accuracy": float(test_accuracy()),
-                }
+                {"step": step, "norms": norms, "test_accuracy": float(accuracy)}
             )
             if step % (args.steps // 4 or 1) == 0:
                 print(
