@@ -67,7 +67,9 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.axes import validate_axis_argument
+from keras_bn.ops.custom_op import HIGHER_ORDER
 from keras_bn.ops.custom_op import custom_op
+from keras_bn.ops.custom_op import gradient_order
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.xla import in_xla_function
@@ -283,22 +285,36 @@ def _sparse_labels(labels, logits, axis, ignore_class, name):
             f"ignore_class={ignore_class!r}"
         )
     labels = _check_shapes(labels, logits, axis, sparse=True, name=name)
+    if tf.executing_eagerly():
+        return _checked_eager_labels(labels, logits.shape[axis], ignore_class)
     num_classes = tf.shape(logits, out_type=labels.dtype)[axis]
     in_range = tf.logical_and(labels >= 0, labels < num_classes)
     ignored = None
     if ignore_class is not None:
         ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
-    if tf.executing_eagerly():
-        bad = tf.logical_not(in_range)
-        if ignored is not None:
-            bad = tf.logical_and(bad, tf.logical_not(ignored))
-        if tf.reduce_any(bad):
-            values = tf.boolean_mask(labels, bad)[:5].numpy().tolist()
-            raise ValueError(
-                f"`labels` must be class ids in [0, {int(num_classes)})"
-                + ("" if ignore_class is None else f" or ignore_class={ignore_class}")
-                + f". Received out-of-range labels: {values}"
-            )
+    return labels, in_range, ignored
+
+
+def _checked_eager_labels(labels, num_classes, ignore_class):
+    """Eagerly, a ValueError for labels outside `[0, C)` (but `ignore_class`).
+
+    Read on the host, where the labels' values are at hand: no kernel runs
+    unless some label is ignored. `in_range` and `ignored` are then None where
+    every label is in range, or none is ignored.
+    """
+    values = labels.numpy()
+    outside = (values < 0) | (values >= num_classes)
+    ignored = None if ignore_class is None else values == ignore_class
+    bad = outside if ignored is None else outside & ~ignored
+    if bad.any():
+        raise ValueError(
+            f"`labels` must be class ids in [0, {num_classes})"
+            + ("" if ignore_class is None else f" or ignore_class={ignore_class}")
+            + f". Received out-of-range labels: {values[bad][:5].tolist()}"
+        )
+    in_range = tf.constant(~outside) if outside.any() else None
+    if ignored is not None:
+        ignored = tf.constant(ignored) if ignored.any() else None
     return labels, in_range, ignored
 
 
@@ -338,8 +354,10 @@ def _subtract_at_labels(values, labels, amounts, axis):
 
 
 def _per_example_mask(value, in_range, ignored):
-    """NaN where the label is out of range, 0 where it is ignored."""
-    value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
+    """NaN where the label is out of range, 0 where it is ignored (None:
+    every label is in range, none is ignored)."""
+    if in_range is not None:
+        value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
     if ignored is not None:
         value = tf.where(ignored, tf.zeros([], value.dtype), value)
     return value
@@ -394,8 +412,12 @@ def sparse_softmax_cross_entropy(
 
 def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
     """The sparse loss on validated inputs (see `_sparse_labels`)."""
-    safe_labels = tf.where(in_range, labels, tf.zeros([], labels.dtype))
     dtype = compute_dtype(logits.dtype)
+    if _kernel_applies(logits, in_range, ignored, axis, smoothing):
+        return _sparse_cross_entropy_on_kernel(logits, labels, dtype)
+    safe_labels = labels
+    if in_range is not None:
+        safe_labels = tf.where(in_range, labels, tf.zeros([], labels.dtype))
 
     def forward(logits):
         xf = tf.cast(logits, dtype)
@@ -426,6 +448,54 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
             dlogits = tf.where(
                 tf.expand_dims(ignored, axis), tf.zeros([], dtype), dlogits
             )
+        return (tf.cast(dlogits, logits.dtype),)
+
+    return custom_op(forward, backward, logits)[0]
+
+
+def _kernel_applies(logits, in_range, ignored, axis, smoothing):
+    """Whether the eager first-order case can run on TensorFlow's kernel.
+
+    Eagerly, a call costs about as much per op as per entry for common
+    sizes, and `SparseSoftmaxCrossEntropyWithLogits` gives the loss and
+    `softmax - onehot(y)` in one. It applies with the class axis last, every
+    label in range (checked above), none ignored and no smoothing, and where
+    no tape can differentiate the backward pass (which reads the kernel's
+    `softmax - onehot(y)` as a value). Graphs keep the closed form, which
+    compiles to fewer passes than the kernel.
+    """
+    return (
+        tf.executing_eagerly()
+        and axis == logits.shape.rank - 1
+        and in_range is None
+        and ignored is None
+        and not smoothing
+        and gradient_order([logits]) != HIGHER_ORDER
+    )
+
+
+def _sparse_cross_entropy_on_kernel(logits, labels, dtype):
+    """`loss = lse - z_y`, `dlogits = upstream * (softmax - onehot(y))`, on
+    the kernel that computes both (`_kernel_applies` says when)."""
+
+    flat = logits.shape.rank == 2  # else viewed as [-1, classes] (static in eager)
+
+    def forward(logits):
+        features, ids = tf.cast(logits, dtype), labels
+        if not flat:
+            features = tf.reshape(features, [-1, logits.shape[-1]])
+            ids = tf.reshape(labels, [-1])
+        loss, backprop = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+            features=features, labels=ids
+        )
+        return (loss if flat else tf.reshape(loss, labels.shape),), (), backprop
+
+    def backward(context, upstream, hidden_upstream):
+        del hidden_upstream  # none
+        (logits,) = context.inputs
+        dlogits = tf.reshape(upstream[0], [-1, 1]) * context.saved
+        if not flat:
+            dlogits = tf.reshape(dlogits, logits.shape)
         return (tf.cast(dlogits, logits.dtype),)
 
     return custom_op(forward, backward, logits)[0]

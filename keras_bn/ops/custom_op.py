@@ -22,9 +22,10 @@ pass again, so the op is differentiable to every order, with each order's
 terms derived from the first. In a first-order pass a hidden output's
 upstream gradient is zero: under `tf.function` the tape makes it a `Fill` or
 `ZerosLike` op, recognized when the graph is built, so its term costs
-nothing; eagerly, it is skipped unless the backward pass of this call has run
-while a tape or forward accumulator was recording (the only way a nonzero
-gradient can reach it).
+nothing. Eagerly, the tapes that watch the inputs tell when the op runs
+whether its backward pass can be differentiated at all (TensorFlow's own
+functions ask the same): only then are the hidden outputs returned to the
+tape; with no tape watching, the op runs as its plain forward pass.
 """
 
 import tensorflow as tf
@@ -66,6 +67,27 @@ def tape_could_record():
     except ImportError:  # pragma: no cover - a TensorFlow that moved it
         return True
     return record.could_possibly_record()
+
+
+NO_GRADIENT, FIRST_ORDER, HIGHER_ORDER = 0, 1, 2
+
+
+def gradient_order(tensors):
+    """What the active tapes can ask of `tensors`, eagerly: NO_GRADIENT
+    (none watches them), FIRST_ORDER, or HIGHER_ORDER (several tapes, a
+    persistent one, or a tape under a forward accumulator).
+
+    Reads TensorFlow's tape set, as its own functions do to pick their
+    backward passes. HIGHER_ORDER (the safe answer) in a graph, where
+    `tf.gradients` needs no tape, or if TensorFlow no longer exposes it.
+    """
+    if not tf.executing_eagerly():
+        return HIGHER_ORDER
+    try:
+        from tensorflow.python.ops import gradients_util
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return HIGHER_ORDER
+    return gradients_util.PossibleTapeGradientTypes(tensors)
 
 
 class OpContext:
@@ -133,6 +155,9 @@ def custom_op(forward, backward, *inputs):
     Returns:
         The tuple of outputs (hidden outputs dropped).
     """
+    order = gradient_order(inputs)
+    if order == NO_GRADIENT:
+        return tuple(forward(*inputs)[0])
     context = OpContext(inputs)
     sizes = []
 
@@ -143,15 +168,20 @@ def custom_op(forward, backward, *inputs):
         # A forward accumulator runs the backward pass (transposed) before
         # this op returns, on these values; the linked outputs replace them.
         context.outputs, context.hidden = tuple(outputs), tuple(hidden)
+        if order != HIGHER_ORDER:
+            hidden = ()  # the backward pass reads them as values
 
         def grad(*upstream):
             context._note_recording()
             n = sizes[0]
-            return tuple(backward(context, upstream[:n], upstream[n:]))
+            hidden_upstream = upstream[n:] or (None,) * len(context.hidden)
+            return tuple(backward(context, upstream[:n], hidden_upstream))
 
         return tuple(outputs) + tuple(hidden), grad
 
     results = op(*inputs)
     n = sizes[0]
-    context.outputs, context.hidden = tuple(results[:n]), tuple(results[n:])
+    context.outputs = tuple(results[:n])
+    if order == HIGHER_ORDER:
+        context.hidden = tuple(results[n:])
     return context.outputs
