@@ -123,7 +123,9 @@ class OpContext:
             return False
         if not tf.executing_eagerly() or self.recording:
             return True
-        return not hidden and bool(tf.reduce_any(tf.not_equal(upstream, 0)))
+        # A returned output's gradient is at hand: its values decide, read on
+        # the host (statistics are per-feature vectors).
+        return not hidden and bool(tf.get_static_value(upstream).any())
 
     @property
     def recording(self):

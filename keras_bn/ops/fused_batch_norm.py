@@ -132,17 +132,10 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             data_format=data_format,
             is_training=True,
         )
-        count = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / tf.cast(
-            channels, tf.float32
-        )
-        has_examples = count > 0
-        mean = tf.where(has_examples, out.batch_mean, 0.0)
-        variance = tf.where(
-            has_examples, out.batch_variance * (tf.maximum(count, 1.0) - 1.0), 0.0
-        ) / tf.maximum(count, 1.0)
+        mean, variance, count = _biased_statistics(out, x, channels)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
         y = _from_4d(out.y, x, axis)
-        return (y, mean, variance, count), (), (reserve, data_format)
+        return (y, mean, variance, count), (), (reserve, data_format, x4)
 
     def backward(context, upstream, hidden_upstream):
         del hidden_upstream  # none
@@ -155,8 +148,12 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
                 context, dy, scale, axis, epsilon
             )
         else:
-            reserve, data_format = context.saved
-            x4, _ = _as_4d(x, axis)
+            reserve, data_format, x4 = context.saved
+            if not tf.executing_eagerly():
+                # tf.gradients may differentiate this graph again: the view
+                # of the original x, not of the stopped one. (Eagerly, an
+                # unrecorded backward pass is never differentiated.)
+                x4, _ = _as_4d(x, axis)
             dy4, _ = _as_4d(dy, axis)
             dx4, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy4,
@@ -180,6 +177,29 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
         )
 
     return custom_op(forward, backward, x, *[v for v in (gamma, beta) if v is not None])
+
+
+def _biased_statistics(out, x, channels):
+    """`(mean, biased variance, count)` from the kernel's unbiased variance.
+
+    With the shape known when the op is built (always, eagerly), the count
+    is a constant and the rescale one multiply; otherwise the count is
+    computed, and an empty batch gives 0 for both statistics.
+    """
+    size = x.shape.num_elements()
+    if size and isinstance(channels, int):
+        n = size // channels
+        variance = out.batch_variance * ((n - 1) / n)
+        return out.batch_mean, variance, tf.constant(float(n))
+    count = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / tf.cast(
+        channels, tf.float32
+    )
+    has_examples = count > 0
+    mean = tf.where(has_examples, out.batch_mean, 0.0)
+    variance = tf.where(
+        has_examples, out.batch_variance * (tf.maximum(count, 1.0) - 1.0), 0.0
+    ) / tf.maximum(count, 1.0)
+    return mean, variance, count
 
 
 def _closed_form_backward(context, dy, scale, axis, epsilon):
