@@ -379,3 +379,96 @@ def test_fit_under_mixed_float16_with_loss_scaling_matches_keras(rng, dtype_poli
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
     out = ours.predict(x, verbose=0)
     assert np.isfinite(out).all()
+
+
+# The cumulative average (momentum=None) counts per feature.
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("renorm", [False, True])
+def test_cumulative_average_counts_the_batches_each_feature_accepted(rng, mode, renorm):
+    layer = keras_bn.BatchNormalization(momentum=None, renorm=renorm, epsilon=1e-2)
+    call = _compiled(lambda x, m: layer(x, training=True, mask=m), mode)
+    first = rng.normal(1.0, 2.0, size=(4, 2, 3)).astype("float32")
+    first[0, 0, 1] = np.nan  # feature 1 skips this batch
+    second = rng.normal(1.0, 2.0, size=(4, 2, 3)).astype("float32")
+    second[..., 1] = rng.normal(5.0, 1.0, size=(4, 2))
+    second[..., 1] += 5.0 - second[..., 1].mean()  # its mean is 5.0
+    everywhere = np.ones((4, 2), bool)
+    call(first, everywhere)
+    call(second, everywhere)
+    call(second, np.zeros((4, 2), bool))  # a batch with nothing to count
+    np.testing.assert_array_equal(layer.num_batches_tracked, [2, 1, 2])
+    assert layer.num_batches_tracked.dtype == "int64"
+    assert tuple(layer.num_batches_tracked.shape) == (3,)
+    # Feature 1 averages the one batch it took in: 5.0, not (0 + 5.0) / 2.
+    stats = [numpy_batch_norm_train(x, None, None, -1, 1e-2) for x in (first, second)]
+    (_, mean_1, var_1), (_, mean_2, var_2) = stats
+    want_mean = np.where([True, False, True], (mean_1 + mean_2) / 2, mean_2)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5)
+    assert abs(float(layer.moving_mean[1]) - 5.0) < 1e-5
+    if renorm:  # the variance follows from the averaged standard deviation
+        std_1, std_2 = np.sqrt(var_1 + 1e-2), np.sqrt(var_2 + 1e-2)
+        want_std = np.where([True, False, True], (std_1 + std_2) / 2, std_2)
+        want_var = want_std**2 - 1e-2
+    else:
+        want_var = np.where([True, False, True], (var_1 + var_2) / 2, var_2)
+    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5)
+
+
+def test_cumulative_average_without_skipping_counts_every_batch(rng):
+    layer = keras_bn.BatchNormalization(momentum=None, skip_nonfinite_updates=False)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    x[0, 1] = np.nan
+    layer(x, training=True)
+    np.testing.assert_array_equal(layer.num_batches_tracked, [1, 1, 1])
+    assert np.isnan(layer.moving_mean.numpy()[1])  # as asked: poisoned
+
+
+def _with_one_count(weights_file, count):
+    """The weights file with the counter stored as one scalar, as files
+    written before the count was kept per feature hold it."""
+    import io
+
+    import h5py
+
+    buffer = io.BytesIO(weights_file)
+    with h5py.File(buffer, "r+") as f:
+        keys = []
+        f.visititems(
+            lambda k, v: (
+                keys.append(k) if getattr(v, "dtype", None) == "int64" else None
+            )
+        )
+        (key,) = keys  # the layer's fifth weight, num_batches_tracked
+        assert key.endswith("/vars/4") and f[key].shape == (3,), key
+        del f[key]
+        f[key] = np.int64(count)
+    return buffer.getvalue()
+
+
+def test_a_file_with_one_count_for_the_layer_loads_for_every_feature(rng, tmp_path):
+    import zipfile
+
+    model = keras.Sequential(
+        [keras.Input((3,)), keras_bn.BatchNormalization(momentum=None)]
+    )
+    for _ in range(3):
+        model(rng.normal(size=(8, 3)).astype(np.float32), training=True)
+    model.save(tmp_path / "new.keras")
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(tmp_path / "new.keras") as src:
+        with zipfile.ZipFile(old, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item.filename)
+                if item.filename == "model.weights.h5":
+                    data = _with_one_count(data, 3)
+                dst.writestr(item, data)
+    loaded = keras.saving.load_model(old)
+    np.testing.assert_array_equal(loaded.layers[0].num_batches_tracked, [3, 3, 3])
+    # Training goes on as it would have: the 4th batch weighs 1/4 everywhere.
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    for m in (model, loaded):
+        m(x, training=True)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -4,6 +4,7 @@ import math
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import constraints
 from keras import initializers
@@ -11,18 +12,34 @@ from keras import regularizers
 
 from keras_bn import ops
 from keras_bn.layers.arguments import VARIANCE_ESTIMATORS
+from keras_bn.layers.arguments import check_axis
+from keras_bn.layers.arguments import check_bool
+from keras_bn.layers.arguments import check_not_ragged
+from keras_bn.layers.arguments import check_positive_finite
 from keras_bn.layers.arguments import check_renorm_clipping
 from keras_bn.layers.arguments import check_unit_interval
 from keras_bn.layers.arguments import check_virtual_batch_size
 from keras_bn.ops.axes import canonicalize_axes
-from keras_bn.ops.axes import validate_axis_argument
 from keras_bn.ops.virtual_batch import per_virtual_batch
 from keras_bn.ops.virtual_batch import split_virtual_batches
 
 
 def _copy_initializer(initializer):
-    """A fresh instance of `initializer` (a random one draws anew)."""
-    return initializers.get(keras.saving.serialize_keras_object(initializer))
+    """A fresh instance of `initializer` (an unseeded random one draws anew).
+
+    As Keras clones: an `Initializer` through its own class's `from_config`,
+    so unregistered classes work too; anything else (a plain function) is
+    returned as is.
+    """
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
+
+
+_DENSE_HINT = (
+    "Pad it to a dense tensor (`inputs.to_tensor()`) and pass the padding as "
+    "`mask` (e.g. `tf.sequence_mask(inputs.row_lengths())`)."
+)
 
 
 def _moving_average(variable, value, momentum):
@@ -63,18 +80,24 @@ class BatchNormalization(keras.layers.Layer):
     a feature axis and the weights take the shape of those axes.
 
     Args:
-        axis: Integer, or list/tuple of integers: the feature axis or axes,
-            kept and normalized per entry. `-1` after `Dense`/channels-last
-            convolutions, `1` for channels-first.
+        axis: Integer, or list/tuple of distinct integers: the feature axis
+            or axes, kept and normalized per entry. `-1` after
+            `Dense`/channels-last convolutions, `1` for channels-first.
+            Floats (`1.5`) and strings (`"1"`) raise a TypeError.
         momentum: Float in [0, 1], momentum of the moving averages (the weight
             of the old value), or None for a cumulative average over every
             batch seen: the n-th batch enters with weight `1 / n` (PyTorch's
             `momentum=None`). None adds a non-trainable int64 weight
-            `num_batches_tracked`, last in the weight list, which saves and
-            loads with the model.
-        epsilon: Float > 0 added to the variance to avoid dividing by zero.
-        center: If True, add the learned offset `beta`.
-        scale: If True, multiply by the learned scale `gamma`.
+            `num_batches_tracked` of the features' shape, last in the weight
+            list, which saves and loads with the model: each feature counts
+            the batches it accepted, so a feature that kept its statistics
+            through a NaN batch averages only the batches it took in.
+            (A file holding one count for the layer, from earlier versions,
+            loads with that count for every feature.)
+        epsilon: Finite float > 0 added to the variance to avoid dividing by
+            zero.
+        center: True or False: add the learned offset `beta`.
+        scale: True or False: multiply by the learned scale `gamma`.
         beta_initializer: Initializer for `beta`.
         gamma_initializer: Initializer for `gamma`.
         moving_mean_initializer: Initializer for the moving mean.
@@ -129,7 +152,9 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
-        inputs: Float tensor of any rank above the number of feature axes.
+        inputs: Dense float tensor of any rank above the number of feature
+            axes. Ragged and sparse tensors raise a ValueError (pad them and
+            pass the padding as `mask`).
         training: Python boolean: batch statistics and moving-average updates
             (True), or the moving statistics (False or None).
         mask: Optional boolean tensor shaped as `inputs` without the feature
@@ -183,17 +208,13 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = validate_axis_argument(axis)
+        self.axis = check_axis(axis)
         self.momentum = (
             None if momentum is None else check_unit_interval(momentum, "momentum")
         )
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0:
-            raise ValueError(
-                f"Argument `epsilon` must be > 0. Received: epsilon={epsilon}"
-            )
-        self.center = bool(center)
-        self.scale = bool(scale)
+        self.epsilon = check_positive_finite(epsilon, "epsilon")
+        self.center = check_bool(center, "center")
+        self.scale = check_bool(scale, "scale")
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -202,7 +223,7 @@ class BatchNormalization(keras.layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-        self.renorm = bool(renorm)
+        self.renorm = check_bool(renorm, "renorm")
         if renorm_clipping is not None and not self.renorm:
             raise ValueError(
                 "Argument `renorm_clipping` is only used with renorm=True. "
@@ -212,8 +233,10 @@ class BatchNormalization(keras.layers.Layer):
             check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
         )
         self.renorm_momentum = check_unit_interval(renorm_momentum, "renorm_momentum")
-        self.synchronized = bool(synchronized)
-        self.skip_nonfinite_updates = bool(skip_nonfinite_updates)
+        self.synchronized = check_bool(synchronized, "synchronized")
+        self.skip_nonfinite_updates = check_bool(
+            skip_nonfinite_updates, "skip_nonfinite_updates"
+        )
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(
                 "Argument `fused` must be None, True or False. "
@@ -306,7 +329,7 @@ class BatchNormalization(keras.layers.Layer):
             )
         if self.momentum is None:
             self.num_batches_tracked = self.add_weight(
-                shape=(),
+                shape=shape,
                 name="num_batches_tracked",
                 initializer="zeros",
                 dtype="int64",
@@ -329,6 +352,13 @@ class BatchNormalization(keras.layers.Layer):
     def _value(self, weight):
         """A plain tensor for the ops (never a Keras variable)."""
         return None if weight is None else tf.convert_to_tensor(weight)
+
+    def __call__(self, inputs, *args, **kwargs):
+        # Before Keras builds the layer from a ragged shape.
+        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+        for name, value in (("inputs", inputs), ("mask", mask)):
+            check_not_ragged(value, name, type(self).__name__, _DENSE_HINT)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.convert_to_tensor(inputs)
@@ -427,9 +457,13 @@ class BatchNormalization(keras.layers.Layer):
         if self.moving_variance_estimator == "unbiased":
             variance = variance * count / tf.maximum(count - 1.0, 1.0)  # Bessel
         momentum = self.momentum
-        if momentum is None:  # cumulative average: the n-th batch weighs 1/n
+        if momentum is None:
+            # Cumulative average: a feature's n-th accepted batch weighs 1/n.
+            # Each feature counts its own batches: one that skipped a batch
+            # (NaN there) must not dilute its average with the initial value.
+            accepted = tf.broadcast_to(accept, tf.shape(mean))
             tracked = self.num_batches_tracked + tf.cast(
-                tf.reduce_any(accept), self.num_batches_tracked.dtype
+                accepted, self.num_batches_tracked.dtype
             )
             self.num_batches_tracked.assign(tracked)
             momentum = 1.0 - 1.0 / tf.maximum(tf.cast(tracked, mean.dtype), 1.0)
@@ -456,6 +490,22 @@ class BatchNormalization(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         canonicalize_axes(self.axis, len(input_shape))
         return input_shape
+
+    def load_own_variables(self, store):
+        """Loads the weights; reads a scalar `num_batches_tracked` as well.
+
+        Files written before the count was kept per feature hold one count
+        for the layer; every feature then starts from that count, which is
+        what the layer used for all of them when the file was written.
+        """
+        counter = self.num_batches_tracked
+        if counter is not None and counter.shape:
+            variables = self._trainable_variables + self._non_trainable_variables
+            key = str(next(i for i, v in enumerate(variables) if v is counter))
+            if key in store.keys() and np.shape(store[key]) == ():
+                store = {k: store[k] for k in store.keys()}
+                store[key] = np.full(counter.shape, np.asarray(store[key]), "int64")
+        super().load_own_variables(store)
 
     def get_config(self):
         config = {

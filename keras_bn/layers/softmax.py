@@ -3,8 +3,13 @@
 import keras
 import tensorflow as tf
 
-from keras_bn.ops.axes import validate_axis_argument
+from keras_bn.layers.arguments import check_axis
+from keras_bn.layers.arguments import check_not_ragged
 from keras_bn.ops.softmax_ops import softmax
+
+_DENSE_HINT = (
+    "Pad it to a dense tensor (`inputs.to_tensor()`) and pass the padding as `mask`."
+)
 
 
 def _large_negative_number(dtype):
@@ -47,12 +52,14 @@ class Softmax(keras.layers.Layer):
     `from_logits=False` use them, exactly as for Keras's layer.
 
     Args:
-        axis: Integer, or list of integers, the axis (axes) along which the
-            softmax normalization is applied.
+        axis: Integer, or list of distinct integers, the axis (axes) along
+            which the softmax normalization is applied. Floats (`1.5`) and
+            strings (`"1"`) raise a TypeError, a repeated axis a ValueError.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
-        inputs: The inputs (logits) to the softmax layer.
+        inputs: The inputs (logits) to the softmax layer: a dense tensor
+            (ragged and sparse tensors raise a ValueError).
         mask: A boolean mask broadcastable to `inputs`: True (or > 0.5) keeps
             a position. Each dimension must be 1 or match the corresponding
             dimension of `inputs`. Defaults to `None`.
@@ -69,9 +76,15 @@ class Softmax(keras.layers.Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        validate_axis_argument(axis)
+        check_axis(axis)
         self.axis = axis
         self.supports_masking = True
+
+    def __call__(self, inputs, *args, **kwargs):
+        mask = kwargs.get("mask", args[0] if args else None)
+        for name, value in (("inputs", inputs), ("mask", mask)):
+            check_not_ragged(value, name, type(self).__name__, _DENSE_HINT)
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, mask=None):
         if mask is not None:
