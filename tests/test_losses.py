@@ -1,5 +1,6 @@
 """Tests for keras_bn.losses: the Keras drop-ins and SoftmaxCrossEntropy."""
 
+import json
 import os
 import warnings
 
@@ -536,3 +537,180 @@ def test_compile_by_registered_name_uses_our_loss():
     assert isinstance(
         keras.losses.get("keras_bn>SoftmaxCrossEntropy"), SoftmaxCrossEntropy
     )
+
+
+# Class weights given as a dict, as `Model.fit(class_weight=...)` takes them.
+
+
+def test_class_weight_dict_is_the_weight_per_class_id():
+    logits, _, _, ids, sample_weight = problem(shape=(8, 3), dtype="float64")
+    as_dict = SoftmaxCrossEntropy(sparse=True, class_weight={0: 1, 1: 5, 2: 1})
+    assert as_dict.class_weight == [1.0, 5.0, 1.0]
+    as_list = SoftmaxCrossEntropy(sparse=True, class_weight=[1.0, 5.0, 1.0])
+    np.testing.assert_array_equal(as_dict(ids, logits), as_list(ids, logits))
+    # Keys in any order; classes below the largest key default to 1.0.
+    assert SoftmaxCrossEntropy(class_weight={2: 3, 0: 0.5}).class_weight == [
+        0.5,
+        1.0,
+        3.0,
+    ]
+    # With "sum", the weights act as Keras's fit turns them into sample weights.
+    weights = {0: 0.5, 1: 2.0, 2: 4.0}
+    ours = SoftmaxCrossEntropy(sparse=True, class_weight=weights, reduction="sum")
+    theirs = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="sum", dtype="float64"
+    )
+    keras_weights = np.array([weights[int(c)] for c in ids])
+    np.testing.assert_allclose(
+        ours(ids, logits, sample_weight),
+        theirs(ids, logits, sample_weight * keras_weights),
+        rtol=1e-6,
+    )
+    config = as_dict.get_config()
+    assert config["class_weight"] == [1.0, 5.0, 1.0]
+    restored = keras.saving.deserialize_keras_object(
+        json.loads(json.dumps(keras.saving.serialize_keras_object(as_dict)))
+    )
+    assert restored.class_weight == [1.0, 5.0, 1.0]
+
+
+def test_class_weight_dict_not_naming_the_last_class_raises():
+    loss = SoftmaxCrossEntropy(sparse=True, class_weight={0: 1.0, 1: 5.0})
+    with pytest.raises(ValueError, match="2 entries but the logits have 3 classes"):
+        loss([0, 2], np.zeros([2, 3], "float32"))
+
+
+# Class weights whose length is checked only at run time.
+
+
+def _unknown_class_count_loss(loss, sparse, jit_compile):
+    labels = tf.TensorSpec([None] if sparse else [None, None], tf.int32)
+    if not sparse:
+        labels = tf.TensorSpec([None, None], tf.float32)
+    logits = tf.TensorSpec([None, None], tf.float32)
+
+    @tf.function(input_signature=[labels, logits], jit_compile=jit_compile)
+    def value_and_gradient(y_true, y_pred):
+        with tf.GradientTape() as tape:
+            tape.watch(y_pred)
+            value = loss(y_true, y_pred)
+        return value, tape.gradient(value, y_pred)
+
+    return value_and_gradient
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("entries", [3, 5])
+def test_class_weight_length_checked_when_classes_are_known_at_run_time(
+    sparse, entries
+):
+    logits = tf.constant(problem(shape=(6, 4))[0])
+    ids = tf.constant([0, 1, 2, 3, 3, 0])
+    y_true = ids if sparse else tf.one_hot(ids, 4)
+    weight = [1.0, 2.0, 3.0, 4.0, 5.0][:entries]
+    loss = SoftmaxCrossEntropy(sparse=sparse, class_weight=weight)
+    # In a graph: an error naming `class_weight`.
+    graph = _unknown_class_count_loss(loss, sparse, jit_compile=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`class_weight` has"):
+        graph(y_true, logits)
+    # Under XLA, which drops assertions: NaN, never a reused weight.
+    value, gradient = _unknown_class_count_loss(loss, sparse, jit_compile=True)(
+        y_true, logits
+    )
+    assert np.isnan(value.numpy())
+    assert np.isnan(gradient.numpy()).all()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_class_weight_of_the_right_length_works_when_known_at_run_time(
+    sparse, jit_compile
+):
+    logits = tf.constant(problem(shape=(6, 4))[0])
+    ids = tf.constant([0, 1, 2, 3, 3, 0])
+    y_true = ids if sparse else tf.one_hot(ids, 4)
+    loss = SoftmaxCrossEntropy(sparse=sparse, class_weight=[1.0, 2.0, 3.0, 4.0])
+    value, gradient = _unknown_class_count_loss(loss, sparse, jit_compile)(
+        y_true, logits
+    )
+    expected, expected_gradient = loss_and_grad(loss, y_true, logits)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-5, atol=1e-7)
+
+
+# Sample weights broadcast by one rule, with class weights or without.
+
+SAMPLE_WEIGHT_SHAPES = {
+    "per_example": (4,),
+    "trailing_1": (4, 1),
+    "square": (4, 4),  # broadcasts against (4,) losses as NumPy does
+    "scalar_like": (1,),
+}
+
+
+@pytest.mark.parametrize("reduction", MEAN_REDUCTIONS + ["sum"])
+@pytest.mark.parametrize("shape", list(SAMPLE_WEIGHT_SHAPES))
+def test_sample_weight_broadcasts_alike_with_and_without_class_weights(
+    reduction, shape
+):
+    logits, _, onehot, ids, _ = problem(shape=(4, 3), dtype="float64")
+    rng = np.random.default_rng(7)
+    sw = rng.uniform(0.5, 2.0, size=SAMPLE_WEIGHT_SHAPES[shape])
+    kwargs = dict(sparse=True, reduction=reduction, dtype="float64")
+    plain = SoftmaxCrossEntropy(**kwargs)(ids, logits, sw)
+    unit = SoftmaxCrossEntropy(class_weight=[1, 1, 1], **kwargs)(ids, logits, sw)
+    np.testing.assert_allclose(unit, plain, rtol=1e-12)
+    keras_loss = keras.losses.CategoricalCrossentropy(
+        from_logits=True, reduction=reduction, dtype="float64"
+    )
+    keras_value = keras_loss(onehot, logits, sw)
+    if reduction == "mean_with_sample_weight" and shape == "scalar_like":
+        # Keras sums the one weight before broadcasting it over 4 examples.
+        np.testing.assert_allclose(plain * 4, keras_value, rtol=1e-12)
+    else:
+        np.testing.assert_allclose(plain, keras_value, rtol=1e-12)
+    # The closed form: NumPy broadcasting of the weights against the losses.
+    nll = -np.take_along_axis(log_softmax_np(logits), ids[:, None], -1)[:, 0]
+    aligned = sw[:, 0] if sw.shape == (4, 1) else sw
+    terms = nll * aligned
+    weight = [2.0, 0.5, 1.0]
+    weighted = SoftmaxCrossEntropy(class_weight=weight, **kwargs)(ids, logits, sw)
+    w = np.broadcast_to(np.asarray(weight)[ids], terms.shape)
+    denominator = {
+        "sum": 1.0,
+        "sum_over_batch_size": np.sum(w),
+        "mean": np.sum(w),
+        "mean_with_sample_weight": np.sum(w * aligned),
+    }[reduction]
+    np.testing.assert_allclose(weighted, np.sum(w * terms) / denominator, rtol=1e-12)
+
+
+def test_square_sample_weight_gives_one_mean_with_unit_class_weights():
+    logits, _, _, ids, _ = problem(shape=(4, 3))
+    sw = np.ones((4, 4), "float32")
+    plain = SoftmaxCrossEntropy(sparse=True)(ids, logits, sw)
+    unit = SoftmaxCrossEntropy(sparse=True, class_weight=[1, 1, 1])(ids, logits, sw)
+    unweighted = SoftmaxCrossEntropy(sparse=True)(ids, logits)
+    np.testing.assert_allclose(unit, plain, rtol=1e-6)
+    np.testing.assert_allclose(plain, unweighted, rtol=1e-6)
+
+
+def test_per_example_weight_on_per_timestep_losses_counts_every_timestep():
+    # (B, 1) sample weights on (B, T) losses: each weight covers T terms.
+    logits, _, onehot, ids, _ = problem(shape=(3, 4, 5), dtype="float64")
+    sw = np.array([[1.0], [2.0], [0.5]])
+    nll = -np.take_along_axis(log_softmax_np(logits), ids[..., None], -1)[..., 0]
+    expected = np.sum(nll * sw) / np.sum(np.broadcast_to(sw, nll.shape))
+    for class_weight in (None, [1.0] * 5):
+        loss = SoftmaxCrossEntropy(
+            sparse=True,
+            class_weight=class_weight,
+            reduction="mean_with_sample_weight",
+            dtype="float64",
+        )
+        np.testing.assert_allclose(loss(ids, logits, sw), expected, rtol=1e-12)
+    # Keras divides by sum(sw) before broadcasting: T times the weighted mean.
+    theirs = keras.losses.CategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight", dtype="float64"
+    )(onehot, logits, sw)
+    np.testing.assert_allclose(theirs, 4 * expected, rtol=1e-12)

@@ -12,7 +12,10 @@ where Keras is wrong:
 - `SparseCategoricalCrossentropy.get_config()` includes `axis`, and both
   include `dtype`;
 - out-of-range sparse labels raise a ValueError in eager mode and give a NaN
-  loss in a `tf.function` or under XLA, on every device.
+  loss in a `tf.function` or under XLA, on every device;
+- ragged or sparse `y_true`, `y_pred` or `sample_weight` raise a ValueError
+  saying so, and `from_logits` must be True or False (Keras reads the string
+  "False" as true).
 """
 
 import warnings
@@ -20,6 +23,9 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_bn.layers.arguments import check_bool
+from keras_bn.losses.arguments import check_dense_loss_inputs
+from keras_bn.losses.arguments import check_label_smoothing
 from keras_bn.losses.softmax_cross_entropy import _check_axis
 from keras_bn.losses.softmax_cross_entropy import _check_ignore_class
 from keras_bn.losses.softmax_cross_entropy import _dtype_config
@@ -27,7 +33,6 @@ from keras_bn.losses.softmax_cross_entropy import _logits_behind
 from keras_bn.losses.softmax_cross_entropy import _set_mask
 from keras_bn.losses.softmax_cross_entropy import _sparse_class_ids
 from keras_bn.losses.softmax_cross_entropy import _squeeze_or_expand_to_same_rank
-from keras_bn.ops.cross_entropy import check_label_smoothing
 from keras_bn.ops.cross_entropy import probability_cross_entropy
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
@@ -52,7 +57,8 @@ class CategoricalCrossentropy(keras.losses.Loss):
     softmax activation (or a `Softmax` layer) is replaced by its logits.
 
     Args:
-        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        from_logits: True or False: whether `y_pred` holds logits rather
+            than probabilities.
         label_smoothing: Float in [0, 1]. The number of classes is the size
             of `axis`.
         axis: The class axis.
@@ -88,10 +94,14 @@ class CategoricalCrossentropy(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.from_logits = bool(from_logits)
+        self.from_logits = check_bool(from_logits, "from_logits")
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.axis = _check_axis(axis)
         self._dtype_config = _dtype_config(dtype)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
         y_true, y_pred = _squeeze_or_expand_to_same_rank(
@@ -156,7 +166,8 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
     in a `tf.function` or under XLA.
 
     Args:
-        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        from_logits: True or False: whether `y_pred` holds logits rather
+            than probabilities.
         ignore_class: Optional int label to ignore, e.g. a "void" class (-1 or
             255) in segmentation maps.
         reduction: One of Keras's reductions: "sum_over_batch_size", "sum",
@@ -193,10 +204,14 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.from_logits = bool(from_logits)
+        self.from_logits = check_bool(from_logits, "from_logits")
         self.ignore_class = _check_ignore_class(ignore_class)
         self.axis = _check_axis(axis)
         self._dtype_config = _dtype_config(dtype)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
         y_true, y_pred = _squeeze_or_expand_to_same_rank(
