@@ -1,5 +1,7 @@
 """Independent references for the tests: NumPy closed forms and TF autodiff."""
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -114,3 +116,200 @@ def random_mask(rng, shape, axis, keep=0.7):
     mask = rng.random(mshape) < keep
     mask.flat[0] = True
     return mask
+
+
+def _weight_names(weights):
+    return [w.name for w in weights]
+
+
+def _expand_to_inputs(mask, shape, mask_axes):
+    """Broadcasts a mask without the input axes `mask_axes` to `shape`."""
+    for a in sorted(mask_axes):
+        mask = np.expand_dims(mask, a)
+    return np.broadcast_to(mask, shape)
+
+
+def run_layer_contract(
+    layer_cls,
+    init_kwargs,
+    input_shape,
+    expected_trainable,
+    expected_non_trainable,
+    tmp_path,
+    expected_losses=None,
+    expected_constraints=None,
+    expected_initial=None,
+    mask_axes=None,
+    supports_masking=True,
+    seed=0,
+):
+    """The layer contract of Keras's `run_layer_test`, for one configuration.
+
+    Checks, and fails with a message naming what broke:
+
+    1. Weights: after `build`, the trainable and non-trainable weight names,
+       in order, are `expected_trainable` and `expected_non_trainable`; the
+       weights in `expected_initial` (`{name: value}`) start at that value.
+       A symbolic call and an eager training call give outputs shaped as the
+       inputs (and as `compute_output_shape` says), in the compute dtype.
+    2. Regularizers: `layer.losses` are exactly `regularizer(weight)` for the
+       `{weight_name: regularizer}` of `expected_losses`, in weight order,
+       before and after an optimizer step; no other loss.
+    3. Constraints: one SGD step (learning rate 10 on `sum(y * x)` for
+       inputs around 2, which drives `gamma` and `beta` negative) leaves each
+       weight of `expected_constraints` (`{name: constraint}`) at
+       `constraint(w - lr * grad)`, which must differ from the plain update
+       (the constraint had work to do), and every other weight at the plain
+       update.
+    4. Masking: `layer.supports_masking == supports_masking`. With
+       `mask_axes` (the input axes the mask lacks, e.g. `(2,)` for a mask
+       `inputs.shape[:-1]` on rank-3 inputs), a training call's outputs at
+       kept positions and the layer's state after it do not depend on the
+       values at masked positions, and `compute_mask` passes the mask on.
+    5. Serialization: `get_config`/`from_config`, a JSON round trip of
+       `serialize_keras_object`, and a `.keras` file of a model holding the
+       trained layer keep the class, the config, every weight (bitwise) and
+       the outputs of inference and of the next training call.
+
+    Args:
+        layer_cls: The layer class.
+        init_kwargs: Constructor arguments.
+        input_shape: A fully known input shape, batch included.
+        expected_trainable: Names of the trainable weights, in order.
+        expected_non_trainable: Names of the non-trainable weights, in order.
+        tmp_path: A directory for the `.keras` file.
+        expected_losses: `{weight_name: regularizer}`, or None for no loss.
+        expected_constraints: `{weight_name: constraint}`, or None.
+        expected_initial: `{weight_name: value}`, or None.
+        mask_axes: Input axes the mask lacks; None to skip the masked call
+            (a configuration that refuses masks in training).
+        supports_masking: The expected `layer.supports_masking`.
+        seed: Seed of the random inputs and mask.
+
+    Returns:
+        The layer, trained by one call and one optimizer step.
+    """
+    import json
+
+    import keras
+
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(2.0, 1.0, size=input_shape), tf.float32)
+
+    # 1. Weights and outputs.
+    layer = layer_cls(**init_kwargs)
+    layer.build(input_shape)
+    assert _weight_names(layer.trainable_weights) == list(expected_trainable), (
+        "trainable weights",
+        _weight_names(layer.trainable_weights),
+    )
+    assert _weight_names(layer.non_trainable_weights) == list(expected_non_trainable), (
+        "non-trainable weights",
+        _weight_names(layer.non_trainable_weights),
+    )
+    by_name = {w.name: w for w in layer.weights}
+    for name, value in (expected_initial or {}).items():
+        np.testing.assert_allclose(
+            by_name[name].numpy(),
+            np.broadcast_to(value, by_name[name].shape),
+            rtol=1e-6,
+            err_msg=f"initial value of {name}",
+        )
+    symbolic = layer_cls(**init_kwargs)(keras.Input(batch_shape=input_shape))
+    assert tuple(symbolic.shape) == tuple(input_shape), symbolic.shape
+    assert tuple(layer.compute_output_shape(input_shape)) == tuple(input_shape)
+    y = layer(x, training=True)
+    assert tuple(y.shape) == tuple(input_shape), y.shape
+    assert y.dtype == layer.compute_dtype, (y.dtype, layer.compute_dtype)
+
+    # 2. Regularizers.
+    def check_losses():
+        expected = [
+            float(expected_losses[w.name](w))
+            for w in layer.trainable_weights
+            if w.name in (expected_losses or {})
+        ]
+        got = [float(loss) for loss in layer.losses]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg="layer.losses")
+        assert len(got) == len(expected) == len(expected_losses or {}), got
+
+    check_losses()
+
+    # 3. Constraints after an optimizer step.
+    learning_rate = 10.0
+    with tf.GradientTape() as tape:
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * x)
+    grads = tape.gradient(loss, layer.trainable_weights)
+    plain = {
+        w.name: w.numpy() - learning_rate * g.numpy()
+        for w, g in zip(layer.trainable_weights, grads)
+    }
+    keras.optimizers.SGD(learning_rate).apply(grads, layer.trainable_weights)
+    constraints = expected_constraints or {}
+    for w in layer.trainable_weights:
+        if w.name in constraints:
+            want = np.asarray(constraints[w.name](tf.constant(plain[w.name])))
+            assert not np.allclose(want, plain[w.name]), f"{w.name}: no work"
+            np.testing.assert_allclose(
+                w.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"{w.name} constraint"
+            )
+        else:
+            np.testing.assert_allclose(
+                w.numpy(), plain[w.name], rtol=1e-5, err_msg=f"{w.name} update"
+            )
+    check_losses()
+
+    # 4. Masking.
+    assert layer.supports_masking == supports_masking
+    if mask_axes is not None:
+        rank = len(input_shape)
+        axes = sorted(a % rank for a in mask_axes)
+        mask_shape = [d for i, d in enumerate(input_shape) if i not in axes]
+        mask = rng.random(mask_shape) < 0.7
+        mask.flat[0] = True
+        kept = _expand_to_inputs(mask, input_shape, axes)
+        noise = 100.0 * rng.normal(size=input_shape)
+        x_masked_changed = tf.constant(np.where(kept, x.numpy(), noise), tf.float32)
+        twins = [layer_cls(**init_kwargs) for _ in range(2)]
+        for twin in twins:
+            twin.build(input_shape)
+            twin.set_weights(layer.get_weights())
+        outputs = [
+            twin(inputs, training=True, mask=tf.constant(mask)).numpy()
+            for twin, inputs in zip(twins, (x, x_masked_changed))
+        ]
+        np.testing.assert_allclose(
+            outputs[0][kept], outputs[1][kept], rtol=1e-5, atol=1e-6,
+            err_msg="outputs at kept positions depend on masked inputs",
+        )  # fmt: skip
+        for a, b, name in zip(
+            twins[0].get_weights(),
+            twins[1].get_weights(),
+            _weight_names(twins[0].weights),
+        ):
+            np.testing.assert_allclose(
+                a, b, rtol=1e-5, atol=1e-6, err_msg=f"{name} depends on masked inputs"
+            )
+        np.testing.assert_array_equal(layer.compute_mask(x, tf.constant(mask)), mask)
+
+    # 5. Serialization.
+    config = layer.get_config()
+    assert layer_cls.from_config(config).get_config() == config
+    serialized = json.loads(json.dumps(keras.saving.serialize_keras_object(layer)))
+    restored = keras.saving.deserialize_keras_object(serialized)
+    assert type(restored) is layer_cls and restored.get_config() == config
+    model = keras.Sequential([keras.Input(input_shape[1:]), layer])
+    path = os.path.join(str(tmp_path), f"{layer.name}.keras")
+    model.save(path)
+    loaded_model = keras.saving.load_model(path)
+    loaded = loaded_model.layers[-1]
+    assert type(loaded) is layer_cls and loaded.get_config() == config
+    assert _weight_names(loaded.weights) == _weight_names(layer.weights)
+    for a, b in zip(loaded.weights, layer.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"loaded {a.name}")
+    np.testing.assert_array_equal(loaded_model(x), model(x))
+    np.testing.assert_array_equal(loaded(x, training=True), layer(x, training=True))
+    for a, b in zip(loaded.weights, layer.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"next {a.name}")
+    return layer
