@@ -206,9 +206,11 @@ def test_bad_arguments_raise_before_anything_is_built():
         convert_batch_normalization(keras.Model(inputs, hidden))
 
 
-def test_the_copy_shares_nothing_with_the_original():
+def test_the_copy_shares_nothing_with_the_original_and_is_compiled_alike():
     model = make_model(L.BatchNormalization)
+    model.compile(keras.optimizers.SGD(0.1), "mse", metrics=["mae"])
     converted = convert_batch_normalization(model)
+    assert converted.get_compile_config() == model.get_compile_config()
     assert not {id(v) for v in model.weights} & {id(v) for v in converted.weights}
     before = [np.array(v) for v in model.weights]
     converted(data(), training=True)  # moves the copy's statistics only

@@ -137,7 +137,7 @@ def graph_batch_normalization(model, function_name, subclassed_advice):
     return reachable_batch_normalization(model, function_name)
 
 
-def copy_model(model, clone_layer, skip=()):
+def copy_model(model, clone_layer, skip=(), compile=False):
     """A copy of a graph model, with nested graph models copied recursively.
 
     Args:
@@ -147,6 +147,9 @@ def copy_model(model, clone_layer, skip=()):
             may return `layer` itself to share it.
         skip: layers to cut out of the copy. Each must be called on one
             tensor, which then takes the place of the layer's output.
+        compile: whether the copy is compiled from the original's compile
+            config (loss, metrics, optimizer settings; a fresh optimizer), as
+            `keras.models.clone_model` does, when the original is compiled.
 
     Returns:
         `(copy, pairs)`: the copy (built, of the original's kind) and the list
@@ -175,11 +178,17 @@ def copy_model(model, clone_layer, skip=()):
     def copy(graph_model):
         if isinstance(graph_model, keras.Sequential):
             return _copy_sequential(graph_model, clone, skip_ids)
-        return keras.models.clone_model(
+        copied = keras.models.clone_model(
             graph_model, clone_function=clone, call_function=call
         )
+        if copied.compiled:  # clone_model compiles; a new Functional does not
+            copied = keras.Model(copied.input, copied.output, name=copied.name)
+        return copied
 
-    return copy(model), pairs
+    copied = copy(model)
+    if compile and model.compiled:
+        copied.compile_from_config(model.get_compile_config())
+    return copied, pairs
 
 
 def _copy_sequential(model, clone, skip_ids):

@@ -38,7 +38,9 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     rebuilt as the class `to` names, from its own config updated with
     `overrides`, and receives the original's weights. Every other layer is
     rebuilt from its config with its weights. The copy shares nothing with
-    the original and is not compiled. As PyTorch's
+    the original; if the original is compiled, so is the copy, from the same
+    compile config (loss, metrics, optimizer settings, with a fresh
+    optimizer), as `keras.models.clone_model` does. As PyTorch's
     `SyncBatchNorm.convert_sync_batchnorm`, but both ways and as a copy.
 
     Weights are copied by name (`gamma`, `beta`, `moving_mean`,
@@ -106,7 +108,7 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
             return target.from_config(configs[id(layer)])
         return clone_from_config(layer)
 
-    converted, pairs = copy_model(model, clone)
+    converted, pairs = copy_model(model, clone, compile=True)
     for old, new in pairs:
         if id(old) in configs:
             copy_batch_normalization_weights(old, new)

@@ -87,7 +87,8 @@ def fold_batch_normalization(model):
 
     Predictions equal the original's up to float32 rounding. The copy is for
     inference: its folded layers no longer have batch normalization to
-    train. It shares nothing with the original and is not compiled.
+    train. It shares nothing with the original and is not compiled (a
+    compiled copy would record the original's loss, perhaps keras_bn's).
 
     Args:
         model: a built Sequential or Functional model (nested models
