@@ -500,8 +500,8 @@ class BatchNormalization(keras.layers.Layer):
         """
         counter = self.num_batches_tracked
         if counter is not None and counter.shape:
-            variables = self._trainable_variables + self._non_trainable_variables
-            key = str(next(i for i, v in enumerate(variables) if v is counter))
+            # The store numbers the weights in `self.weights` order.
+            key = str(next(i for i, v in enumerate(self.weights) if v is counter))
             if key in store.keys() and np.shape(store[key]) == ():
                 store = {k: store[k] for k in store.keys()}
                 store[key] = np.full(counter.shape, np.asarray(store[key]), "int64")
