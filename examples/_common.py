@@ -555,18 +555,22 @@ def mean_and_spread(values):
 CLEAR_DIFFERENCE = 2.0
 
 
-def paired_difference(first, second):
+def paired_difference(first, second, floor=0.0):
     """Compares two variants run with the same seeds, pair by pair.
 
     Args:
         first, second: equal-length sequences of one metric, `first[i]` and
             `second[i]` from runs with the same seed.
+        floor: the smallest standard error to use: the uncertainty the seeds
+            cannot see, such as that of a finite test set
+            (`accuracy_difference_error`).
 
     Returns:
-        `(mean, error, sign)`: the mean of `first - second`, its standard
-        error, and `sign` +1 (first clearly larger), -1 (clearly smaller) or
-        0 (no clear difference): clear means `|mean| > 2 * error`, with at
-        least two finite pairs.
+        `(mean, error, sign)`: the mean of `first - second`; its standard
+        error, the larger of the spread over seeds and `floor`; and `sign`
+        +1 (first clearly larger), -1 (clearly smaller) or 0 (no clear
+        difference): clear means `|mean| > 2 * error`, with at least two
+        finite pairs.
 
     Example:
 
@@ -579,10 +583,29 @@ def paired_difference(first, second):
         mean = float(differences.mean()) if len(differences) else float("nan")
         return mean, float("nan"), 0
     mean = float(differences.mean())
-    error = float(differences.std(ddof=1) / np.sqrt(len(differences)))
+    spread = float(differences.std(ddof=1) / np.sqrt(len(differences)))
+    error = max(spread, float(floor))
     if abs(mean) > CLEAR_DIFFERENCE * error:
         return mean, error, 1 if mean > 0 else -1
     return mean, error, 0
+
+
+def accuracy_difference_error(accuracy, n):
+    """Standard error of a difference of two accuracies near `accuracy` on `n` images.
+
+    `sqrt(2 * accuracy * (1 - accuracy) / n)`: the test set is one sample of
+    `n` images, whatever the number of seeds, so a difference smaller than
+    about twice this is within the test set's sampling noise. It treats the
+    two models' mistakes as independent; models that miss the same images
+    have a smaller error, so this errs towards "no clear difference".
+
+    Example:
+
+    ```python
+    accuracy_difference_error(0.98, 450)  # 0.0093
+    ```
+    """
+    return float(np.sqrt(2.0 * accuracy * (1.0 - accuracy) / n))
 
 
 class Stopwatch:

@@ -19,9 +19,11 @@ active fraction per layer.
 Verdict rule, per learning rate and metric (final test accuracy, log10 of the
 final training loss, epochs to 95%): one placement is better when the mean
 over seeds of the paired difference (same seed) exceeds twice its standard
-error; otherwise there is no clear difference. For each metric, the claim
-holds when "before" is better at most rates and "after" at none. The figure
-(a PNG) and a CSV go to --out.
+error; otherwise there is no clear difference. For test accuracy that error
+is at least the test set's sampling noise, `sqrt(2 p (1 - p) / n)` for an
+accuracy `p` on `n` test images, which no number of seeds averages away.
+For each metric, the claim holds when "before" is better at most rates and
+"after" at none. The figure (a PNG) and a CSV go to --out.
 """
 
 import _common
@@ -136,7 +138,7 @@ def _finite_or_inf(value):
     return float(value) if np.isfinite(value) else float("inf")
 
 
-def paired_verdict(rows, rate, metric, higher_is_better):
+def paired_verdict(rows, rate, metric, higher_is_better, floor=0.0):
     """'before', 'after' or 'no clear difference' at one rate, by the stated rule."""
     by_seed = {}
     for row in rows:
@@ -145,6 +147,7 @@ def paired_verdict(rows, rate, metric, higher_is_better):
     mean, error, sign = _common.paired_difference(
         [runs["before"] for runs in by_seed.values()],
         [runs["after"] for runs in by_seed.values()],
+        floor=floor,
     )
     if not higher_is_better:
         mean, sign = 0.0 - mean, -sign
@@ -152,7 +155,7 @@ def paired_verdict(rows, rate, metric, higher_is_better):
     return better, mean, error
 
 
-def summarize(rows, rates):
+def summarize(rows, rates, n_test):
     summary = []
     for rate in rates:
         entry = {"learning_rate": rate}
@@ -172,8 +175,14 @@ def summarize(rows, rates):
             entry[f"{placement}_failed_runs"] = sum(
                 r["train_loss"] > np.log(10) for r in runs
             )
+        accuracy = np.mean(
+            [r["test_accuracy"] for r in rows if r["learning_rate"] == rate]
+        )
+        floors = {"test_accuracy": _common.accuracy_difference_error(accuracy, n_test)}
         for metric, higher, _ in METRICS:
-            better, mean, error = paired_verdict(rows, rate, metric, higher)
+            better, mean, error = paired_verdict(
+                rows, rate, metric, higher, floors.get(metric, 0.0)
+            )
             entry[f"{metric}_better"] = better
             entry[f"{metric}_advantage_of_before"] = mean
             entry[f"{metric}_advantage_error"] = error
@@ -321,7 +330,7 @@ def main(args):
             for row in rows
         ],
     )
-    summary = summarize(rows, rates)
+    summary = summarize(rows, rates, len(data.x_test))
     plot(rows, summary, rates, args.out / "bn_placement.png")
     _common.print_table(
         summary,

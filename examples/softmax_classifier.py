@@ -348,7 +348,7 @@ def plot(results, path):
     for name, color in zip(("cross-entropy", "squared error"), _common.COLORS[3:]):
         history = results[f"wrong start, {name}"]["history"]
         epochs = np.arange(1, len(history["accuracy"]) + 1)
-        axes[5].plot(epochs, history["accuracy"], color=color)
+        axes[5].plot(epochs, history["accuracy"], color=color, label=name)
     axes[5].axhline(
         TARGET_ACCURACY,
         **_common.THRESHOLD_STYLE,
@@ -358,7 +358,7 @@ def plot(results, path):
         title="(f) separable data, from a confidently wrong start",
         xlabel="epoch",
         ylabel="training accuracy (over the epoch)",
-        ylim=(0, 1.02),
+        ylim=(-0.03, 1.03),
     )
     _common.legend_below(figure, axes[3], axes[4], axes[5], ncols=4)
     _common.save_figure(figure, path)

@@ -391,6 +391,14 @@ def test_paired_difference_needs_a_margin_of_two_standard_errors():
     assert _common.paired_difference([1.0, 2.0], [2.0, 3.0])[2] == -1  # no spread
     assert _common.paired_difference([1.0], [0.0])[2] == 0  # one pair is not enough
     assert _common.paired_difference([np.inf, 1.0], [0.0, 0.0])[2] == 0
+    # One test image of 450 in every seed: consistent, but within the test
+    # set's own sampling noise once that is the floor of the error.
+    floor = _common.accuracy_difference_error(0.98, 450)
+    assert floor == pytest.approx(np.sqrt(2 * 0.98 * 0.02 / 450))
+    one_image = ([0.9844] * 3, [0.9822] * 3)
+    assert _common.paired_difference(*one_image)[2] == 1
+    mean, error, sign = _common.paired_difference(*one_image, floor=floor)
+    assert sign == 0 and error == floor
 
 
 def test_vanishing_gradient_verdict_follows_the_stated_rule():
