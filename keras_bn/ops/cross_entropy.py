@@ -68,6 +68,7 @@ import tensorflow as tf
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.axes import validate_axis_argument
 from keras_bn.ops.custom_op import HIGHER_ORDER
+from keras_bn.ops.custom_op import NO_GRADIENT
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.custom_op import gradient_order
 from keras_bn.ops.dtypes import compute_dtype
@@ -220,13 +221,21 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
         # through all three.
         return (loss,), (exp_z, sum_exp, total), (row_max, num_classes)
 
+    # Asked while the tapes that watch the inputs are active: eagerly, no
+    # label gradient is built for labels that no tape watches.
+    labels_watched = gradient_order([labels]) != NO_GRADIENT
+
     def backward(context, upstream, hidden_upstream):
-        return _dense_backward(context, upstream[0], hidden_upstream, axis, smoothing)
+        return _dense_backward(
+            context, upstream[0], hidden_upstream, axis, smoothing, labels_watched
+        )
 
     return custom_op(forward, backward, labels, logits)[0]
 
 
-def _dense_backward(context, upstream, hidden_upstream, axis, smoothing):
+def _dense_backward(
+    context, upstream, hidden_upstream, axis, smoothing, labels_watched
+):
     r"""The dense cross-entropy backward pass (module docstring).
 
     From the original labels and logits and the hidden outputs `u = exp(x -
@@ -238,7 +247,8 @@ def _dense_backward(context, upstream, hidden_upstream, axis, smoothing):
 
     plus the hidden outputs' own vector-Jacobian products for upstream
     gradients `du`, `dS`, `dT`: `dlogits += u * (du + dS)` and
-    `dlabels += (1 - s) * dT`.
+    `dlabels += (1 - s) * dT`. `dlabels` is None where no tape watched the
+    labels when the op ran (eagerly; a graph builds it, and prunes it unused).
     """
     labels, logits = context.inputs
     exp_z, sum_exp, total = context.hidden
@@ -248,9 +258,11 @@ def _dense_backward(context, upstream, hidden_upstream, axis, smoothing):
     target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
     # softmax * sum(t) - t, reusing the forward's exponentials.
     dlogits = upstream * (exp_z * (total / sum_exp) - target)
+    dlogits = _add_exp_terms(context, dlogits, hidden_upstream[:2], exp_z)
+    if not labels_watched:
+        return None, tf.cast(dlogits, logits.dtype)  # no tape watches the labels
     neg_log_p = tf.math.log(sum_exp) - (tf.cast(logits, dtype) - row_max)
     dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
-    dlogits = _add_exp_terms(context, dlogits, hidden_upstream[:2], exp_z)
     if context.live(hidden_upstream[2]):
         dlabels += (1.0 - smoothing) * tf.cast(hidden_upstream[2], dtype)
     return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
