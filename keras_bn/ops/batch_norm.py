@@ -42,6 +42,14 @@ statistics; the second pass cannot go negative. The computation runs on a
 view of `x` with adjacent reduced axes merged (`[N, H, W, C]` as
 `[N * H * W, C]`), which compiles to faster loops under XLA.
 
+Higher orders. The backward passes are built from differentiable ops of the
+original `x`, `gamma` and `beta` and of the op's own outputs (`variance`, and
+`x - mean` as a hidden output whose vector-Jacobian product is `dc -
+sum(dc) / N`), so differentiating them runs through this op again: second and
+higher derivatives, Hessian-vector products and forward-mode JVPs are exact
+(`keras_bn/ops/custom_op.py`). Renorm's `r` and `d` stay constants at every
+order. The backward pass keeps one input-sized tensor, `x - mean`.
+
 Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
 """

@@ -56,6 +56,15 @@ without the class axis (sparse). A mismatch of known dimensions raises a
 ValueError naming both shapes when the graph is built; dimensions unknown then
 are checked when it runs (an InvalidArgumentError from a reshape).
 
+Higher orders. The backward passes read the original inputs and hidden
+outputs (`exp(z - m)` and its row sums; `p / sum(p)` and `sum(p)` for
+probabilities), each with its own vector-Jacobian product, so differentiating
+them runs through the op again (`keras_bn/ops/custom_op.py`). Eagerly, where
+no tape can differentiate the backward pass, the sparse loss with the class
+axis last, no smoothing and nothing ignored runs on TensorFlow's
+`SparseSoftmaxCrossEntropyWithLogits` kernel, which gives the loss and
+`softmax - onehot(y)` in one op.
+
 float16 and bfloat16 inputs are computed in float32 and the loss is returned
 in float32: a float16 loss would overflow for logit gaps above 65504 (the
 loss of logits [6e4, -6e4] is 1.2e5). float64 stays float64. Gradients take

@@ -24,6 +24,9 @@ Backward pass of log-softmax. With `y = log_softmax(x)`,
 
 which needs only the output as well: the softmax is recovered as `exp(y)`.
 
+Both backward passes read the op's own output, so differentiating them runs
+through the op again: every order is exact (`keras_bn/ops/custom_op.py`).
+
 Both ops keep one input-sized tensor for the backward pass (the output, in the
 compute dtype). float16 and bfloat16 inputs are computed in float32 and the
 output cast back; float64 stays float64.
