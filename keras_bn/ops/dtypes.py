@@ -12,19 +12,6 @@ def compute_dtype(dtype):
     return tf.float32 if dtype in LOW_PRECISION else dtype
 
 
-def statically_zero(tensor):
-    """Whether `tensor` is None or known, when the graph is built, to be all 0.
-
-    An output no loss uses gets a constant zero upstream gradient; skipping
-    its terms at trace time keeps the backward pass free of work and of
-    run-time branches.
-    """
-    if tensor is None:
-        return True
-    value = tf.get_static_value(tensor)
-    return value is not None and not value.any()
-
-
 def float_tensor(value, arg_name):
     """`value` as a tensor; a TypeError naming `arg_name` unless it is float."""
     value = tf.convert_to_tensor(value)
