@@ -1,11 +1,11 @@
-"""Speed of keras_bn against TensorFlow's fused kernels and Keras's built-ins.
+"""Speed and memory of keras_bn against TensorFlow's fused kernels and Keras.
 
-Three sections, all in one process:
+Five sections, timed ones in one process:
 
 - `bn`: a batch-norm training step (forward, backward to x, gamma and beta
   under `tf.GradientTape`, moving-average update) and an inference forward,
   for `keras_bn.BatchNormalization` (default `fused=None`), keras_bn with
-  `fused=False` (the closed-form path), `keras.layers.BatchNormalization` and
+  `fused=False` (the closed form), `keras.layers.BatchNormalization` and
   `tf.compat.v1.nn.fused_batch_norm` (TensorFlow 2's only public wrapper of
   the fused kernel; 2-D inputs reshaped to `[N, 1, 1, C]`; its moving
   averages updated through `exponential_avg_factor`, as the layers do).
@@ -14,22 +14,40 @@ Three sections, all in one process:
   logits), sparse and dense labels, for `keras_bn.losses.SoftmaxCrossEntropy`,
   Keras's `(Sparse)CategoricalCrossentropy(from_logits=True)` and
   `tf.nn.(sparse_)softmax_cross_entropy_with_logits` followed by a mean.
+  float16 logits (a mixed-precision model's output) are taken as they come by
+  both losses, which compute in float32; the tf.nn row casts them to float32.
 - `fit`: one epoch of `model.fit` of a Conv-BN-ReLU CNN and a Dense-BN-ReLU
   MLP on fixed synthetic data, keras_bn's layer and loss against Keras's
   (`jit_compile=False`, SGD with momentum). Fewer repetitions here (3 by
   default) because an epoch takes seconds.
+- `memory`: the peak bytes of one BN training step of 1, 4 and 16 stacked
+  layers on 32x56x56x128, each implementation of `bn`, eager and
+  `tf.function`, float32 and float16, one process per case; the bytes each
+  layer keeps for the backward pass, in input-sized tensors. The metric is
+  defined in `memory.py`.
+- `torch`: when PyTorch is importable, the same BN training step
+  (`torch.nn.BatchNorm2d`, channels-last) and cross-entropy with its
+  gradient, with as many threads as TensorFlow's intra-op pool, in a process
+  of its own (`torch_peer.py`); skipped with the reason otherwise. PyTorch is
+  not a dependency.
 
 `bn` and `ce` run in three modes: eager, `tf.function` and
-`tf.function(jit_compile=True)` ("xla"). Implementations are timed
-round-robin after a warm-up (see `_timing.py`); medians are per call, in ms.
-Ratios below 1 mean keras_bn is faster.
+`tf.function(jit_compile=True)` ("xla"); every case runs in every mode.
+Implementations are timed round-robin after a warm-up (see `_timing.py`);
+medians are per call, in ms. Ratios below 1 mean keras_bn is faster. A
+summary of the eager rows (keras_bn / Keras, keras_bn / the tf.nn op) ends
+the report.
 
 Usage:
-    python benchmarks/run.py                 # full run, a few minutes
-    python benchmarks/run.py --quick         # tiny shapes, under a minute
+    python benchmarks/run.py                 # full run, about a quarter hour
+    python benchmarks/run.py --quick         # tiny shapes, about a minute
     python benchmarks/run.py --only bn ce --out /tmp/results.json
+    python benchmarks/run.py --skip memory   # the timed sections only
+    python benchmarks/run.py --only memory --memory-depths 1 4 8
 
 TensorFlow's default oneDNN setting is used: set no TF_ENABLE_ONEDNN_OPTS.
+The exit status is 1 if a memory case or the PyTorch peer failed (the JSON is
+written first).
 """
 
 import argparse
@@ -46,19 +64,25 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import memory  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import torch_peer  # noqa: E402
+from _implementations import BN_IMPLS  # noqa: E402
+from _implementations import BN_NAMES  # noqa: E402
+from _implementations import EPSILON  # noqa: E402
+from _implementations import MOMENTUM  # noqa: E402
+from _implementations import bn_layer  # noqa: E402
+from _implementations import random_normal  # noqa: E402
 from _timing import time_interleaved  # noqa: E402
 
 import keras_bn  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "latest.json"
-SECTIONS = ("bn", "ce", "fit")
-MOMENTUM = 0.99
-EPSILON = 1e-3
+SECTIONS = ("bn", "ce", "fit", "memory", "torch")
 
-# Implementations per section, in table order; ratios are candidate / baseline.
-BN_IMPLS = ("keras_bn", "keras_bn_closed_form", "keras", "tf_fused")
+# Implementations per section, in table order (bn: BN_IMPLS); ratios are
+# candidate / baseline.
 CE_IMPLS = ("keras_bn", "keras", "tf_nn")
 FIT_IMPLS = ("keras_bn", "keras")
 RATIOS = {
@@ -71,13 +95,7 @@ RATIOS = {
     "ce": [("keras_bn", "tf_nn"), ("keras_bn", "keras")],
     "fit": [("keras_bn", "keras")],
 }
-COLUMN_NAMES = {
-    "keras_bn": "keras_bn",
-    "keras_bn_closed_form": "kbn fused=False",
-    "keras": "keras",
-    "tf_fused": "tf fused",
-    "tf_nn": "tf.nn",
-}
+COLUMN_NAMES = {**BN_NAMES, "tf_nn": "tf.nn"}
 RATIO_NAMES = {
     "keras_bn": "kbn",
     "keras_bn_closed_form": "cf",
@@ -109,11 +127,21 @@ FULL = {
         for dtype in ("float32", "float16")
         for shape in ((256, 1024), (64, 32, 32, 64), (32, 56, 56, 128))
     ],
-    "ce_shapes": [(256, 1000), (4096, 10), (32, 32000)],
+    "ce_cases": [
+        ((256, 1000), "float32"),
+        ((4096, 10), "float32"),
+        ((32, 32000), "float32"),
+        ((256, 1000), "float16"),
+    ],
     "cnn": {"examples": 2048, "image": (32, 32, 3), "filters": (32, 64, 128)},
     "mlp": {"examples": 8192, "features": 784, "units": 512},
     "cnn_batch_size": 64,
     "mlp_batch_size": 256,
+    "memory": {"shape": (32, 56, 56, 128), "depths": (1, 4, 16)},
+    # One fresh process per memory case: its resident-set peak is its own.
+    "memory_process_per_case": True,
+    "memory_timeout_seconds": 1800,
+    "torch_bn_shapes": [(256, 1024), (64, 32, 32, 64), (32, 56, 56, 128)],
 }
 QUICK = {
     "repetitions": 3,
@@ -124,11 +152,15 @@ QUICK = {
         ("train", (32, 16), "float32"),
         ("inference", (4, 4, 4, 8), "float16"),
     ],
-    "ce_shapes": [(32, 10)],
+    "ce_cases": [((32, 10), "float32"), ((16, 10), "float16")],
     "cnn": {"examples": 64, "image": (8, 8, 3), "filters": (4, 8, 8)},
     "mlp": {"examples": 128, "features": 16, "units": 16},
     "cnn_batch_size": 32,
     "mlp_batch_size": 64,
+    "memory": {"shape": (8, 16, 16, 128), "depths": (1, 2)},
+    "memory_process_per_case": False,
+    "memory_timeout_seconds": 300,
+    "torch_bn_shapes": [(32, 16), (4, 4, 4, 8)],
 }
 CLASSES = 10
 MODES = ("eager", "tf.function", "xla")
@@ -138,11 +170,6 @@ def compile_step(fn, mode):
     if mode == "eager":
         return fn
     return tf.function(fn, jit_compile=mode == "xla")
-
-
-def random_normal(shape, seed, dtype="float32"):
-    values = tf.random.stateless_normal(shape, seed=[seed, 0])
-    return tf.cast(values, dtype)
 
 
 def random_labels(shape, classes, seed):
@@ -181,23 +208,6 @@ def require_features(sections):
 # --- Batch normalization ----------------------------------------------------
 
 
-def bn_layer(impl, dtype):
-    policy = "mixed_float16" if dtype == "float16" else "float32"
-    if impl == "keras_bn":
-        return keras_bn.BatchNormalization(
-            momentum=MOMENTUM, epsilon=EPSILON, dtype=policy
-        )
-    if impl == "keras_bn_closed_form":
-        return keras_bn.BatchNormalization(
-            momentum=MOMENTUM, epsilon=EPSILON, fused=False, dtype=policy
-        )
-    if impl == "keras":
-        return keras.layers.BatchNormalization(
-            momentum=MOMENTUM, epsilon=EPSILON, dtype=policy
-        )
-    raise ValueError(f"Unknown layer implementation: {impl}")
-
-
 def layer_step(layer, x, dy, training):
     layer(x, training=False)  # builds the weights outside any tf.function
 
@@ -213,56 +223,13 @@ def layer_step(layer, x, dy, training):
     return train if training else inference
 
 
-def fused_step(x, dy, training):
-    """`tf.compat.v1.nn.fused_batch_norm` with variables, as a layer holds them."""
-    channels = x.shape[-1]
-    gamma = tf.Variable(tf.ones([channels]))
-    beta = tf.Variable(tf.zeros([channels]))
-    moving_mean = tf.Variable(tf.zeros([channels]), trainable=False)
-    moving_variance = tf.Variable(tf.ones([channels]), trainable=False)
-    nhwc = [-1, 1, 1, channels] if x.shape.rank == 2 else None
-
-    def fused(inputs, is_training):
-        if nhwc is not None:
-            inputs = tf.reshape(inputs, nhwc)
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs,
-            gamma,
-            beta,
-            mean=moving_mean,
-            variance=moving_variance,
-            epsilon=EPSILON,
-            is_training=is_training,
-            exponential_avg_factor=1.0 - MOMENTUM if is_training else 1.0,
-        )
-        return tf.reshape(y, tf.shape(x)), mean, variance
-
-    def inference():
-        return fused(x, is_training=False)[0]
-
-    def train():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y, mean, variance = fused(x, is_training=True)
-        grads = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
-        # With exponential_avg_factor the op returns the new moving averages.
-        moving_mean.assign(mean)
-        moving_variance.assign(variance)
-        return grads
-
-    return train if training else inference
-
-
 def bn_steps(kind, shape, dtype, mode):
     x = random_normal(shape, 1, dtype)
     dy = random_normal(shape, 2, dtype)
     training = kind == "train"
     steps = {}
     for impl in BN_IMPLS:
-        if impl == "tf_fused":
-            step = fused_step(x, dy, training)
-        else:
-            step = layer_step(bn_layer(impl, dtype), x, dy, training)
+        step = layer_step(bn_layer(impl, dtype, shape[-1]), x, dy, training)
         steps[impl] = compile_step(step, mode)
     return steps
 
@@ -288,13 +255,15 @@ def keras_bn_cross_entropy(sparse):
 
 
 def ce_losses(sparse):
+    # tf.nn computes in the logits' dtype; the losses compute float16 logits
+    # in float32, so the tf.nn row casts them (a no-op for float32).
     if sparse:
         keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
         def tf_nn(labels, logits):
             return tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=labels, logits=logits
+                    labels=labels, logits=tf.cast(logits, tf.float32)
                 )
             )
 
@@ -303,7 +272,9 @@ def ce_losses(sparse):
 
         def tf_nn(labels, logits):
             return tf.reduce_mean(
-                tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+                tf.nn.softmax_cross_entropy_with_logits(
+                    labels=labels, logits=tf.cast(logits, tf.float32)
+                )
             )
 
     return {
@@ -313,8 +284,8 @@ def ce_losses(sparse):
     }
 
 
-def ce_steps(sparse, shape, mode):
-    logits = random_normal(shape, 3)
+def ce_steps(sparse, shape, dtype, mode):
+    logits = random_normal(shape, 3, dtype)
     labels = random_labels(shape[:-1], shape[-1], 4)
     if not sparse:
         labels = tf.one_hot(labels, shape[-1])
@@ -334,11 +305,15 @@ def ce_steps(sparse, shape, mode):
 
 def ce_cases(config):
     for sparse in (True, False):
-        for shape in config["ce_shapes"]:
+        for shape, dtype in config["ce_cases"]:
             for mode in MODES:
                 kind = "sparse" if sparse else "dense"
-                case = {"kind": kind, "shape": list(shape), "dtype": "float32"}
-                yield case, mode, lambda sp=sparse, s=shape, m=mode: ce_steps(sp, s, m)
+                case = {"kind": kind, "shape": list(shape), "dtype": dtype}
+                yield (
+                    case,
+                    mode,
+                    lambda sp=sparse, s=shape, d=dtype, m=mode: ce_steps(sp, s, d, m),
+                )
 
 
 # --- End to end: model.fit ---------------------------------------------------
@@ -425,6 +400,108 @@ def fit_cases(config):
         yield case, "fit", lambda n=model_name: fit_steps(n, config)
 
 
+# --- Memory, the PyTorch peer ------------------------------------------------
+
+
+def run_memory(config, depths):
+    spec = config["memory"]
+    return memory.run_memory_section(
+        spec["shape"],
+        depths or spec["depths"],
+        config["memory_process_per_case"],
+        config["memory_timeout_seconds"],
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+def torch_cases(config):
+    """The float32 BN training and cross-entropy cases, labelled as in bn/ce."""
+    cases = [
+        {"kind": "train", "shape": list(shape), "dtype": "float32"}
+        for shape in config["torch_bn_shapes"]
+    ]
+    cases += [
+        {"kind": kind, "shape": list(shape), "dtype": "float32"}
+        for kind in ("sparse", "dense")
+        for shape, dtype in config["ce_cases"]
+        if dtype == "float32"
+    ]
+    return [dict(c, label=case_label("torch", c)) for c in cases]
+
+
+def tensorflow_threads():
+    """TensorFlow's intra-op threads: its setting, or the cores it defaults to."""
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    if threads > 0:
+        return threads
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
+def run_torch(config, repetitions):
+    return torch_peer.run_torch_section(
+        torch_cases(config),
+        tensorflow_threads(),
+        repetitions,
+        config["target_seconds"],
+        timeout=1800,
+    )
+
+
+def eager_summary(sections):
+    """The eager rows of bn and ce: keras_bn / Keras and keras_bn / tf."""
+    rows = []
+    for section, reference in (("bn", "tf_fused"), ("ce", "tf_nn")):
+        for e in sections.get(section, []):
+            if e["mode"] == "eager":
+                rows.append(
+                    {
+                        "section": section,
+                        "label": e["label"],
+                        "keras_bn/keras": e["ratios"]["keras_bn/keras"],
+                        "keras_bn/tf": e["ratios"][f"keras_bn/{reference}"],
+                    }
+                )
+    if not rows:
+        return None
+    worst = max(rows, key=lambda r: r["keras_bn/keras"])
+    return {"rows": rows, "worst_keras_bn/keras": worst}
+
+
+def format_eager_summary(summary):
+    width = max(len("case"), *(len(r["label"]) for r in summary["rows"]))
+    header = f"{'section':<7}  {'case':<{width}}  {'kbn/keras':>9}  {'kbn/tf':>9}"
+    lines = [
+        "Eager mode, all bn and ce cases: keras_bn / Keras's built-in, and "
+        "keras_bn / tf (bn: the fused op, ce: tf.nn)",
+        header,
+        "-" * len(header),
+    ]
+    for r in summary["rows"]:
+        lines.append(
+            f"{r['section']:<7}  {r['label']:<{width}}  "
+            f"{r['keras_bn/keras']:>9.2f}  {r['keras_bn/tf']:>9.2f}"
+        )
+    worst = summary["worst_keras_bn/keras"]
+    lines.append(
+        f"largest keras_bn / Keras: {worst['keras_bn/keras']:.2f} "
+        f"({worst['section']} {worst['label']})"
+    )
+    return "\n".join(lines)
+
+
+def section_failures(results):
+    """Names of the memory rows and peer that failed (timed sections raise)."""
+    failures = []
+    if "memory" in results["sections"]:
+        for row in memory.failed_rows(results["sections"]["memory"]):
+            failures.append(f"memory {row['impl']} {row['mode']} {row['dtype']}")
+    if "error" in results["sections"].get("torch", {}):
+        failures.append("torch peer")
+    return failures
+
+
 # --- Running, reporting ------------------------------------------------------
 
 
@@ -456,6 +533,7 @@ def run_section(section, cases, repetitions, target_seconds):
 
 
 def case_label(section, case):
+    """`train 256x1024`, `sparse 256x1000 float16`, `cnn epoch`."""
     if section == "fit":
         return f"{case['kind']} epoch"
     shape = "x".join(str(d) for d in case["shape"])
@@ -573,14 +651,21 @@ def parse_args(argv):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny shapes, 3 repetitions, fewer cases: every code path in under a "
-        "minute (not for drawing conclusions)",
+        help="tiny shapes, 3 repetitions, fewer cases, memory cases in one "
+        "process: every code path in about a minute (not for drawing conclusions)",
     )
     parser.add_argument(
         "--only",
         nargs="+",
         choices=SECTIONS,
         help="run only these sections (default: all)",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        choices=SECTIONS,
+        default=(),
+        help="leave out these sections",
     )
     parser.add_argument(
         "--out",
@@ -592,7 +677,7 @@ def parse_args(argv):
         "--reps",
         type=int,
         default=None,
-        help="repetitions of the bn and ce cases (default 7, 3 with --quick)",
+        help="repetitions of the bn, ce and torch cases (default 7, 3 with --quick)",
     )
     parser.add_argument(
         "--fit-reps",
@@ -600,17 +685,34 @@ def parse_args(argv):
         default=None,
         help="repetitions of the fit epochs (default 3)",
     )
+    parser.add_argument(
+        "--memory-depths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="stack depths of the memory section, two or more (default 1 4 16; "
+        "1 2 with --quick)",
+    )
     args = parser.parse_args(argv)
     for name in ("reps", "fit_reps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    depths = args.memory_depths
+    if depths is not None and (len(set(depths)) < 2 or min(depths) < 1):
+        parser.error(f"--memory-depths needs two or more depths >= 1, got {depths}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    sections = [s for s in SECTIONS if args.only is None or s in args.only]
+    sections = [
+        s
+        for s in SECTIONS
+        if (args.only is None or s in args.only) and s not in args.skip
+    ]
+    if not sections:
+        raise SystemExit("benchmarks/run.py: --only and --skip leave no section.")
     require_features(sections)
     config = QUICK if args.quick else FULL
     repetitions = args.reps or config["repetitions"]
@@ -628,6 +730,7 @@ def main(argv=None):
             "target_seconds_per_repetition": config["target_seconds"],
             "momentum": MOMENTUM,
             "epsilon": EPSILON,
+            "tensorflow_threads": tensorflow_threads(),
         },
         "load_average_start": load_average(),
         "sections": {},
@@ -642,19 +745,32 @@ def main(argv=None):
         ),
         # One epoch per repetition; the untimed first one traces the train step.
         "fit": lambda: run_section("fit", fit_cases(config), fit_repetitions, None),
+        "memory": lambda: run_memory(config, args.memory_depths),
+        "torch": lambda: run_torch(config, repetitions),
     }
     for section in sections:
         print(f"{section}:", file=sys.stderr, flush=True)
         results["sections"][section] = runners[section]()
+    results["eager_summary"] = eager_summary(results["sections"])
     results["load_average_end"] = load_average()
     results["wall_seconds"] = time.perf_counter() - started
 
     print(summary_line(results))
-    for section, entries in results["sections"].items():
-        print(f"\n{TITLES[section]}\n{format_table(section, entries)}")
+    for section, content in results["sections"].items():
+        if section == "memory":
+            print(f"\n{memory.format_memory_table(content)}")
+        elif section == "torch":
+            print(f"\n{torch_peer.format_torch_table(content, results['sections'])}")
+        else:
+            print(f"\n{TITLES[section]}\n{format_table(section, content)}")
+    if results["eager_summary"] is not None:
+        print(f"\n{format_eager_summary(results['eager_summary'])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwall time {results['wall_seconds']:.0f} s; results in {args.out}")
+    failures = section_failures(results)
+    if failures:
+        raise SystemExit("benchmarks/run.py: failed: " + ", ".join(failures))
 
 
 if __name__ == "__main__":
