@@ -15,6 +15,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from test_examples import PARSE_ONLY  # runs command lines, reports TF imports
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -86,22 +87,6 @@ def test_example_runs_quick(name, tmp_path, monkeypatch, capsys):
     assert "wall time" in stdout
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     CHECKS[name](out, stdout)
-
-
-PARSE_ONLY = """
-import runpy, sys
-sys.path.insert(0, {examples!r})
-codes = []
-for path, argv in {cases!r}:
-    sys.argv = [path, *argv]
-    try:
-        runpy.run_path(path, run_name="__main__")
-        codes.append(None)
-    except SystemExit as exit:
-        codes.append(exit.code)
-print(codes)
-print("tensorflow" in sys.modules)
-"""
 
 
 def test_help_and_bad_values_answer_before_tensorflow_loads(tmp_path):
