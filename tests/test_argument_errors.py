@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import keras_bn
+from keras_bn import ops
 from keras_bn.losses import CategoricalCrossentropy
 from keras_bn.losses import SoftmaxCrossEntropy
 from keras_bn.losses import SparseCategoricalCrossentropy
@@ -222,4 +223,59 @@ def test_renorm_copies_an_unseeded_random_initializer_as_keras_does():
     assert not np.allclose(by_name["moving_stddev"] ** 2, by_name["moving_variance"])
     assert np.all(
         (by_name["moving_stddev"] >= 1.0) & (by_name["moving_stddev"] <= 2**0.5)
+    )
+
+
+OP_ERRORS = [
+    (lambda: ops.batch_norm_train(tf.ones([4, 3]), axis=1.5), TypeError, "`axis`"),
+    (lambda: ops.batch_norm_train(tf.ones([4, 3]), axis="1"), TypeError, "`axis`"),
+    (lambda: ops.batch_norm_train(tf.ones([4, 3]), axis=[True]), TypeError, "`axis`"),
+    (lambda: ops.softmax(tf.ones([4, 3]), axis=1.5), TypeError, "`axis`"),
+    (
+        lambda: ops.batch_norm_train(tf.ones([4, 3]), epsilon="abc"),
+        TypeError,
+        "`epsilon`",
+    ),
+    (
+        lambda: ops.batch_norm_train(tf.ones([4, 3]), epsilon=float("inf")),
+        ValueError,
+        "`epsilon`",
+    ),
+    (
+        lambda: ops.batch_norm_inference(
+            tf.ones([4, 3]), tf.zeros([3]), tf.ones([3]), epsilon="1e-3"
+        ),
+        TypeError,
+        "`epsilon`",
+    ),
+    (
+        lambda: ops.softmax_cross_entropy(
+            tf.ones([2, 3]), tf.ones([2, 3]), label_smoothing="0.1"
+        ),
+        TypeError,
+        "`label_smoothing`",
+    ),
+    (
+        lambda: ops.probability_cross_entropy(
+            tf.ones([2, 3]), tf.ones([2, 3]), epsilon="x"
+        ),
+        TypeError,
+        "`epsilon`",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,error,match", OP_ERRORS)
+def test_ops_reject_arguments_of_the_wrong_type(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_ops_accept_numpy_integers_as_axes():
+    x = tf.random.normal([4, 3])
+    np.testing.assert_array_equal(
+        ops.batch_norm_train(x, axis=np.int64(-1))[0], ops.batch_norm_train(x)[0]
+    )
+    np.testing.assert_array_equal(
+        ops.softmax(x, axis=[np.int32(1)]), ops.softmax(x, axis=1)
     )

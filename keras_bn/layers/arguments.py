@@ -12,6 +12,8 @@ import operator
 import numpy as np
 import tensorflow as tf
 
+from keras_bn.ops.checks import check_float
+
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 VARIANCE_ESTIMATORS = ("biased", "unbiased")
 
@@ -24,33 +26,6 @@ def check_bool(value, arg_name):
         f"Argument `{arg_name}` must be True or False. "
         f"Received: {arg_name}={value!r} of type {type(value).__name__}"
     )
-
-
-def check_float(value, arg_name, expected="a float"):
-    """`value` as a Python float; numbers pass, strings and booleans do not."""
-    if isinstance(value, (bool, np.bool_, str, bytes)) or not hasattr(
-        value, "__float__"
-    ):
-        raise TypeError(
-            f"Argument `{arg_name}` must be {expected}. "
-            f"Received: {arg_name}={value!r} of type {type(value).__name__}"
-        )
-    try:
-        return float(value)
-    except (TypeError, ValueError):  # e.g. an array of several numbers
-        raise TypeError(
-            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={value!r}"
-        ) from None
-
-
-def check_positive_finite(value, arg_name):
-    value_ = check_float(value, arg_name, "a float > 0")
-    if not (math.isfinite(value_) and value_ > 0):
-        raise ValueError(
-            f"Argument `{arg_name}` must be > 0 and finite. "
-            f"Received: {arg_name}={value}"
-        )
-    return value_
 
 
 def check_unit_interval(value, arg_name):

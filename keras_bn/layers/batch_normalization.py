@@ -15,11 +15,11 @@ from keras_bn.layers.arguments import VARIANCE_ESTIMATORS
 from keras_bn.layers.arguments import check_axis
 from keras_bn.layers.arguments import check_bool
 from keras_bn.layers.arguments import check_not_ragged
-from keras_bn.layers.arguments import check_positive_finite
 from keras_bn.layers.arguments import check_renorm_clipping
 from keras_bn.layers.arguments import check_unit_interval
 from keras_bn.layers.arguments import check_virtual_batch_size
 from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.checks import check_positive_finite
 from keras_bn.ops.virtual_batch import per_virtual_batch
 from keras_bn.ops.virtual_batch import split_virtual_batches
 

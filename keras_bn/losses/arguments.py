@@ -1,19 +1,12 @@
 """Argument and input checks shared by keras_bn's losses."""
 
-from keras_bn.layers.arguments import check_float
 from keras_bn.layers.arguments import check_not_ragged
-from keras_bn.ops.cross_entropy import check_label_smoothing as _check_range
+from keras_bn.ops.cross_entropy import check_label_smoothing  # noqa: F401
 
 _DENSE_HINT = (
     "Pad it to a dense tensor (`.to_tensor()`) and give the padding zero "
     "`sample_weight` (or an `ignore_class` label)."
 )
-
-
-def check_label_smoothing(label_smoothing):
-    """`label_smoothing` as a float in [0, 1]; strings and booleans raise."""
-    check_float(label_smoothing, "label_smoothing", "a float in [0, 1]")
-    return _check_range(label_smoothing)
 
 
 def check_dense_loss_inputs(loss, y_true, y_pred, sample_weight):

@@ -1,5 +1,7 @@
 """Axis bookkeeping shared by the normalization ops and layers."""
 
+import operator
+
 import tensorflow as tf
 
 
@@ -63,17 +65,18 @@ def validate_axis_argument(axis, arg_name="axis"):
             f"Received: {arg_name}={axis!r}"
         )
     if isinstance(axis, (list, tuple)):
-        if not axis or not all(
-            isinstance(a, int) and not isinstance(a, bool) for a in axis
-        ):
+        try:
+            if not axis or any(isinstance(a, bool) for a in axis):
+                raise TypeError
+            return [operator.index(a) for a in axis]
+        except TypeError:
             raise TypeError(
                 f"Argument `{arg_name}` must be an int or a non-empty "
                 f"list/tuple of ints. Received: {arg_name}={axis!r}"
-            )
-        return [int(a) for a in axis]
+            ) from None
     try:
-        return int(axis)
-    except (TypeError, ValueError):
+        return operator.index(axis)  # ints and NumPy ints; not 1.5 or "1"
+    except TypeError:
         raise TypeError(
             f"Argument `{arg_name}` must be an int or a list/tuple of ints. "
             f"Received: {arg_name}={axis!r}"

@@ -54,6 +54,7 @@ Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
 """
 
+import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -64,6 +65,7 @@ from keras_bn.ops.axes import merge_adjacent_axes
 from keras_bn.ops.axes import merged_shape
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.checks import check_float
 from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
@@ -421,9 +423,11 @@ def _upstream(gradient, like, shape):
 
 
 def _check_epsilon(epsilon):
-    epsilon = float(epsilon)
-    if not epsilon > 0:
-        raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+    epsilon = check_float(epsilon, "epsilon", "a float > 0")
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(
+            f"`epsilon` must be > 0 and finite. Received: epsilon={epsilon}"
+        )
     return epsilon
 
 

@@ -76,6 +76,7 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.axes import validate_axis_argument
+from keras_bn.ops.checks import check_float
 from keras_bn.ops.custom_op import HIGHER_ORDER
 from keras_bn.ops.custom_op import NO_GRADIENT
 from keras_bn.ops.custom_op import custom_op
@@ -103,7 +104,7 @@ def _class_axis(axis, rank, arg_name="axis"):
 
 
 def check_label_smoothing(label_smoothing):
-    value = float(label_smoothing)
+    value = check_float(label_smoothing, "label_smoothing", "a float in [0, 1]")
     if not 0.0 <= value <= 1.0:
         raise ValueError(
             "`label_smoothing` must be in [0, 1]. Received: "
@@ -113,7 +114,7 @@ def check_label_smoothing(label_smoothing):
 
 
 def _check_epsilon(epsilon):
-    value = float(epsilon)
+    value = check_float(epsilon, "epsilon", "a float in (0, 0.5)")
     if not 0.0 < value < 0.5:
         raise ValueError(f"`epsilon` must be in (0, 0.5). Received: epsilon={epsilon}")
     return value
