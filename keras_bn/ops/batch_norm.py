@@ -68,6 +68,7 @@ from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_float
 from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
+from keras_bn.ops.custom_op import shape_of
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
@@ -310,7 +311,9 @@ def _batch_norm_train(
     def backward(context, upstream, hidden_upstream):
         return _train_backward(layout, context, upstream, hidden_upstream)
 
-    return custom_op(forward, backward, x, *params.values())
+    # The backward pass reads x - mean (hidden) and the parameters, not x.
+    reads = tuple(range(1, 1 + len(params)))
+    return custom_op(forward, backward, x, *params.values(), first_order_reads=reads)
 
 
 def _train_forward(layout, renorm, features, x, values):
@@ -409,7 +412,7 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     else:
         r, d = correction
         grads["gamma"] = r * inv * s2 + d * s1
-    return (tf.cast(tf.reshape(dx, tf.shape(x)), x.dtype),) + tuple(
+    return (tf.cast(tf.reshape(dx, shape_of(x)), x.dtype),) + tuple(
         tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
         for name, v in zip(layout.names, values)
     )

@@ -240,7 +240,8 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
             context, upstream[0], hidden_upstream, axis, smoothing, labels_watched
         )
 
-    return custom_op(forward, backward, labels, logits)[0]
+    reads = (0, 1) if labels_watched else (0,)
+    return custom_op(forward, backward, labels, logits, first_order_reads=reads)[0]
 
 
 def _dense_backward(
@@ -472,7 +473,7 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
             )
         return (tf.cast(dlogits, logits.dtype),)
 
-    return custom_op(forward, backward, logits)[0]
+    return custom_op(forward, backward, logits, first_order_reads=())[0]
 
 
 def _kernel_applies(logits, in_range, ignored, axis, smoothing):
@@ -520,7 +521,7 @@ def _sparse_cross_entropy_on_kernel(logits, labels, dtype):
             dlogits = tf.reshape(dlogits, logits.shape)
         return (tf.cast(dlogits, logits.dtype),)
 
-    return custom_op(forward, backward, logits)[0]
+    return custom_op(forward, backward, logits, first_order_reads=())[0]
 
 
 def probability_cross_entropy(
@@ -590,7 +591,9 @@ def probability_cross_entropy(
         dlabels = (-upstream * (1.0 - smoothing)) * tf.math.log(q)
         return tf.cast(dlabels, labels.dtype), tf.cast(dp, probabilities.dtype)
 
-    return custom_op(forward, backward, labels, probabilities)[0]
+    return custom_op(forward, backward, labels, probabilities, first_order_reads=(0,))[
+        0
+    ]
 
 
 def _clipped_log(probabilities, epsilon, dtype):

@@ -138,7 +138,15 @@ class OpContext:
             self._recorded = tape_could_record()
 
 
-def custom_op(forward, backward, *inputs):
+def shape_of(tensor):
+    """The shape of an input in `OpContext.inputs`: a tensor's, or the static
+    shape of a `tf.TensorSpec` that stands for a released input."""
+    if isinstance(tensor, tf.TensorSpec):
+        return tensor.shape.as_list()
+    return tf.shape(tensor)
+
+
+def custom_op(forward, backward, *inputs, first_order_reads=None):
     """Calls `forward` as one op with gradient `backward`, to any order.
 
     Args:
@@ -153,6 +161,12 @@ def custom_op(forward, backward, *inputs):
             each hidden output's own vector-Jacobian product for its upstream
             gradient where `context.live(gradient)`.
         *inputs: Tensors.
+        first_order_reads: The positions of the inputs whose values a
+            first-order backward pass reads (default: all). Eagerly, where
+            the backward pass cannot be differentiated, the others are
+            released once the op has run: `context.inputs` then holds a
+            `tf.TensorSpec` in their place (`shape_of` reads either), so the
+            op keeps no reference that holds a large input alive.
 
     Returns:
         The tuple of outputs (hidden outputs dropped).
@@ -186,4 +200,9 @@ def custom_op(forward, backward, *inputs):
     context.outputs = tuple(results[:n])
     if order == HIGHER_ORDER:
         context.hidden = tuple(results[n:])
+    elif first_order_reads is not None:
+        context.inputs = tuple(
+            t if i in first_order_reads else tf.TensorSpec(t.shape, t.dtype)
+            for i, t in enumerate(context.inputs)
+        )
     return context.outputs
