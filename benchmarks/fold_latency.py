@@ -30,13 +30,13 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _timing import time_interleaved  # noqa: E402
-from run import load_average  # noqa: E402
-from run import machine_info  # noqa: E402
+import keras
+import numpy as np
+from _timing import time_interleaved
+from run import load_average
+from run import machine_info
 
-import keras_bn  # noqa: E402
+import keras_bn
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "fold_latency.json"

@@ -30,7 +30,7 @@ from keras_bn.callbacks import RecomputeStatistics
 from keras_bn.models import recompute_statistics
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import _common  # noqa: E402
+import _common
 
 N_EXAMPLES, BATCH_SIZE = 10, 4  # batches of 4, 4 and 2: a short last one
 FEATURES = (3, 5)  # 3 positions of 5 features per example

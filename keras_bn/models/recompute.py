@@ -218,9 +218,13 @@ class _Recorder(keras.layers.Layer):
         self.mean = self._state("mean", shape)
         self.variance = self._state("variance", shape)
         self.batches = self._state("batches", shape)  # per feature: count > 0
-        if self.renorm:
-            self.renorm_mean = self._state("renorm_mean", shape, "float32")
-            self.renorm_stddev = self._state("renorm_stddev", shape, "float32")
+        if self.renorm:  # the values the pass holds fixed
+            self.renorm_mean = self._state(
+                "renorm_mean", shape, self.layer.renorm_mean.dtype
+            )
+            self.renorm_stddev = self._state(
+                "renorm_stddev", shape, self.layer.renorm_stddev.dtype
+            )
 
     def _state(self, name, shape, dtype="float64"):
         return self.add_weight(
@@ -288,7 +292,8 @@ def batch_statistics(
 
     Returns:
         `(count, mean, variance)`, float64 tensors of the feature shape. The
-        sums run in float32: the mean first, then squares of deviations.
+        sums of inputs run in float32, in two passes (the mean, then squares
+        of deviations from it); counts and the division in float64.
     """
     x = tf.cast(x, "float32")
     weights = None if mask is None else _broadcast_mask(mask, feature_axes, x)
@@ -300,14 +305,15 @@ def batch_statistics(
     if weights is None:
         mean = tf.reduce_mean(x, reduced, keepdims=True)
         squares = tf.reduce_sum(tf.square(x - mean), reduced, keepdims=True)
-        count = tf.cast(tf.size(x) // tf.size(mean), "float32") + tf.zeros_like(mean)
-    else:
-        count = tf.reduce_sum(weights, reduced, keepdims=True)
-        mean = tf.reduce_sum(weights * x, reduced, keepdims=True) / tf.maximum(
-            count, 1.0
-        )
+        size = tf.size(x, out_type="int64") // tf.size(mean, out_type="int64")
+        count = tf.cast(size, "float64") + tf.zeros_like(mean, "float64")
+    else:  # counts in float64: exact beyond float32's 2^24
+        count = tf.reduce_sum(tf.cast(weights, "float64"), reduced, keepdims=True)
+        total = tf.reduce_sum(weights * x, reduced, keepdims=True)
+        mean = total / tf.cast(tf.maximum(count, 1.0), "float32")
         squares = tf.reduce_sum(weights * tf.square(x - mean), reduced, keepdims=True)
-    variance = squares / tf.maximum(count - 1.0 if unbiased else count, 1.0)
+    divisor = tf.maximum(count - 1.0 if unbiased else count, 1.0)
+    variance = tf.cast(squares, "float64") / divisor
     count, mean, variance = (
         tf.squeeze(tf.cast(t, "float64"), reduced) for t in (count, mean, variance)
     )
