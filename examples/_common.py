@@ -20,11 +20,11 @@ import zipfile
 # start-up lines print before TensorFlow reads this setting (see README.md).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
 DIGITS_TEST_FRACTION = 0.25

@@ -31,6 +31,8 @@ of every check and a figure of both graphs, and with --markdown writes the
 walk as a Markdown page.
 """
 
+import shutil
+
 import _common
 
 
@@ -39,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--markdown",
         type=_common.pathlib.Path,
-        help="also write the walk as a Markdown page to this file",
+        help="also write the walk as a Markdown page to this file, with the "
+        "figure beside it (the same name, .png)",
     )
     return parser.parse_args(argv)
 
@@ -541,7 +544,7 @@ def plot(checks, path):
             f"{title}: forward arrows; under each node, dL/d(node) by hand vs "
             "tf.GradientTape"
         )
-    _common.save_figure(figure, path)
+    return _common.save_figure(figure, path)
 
 
 def _draw_graph(ax, spec, checks):
@@ -614,17 +617,20 @@ def main(args):
     cross_entropy_walk(walk, rng)
     verdict = report(walk.checks)
     _common.write_csv(args.out / "backward_walk.csv", walk.checks)
-    plot(walk.checks, args.out / "backward_walk.png")
+    figure = plot(walk.checks, args.out / "backward_walk.png")
     if args.markdown:
+        # The page shows the figure from beside it.
+        page_figure = args.markdown.with_suffix(".png")
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure, page_figure)
         preface = (
             "Written by `python examples/backward_walk.py --markdown "
             f"{args.markdown}` (seed {args.seed}), which builds the two graphs "
             "step by step, differentiates them by hand, and checks every "
             "gradient against `tf.GradientTape` and keras_bn's ops. "
-            f"{verdict}\n\n![The two graphs and their checks](backward_walk.png)"
+            f"{verdict}\n\n![The two graphs and their checks]({page_figure.name})"
         )
         page = walk.markdown("A walk through the backward pass", preface)
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(page)
         print(f"Markdown page: {args.markdown}")
     print(f"\n{verdict}")

@@ -57,7 +57,7 @@ TARGET_ACCURACY = 0.95
 # (metric, whether higher is better, how the summary names it)
 METRICS = (
     ("test_accuracy", True, "final test accuracy"),
-    ("log10_train_loss", False, "final training loss"),
+    ("log10_train_loss", False, "log10 of the final training loss"),
     ("epochs_to_target", False, f"epochs to {TARGET_ACCURACY:.0%} test accuracy"),
 )
 LABELS = {"before": "Dense -> BN -> ReLU", "after": "Dense -> ReLU -> BN"}

@@ -207,7 +207,7 @@ def report(summary, comparisons):
         )
 
 
-def plot(rows, summary, path):
+def plot(rows, summary, n_test, path):
     figure, axes = plt.subplots(1, 4, figsize=(19, 4.4), layout="constrained")
     colors = dict(zip(VARIANTS, _common.COLORS))
     for variant in VARIANTS:
@@ -228,7 +228,17 @@ def plot(rows, summary, path):
     finals = final_rows(rows)
     for position, variant in enumerate(names):
         gaps = [r["accuracy_gap"] for r in finals if r["variant"] == variant]
-        axes[3].bar(position, np.mean(gaps), color=colors[variant], alpha=0.8)
+        accuracy = np.mean(
+            [r["test_accuracy"] for r in finals if r["variant"] == variant]
+        )
+        axes[3].bar(
+            position,
+            np.mean(gaps),
+            yerr=np.sqrt(accuracy * (1 - accuracy) / n_test),
+            capsize=4,
+            color=colors[variant],
+            alpha=0.8,
+        )
         axes[3].plot([position] * len(gaps), gaps, "o", color="black", markersize=4)
     axes[0].plot([], [], linestyle=":", color="gray", label="dotted: training set")
     axes[0].set(
@@ -249,7 +259,7 @@ def plot(rows, summary, path):
     )
     axes[3].set(
         title="(d) final accuracy gap (points: seeds)",
-        ylabel="train accuracy - test accuracy",
+        ylabel=f"gap; error bar: s.e. of a test accuracy on {n_test} images",
         xticks=range(len(names)),
         xticklabels=names,
     )
@@ -276,7 +286,7 @@ def main(args):
         )
     _common.write_csv(args.out / "bn_regularization.csv", rows)
     summary, comparisons = summarize(rows, len(data.x_test))
-    plot(rows, summary, args.out / "bn_regularization.png")
+    plot(rows, summary, len(data.x_test), args.out / "bn_regularization.png")
     _common.print_table(
         summary,
         ["variant", "train_accuracy", "test_accuracy", "accuracy_gap", "loss_gap"],
