@@ -50,7 +50,7 @@ def _moving_average(variable, value, momentum):
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
-class BatchNormalization(keras.layers.Layer):
+class BatchNormalization(keras.layers.BatchNormalization):
     r"""Batch normalization (Ioffe & Szegedy, 2015) with hand-written gradients.
 
     A drop-in for `keras.layers.BatchNormalization`: the same constructor
