@@ -24,15 +24,15 @@ import keras
 import tensorflow as tf
 
 from keras_bn.layers.arguments import check_bool
-from keras_bn.losses.arguments import check_dense_loss_inputs
-from keras_bn.losses.arguments import check_label_smoothing
-from keras_bn.losses.softmax_cross_entropy import _check_axis
-from keras_bn.losses.softmax_cross_entropy import _check_ignore_class
-from keras_bn.losses.softmax_cross_entropy import _dtype_config
-from keras_bn.losses.softmax_cross_entropy import _logits_behind
-from keras_bn.losses.softmax_cross_entropy import _set_mask
-from keras_bn.losses.softmax_cross_entropy import _sparse_class_ids
-from keras_bn.losses.softmax_cross_entropy import _squeeze_or_expand_to_same_rank
+from keras_bn.losses.base import check_axis
+from keras_bn.losses.base import check_dense_loss_inputs
+from keras_bn.losses.base import check_ignore_class
+from keras_bn.losses.base import check_label_smoothing
+from keras_bn.losses.base import dtype_config
+from keras_bn.losses.base import logits_behind
+from keras_bn.losses.base import set_mask
+from keras_bn.losses.base import sparse_class_ids
+from keras_bn.losses.base import squeeze_or_expand_to_same_rank
 from keras_bn.ops.cross_entropy import probability_cross_entropy
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
@@ -96,15 +96,15 @@ class CategoricalCrossentropy(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = check_bool(from_logits, "from_logits")
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.axis = _check_axis(axis)
-        self._dtype_config = _dtype_config(dtype)
+        self.axis = check_axis(axis)
+        self.dtype_config = dtype_config(dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
-        y_true, y_pred = _squeeze_or_expand_to_same_rank(
+        y_true, y_pred = squeeze_or_expand_to_same_rank(
             tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
         )
         y_true = tf.cast(y_true, y_pred.dtype)
@@ -117,7 +117,7 @@ class CategoricalCrossentropy(keras.losses.Loss):
                 SyntaxWarning,
                 stacklevel=2,
             )
-        y_pred, from_logits = _logits_behind(
+        y_pred, from_logits = logits_behind(
             y_pred, self.from_logits, "categorical_crossentropy"
         )
         if from_logits:
@@ -139,7 +139,7 @@ class CategoricalCrossentropy(keras.losses.Loss):
                 "from_logits": self.from_logits,
                 "label_smoothing": self.label_smoothing,
                 "axis": self.axis,
-                "dtype": self._dtype_config,
+                "dtype": self.dtype_config,
             }
         )
         return config
@@ -205,23 +205,23 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = check_bool(from_logits, "from_logits")
-        self.ignore_class = _check_ignore_class(ignore_class)
-        self.axis = _check_axis(axis)
-        self._dtype_config = _dtype_config(dtype)
+        self.ignore_class = check_ignore_class(ignore_class)
+        self.axis = check_axis(axis)
+        self.dtype_config = dtype_config(dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
-        y_true, y_pred = _squeeze_or_expand_to_same_rank(
+        y_true, y_pred = squeeze_or_expand_to_same_rank(
             tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
         )
-        labels = _sparse_class_ids(y_true, y_pred, self.axis)
+        labels = sparse_class_ids(y_true, y_pred, self.axis)
         from_logits = self.from_logits
         if self.ignore_class is None:
             # Keras looks behind a softmax only without an ignored class.
-            y_pred, from_logits = _logits_behind(
+            y_pred, from_logits = logits_behind(
                 y_pred, from_logits, "sparse_categorical_crossentropy"
             )
         if from_logits:
@@ -237,7 +237,7 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
                 epsilon=keras.config.epsilon(),
             )
         if self.ignore_class is not None:
-            _set_mask(losses, tf.not_equal(labels, self.ignore_class))
+            set_mask(losses, tf.not_equal(labels, self.ignore_class))
         return losses
 
     def get_config(self):
@@ -247,7 +247,7 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
                 "from_logits": self.from_logits,
                 "ignore_class": self.ignore_class,
                 "axis": self.axis,
-                "dtype": self._dtype_config,
+                "dtype": self.dtype_config,
             }
         )
         return config

@@ -2,101 +2,31 @@
 
 The per-example loss comes from `keras_bn.ops.cross_entropy`; this module adds
 the Keras contract (sample weights, masks, reductions, serialization) and the
-class weights. The helpers at the top are shared with the Keras drop-ins.
+class weights. The Keras-contract plumbing it shares with the Keras drop-ins
+lives in `base.py`.
 """
 
 import math
 import operator
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_bn.layers.arguments import check_bool
-from keras_bn.losses.arguments import check_dense_loss_inputs
-from keras_bn.losses.arguments import check_label_smoothing
+from keras_bn.losses.base import check_axis
+from keras_bn.losses.base import check_dense_loss_inputs
+from keras_bn.losses.base import check_ignore_class
+from keras_bn.losses.base import check_label_smoothing
+from keras_bn.losses.base import dtype_config
+from keras_bn.losses.base import logits_behind
+from keras_bn.losses.base import set_mask
+from keras_bn.losses.base import sparse_class_ids
+from keras_bn.losses.base import squeeze_or_expand_to_same_rank
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
-def _check_axis(axis):
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
-    return axis
-
-
-def _check_ignore_class(ignore_class):
-    if ignore_class is None:
-        return None
-    if isinstance(ignore_class, bool) or not isinstance(ignore_class, int):
-        raise TypeError(
-            f"`ignore_class` must be an int or None. Received: "
-            f"ignore_class={ignore_class!r}"
-        )
-    return ignore_class
-
-
-def _dtype_config(dtype):
-    """`dtype` as given to `__init__`, in a JSON-friendly form."""
-    if dtype is None or isinstance(dtype, str):
-        return dtype
-    return keras.dtype_policies.serialize(dtype)
-
-
-def _set_mask(x, mask):
-    # Keras reads the mask of a loss tensor from this attribute.
-    x._keras_mask = mask
-    return x
-
-
-def _squeeze_or_expand_to_same_rank(x1, x2):
-    """Keras's alignment of two tensors whose ranks differ by a trailing 1."""
-    rank1, rank2 = x1.shape.rank, x2.shape.rank
-    if rank1 == rank2 + 1 and x1.shape[-1] == 1:
-        if rank2 == 1:
-            x2 = tf.expand_dims(x2, -1)
-        else:
-            x1 = tf.squeeze(x1, -1)
-    if rank2 == rank1 + 1 and x2.shape[-1] == 1:
-        if rank1 == 1:
-            x1 = tf.expand_dims(x1, -1)
-        else:
-            x2 = tf.squeeze(x2, -1)
-    return x1, x2
-
-
-def _logits_behind(y_pred, from_logits, fn_name):
-    """Keras's rule: the output of a softmax is replaced by its logits.
-
-    A tensor carrying `_keras_logits` (set by `keras.activations.softmax` and
-    the `Softmax` layers), or the output of a `Softmax` graph op, gives its
-    logits and `from_logits=True`. Returns `(tensor, from_logits)`.
-    """
-    logits = getattr(y_pred, "_keras_logits", None)
-    if logits is None and tf.is_symbolic_tensor(y_pred):
-        if y_pred.op.type == "Softmax":
-            logits = y_pred.op.inputs[0]
-    if logits is None:
-        return y_pred, from_logits
-    if from_logits:
-        warnings.warn(
-            f'"`{fn_name}` received `from_logits=True`, but the `output` '
-            "argument was produced by a Softmax activation and thus does not "
-            'represent logits. Was this intended?"',
-            stacklevel=3,
-        )
-    return logits, True
-
-
-def _sparse_class_ids(y_true, y_pred, axis):
-    """Class ids as int64, a size-1 class axis of `y_true` squeezed away."""
-    y_true = tf.convert_to_tensor(y_true)
-    if y_true.shape.rank == y_pred.shape.rank and y_true.shape[axis] == 1:
-        y_true = tf.squeeze(y_true, axis)
-    return tf.cast(y_true, tf.int64)
 
 
 def _times(x, weight):
@@ -104,7 +34,7 @@ def _times(x, weight):
     size-1 axis squeezed or added, then NumPy broadcasting."""
     if weight is None:
         return x
-    x, weight = _squeeze_or_expand_to_same_rank(x, weight)
+    x, weight = squeeze_or_expand_to_same_rank(x, weight)
     return x * weight
 
 
@@ -249,15 +179,15 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.sparse = check_bool(sparse, "sparse")
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.axis = _check_axis(axis)
-        self.ignore_class = _check_ignore_class(ignore_class)
+        self.axis = check_axis(axis)
+        self.ignore_class = check_ignore_class(ignore_class)
         if self.ignore_class is not None and not self.sparse:
             raise ValueError(
                 "`ignore_class` applies to sparse labels only: pass sparse=True. "
                 f"Received: ignore_class={ignore_class}, sparse={sparse}"
             )
         self.class_weight = _check_class_weight(class_weight)
-        self._dtype_config = _dtype_config(dtype)
+        self.dtype_config = dtype_config(dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
@@ -288,17 +218,17 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         if weights is not None:
             losses *= weights
         if valid is not None:
-            _set_mask(losses, valid)
+            set_mask(losses, valid)
         return losses
 
     def _losses_and_weights(self, y_true, y_pred):
         """Per-example losses, class weights (or None), valid mask (or None)."""
         y_pred = tf.convert_to_tensor(y_pred)
-        logits, _ = _logits_behind(y_pred, True, "softmax_cross_entropy")
+        logits, _ = logits_behind(y_pred, True, "softmax_cross_entropy")
         axis = self.axis
         weights = valid = None
         if self.sparse:
-            labels = _sparse_class_ids(y_true, logits, axis)
+            labels = sparse_class_ids(y_true, logits, axis)
             losses = sparse_softmax_cross_entropy(
                 labels, logits, axis, self.label_smoothing, self.ignore_class
             )
@@ -341,7 +271,7 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
                 "axis": self.axis,
                 "ignore_class": self.ignore_class,
                 "class_weight": self.class_weight,
-                "dtype": self._dtype_config,
+                "dtype": self.dtype_config,
             }
         )
         return config

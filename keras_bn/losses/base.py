@@ -1,0 +1,121 @@
+"""The Keras-loss plumbing shared by keras_bn's losses.
+
+Argument checks, Keras's alignment of sample weights and masks, and the
+rules for reading logits behind a softmax. The per-example losses come from
+`keras_bn.ops.cross_entropy`; `softmax_cross_entropy.py` and
+`categorical_crossentropy.py` hold the loss classes.
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_bn.layers.arguments import check_not_ragged
+from keras_bn.ops.cross_entropy import check_label_smoothing
+
+__all__ = [
+    "check_axis",
+    "check_dense_loss_inputs",
+    "check_ignore_class",
+    "check_label_smoothing",
+    "dtype_config",
+    "logits_behind",
+    "set_mask",
+    "sparse_class_ids",
+    "squeeze_or_expand_to_same_rank",
+]
+
+
+_DENSE_HINT = (
+    "Pad it to a dense tensor (`.to_tensor()`) and give the padding zero "
+    "`sample_weight` (or an `ignore_class` label)."
+)
+
+
+def check_dense_loss_inputs(loss, y_true, y_pred, sample_weight):
+    """Refuses ragged and sparse labels, predictions and sample weights."""
+    owner = type(loss).__name__
+    for name, value in (
+        ("y_true", y_true),
+        ("y_pred", y_pred),
+        ("sample_weight", sample_weight),
+    ):
+        check_not_ragged(value, name, owner, _DENSE_HINT)
+
+
+def check_axis(axis):
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
+    return axis
+
+
+def check_ignore_class(ignore_class):
+    if ignore_class is None:
+        return None
+    if isinstance(ignore_class, bool) or not isinstance(ignore_class, int):
+        raise TypeError(
+            f"`ignore_class` must be an int or None. Received: "
+            f"ignore_class={ignore_class!r}"
+        )
+    return ignore_class
+
+
+def dtype_config(dtype):
+    """`dtype` as given to `__init__`, in a JSON-friendly form."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    return keras.dtype_policies.serialize(dtype)
+
+
+def set_mask(x, mask):
+    # Keras reads the mask of a loss tensor from this attribute.
+    x._keras_mask = mask
+    return x
+
+
+def squeeze_or_expand_to_same_rank(x1, x2):
+    """Keras's alignment of two tensors whose ranks differ by a trailing 1."""
+    rank1, rank2 = x1.shape.rank, x2.shape.rank
+    if rank1 == rank2 + 1 and x1.shape[-1] == 1:
+        if rank2 == 1:
+            x2 = tf.expand_dims(x2, -1)
+        else:
+            x1 = tf.squeeze(x1, -1)
+    if rank2 == rank1 + 1 and x2.shape[-1] == 1:
+        if rank1 == 1:
+            x1 = tf.expand_dims(x1, -1)
+        else:
+            x2 = tf.squeeze(x2, -1)
+    return x1, x2
+
+
+def logits_behind(y_pred, from_logits, fn_name):
+    """Keras's rule: the output of a softmax is replaced by its logits.
+
+    A tensor carrying `_keras_logits` (set by `keras.activations.softmax` and
+    the `Softmax` layers), or the output of a `Softmax` graph op, gives its
+    logits and `from_logits=True`. Returns `(tensor, from_logits)`.
+    """
+    logits = getattr(y_pred, "_keras_logits", None)
+    if logits is None and tf.is_symbolic_tensor(y_pred):
+        if y_pred.op.type == "Softmax":
+            logits = y_pred.op.inputs[0]
+    if logits is None:
+        return y_pred, from_logits
+    if from_logits:
+        warnings.warn(
+            f'"`{fn_name}` received `from_logits=True`, but the `output` '
+            "argument was produced by a Softmax activation and thus does not "
+            'represent logits. Was this intended?"',
+            stacklevel=3,
+        )
+    return logits, True
+
+
+def sparse_class_ids(y_true, y_pred, axis):
+    """Class ids as int64, a size-1 class axis of `y_true` squeezed away."""
+    y_true = tf.convert_to_tensor(y_true)
+    if y_true.shape.rank == y_pred.shape.rank and y_true.shape[axis] == 1:
+        y_true = tf.squeeze(y_true, axis)
+    return tf.cast(y_true, tf.int64)
