@@ -70,11 +70,11 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-from _implementations import BN_IMPLS  # noqa: E402
-from _implementations import BN_NAMES  # noqa: E402
-from _implementations import bn_layer  # noqa: E402
-from _implementations import random_normal  # noqa: E402
+import tensorflow as tf
+from _implementations import BN_IMPLS
+from _implementations import BN_NAMES
+from _implementations import bn_layer
+from _implementations import random_normal
 
 MODES = ("eager", "tf.function")
 DTYPES = ("float32", "float16")

@@ -63,19 +63,19 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import memory  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import torch_peer  # noqa: E402
-from _implementations import BN_IMPLS  # noqa: E402
-from _implementations import BN_NAMES  # noqa: E402
-from _implementations import EPSILON  # noqa: E402
-from _implementations import MOMENTUM  # noqa: E402
-from _implementations import bn_layer  # noqa: E402
-from _implementations import random_normal  # noqa: E402
-from _timing import time_interleaved  # noqa: E402
+import keras
+import memory
+import tensorflow as tf
+import torch_peer
+from _implementations import BN_IMPLS
+from _implementations import BN_NAMES
+from _implementations import EPSILON
+from _implementations import MOMENTUM
+from _implementations import bn_layer
+from _implementations import random_normal
+from _timing import time_interleaved
 
-import keras_bn  # noqa: E402
+import keras_bn
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "latest.json"

@@ -2,9 +2,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
 
 # Two logical CPU devices, so tf.distribute tests can mirror across replicas
 # on a CPU-only machine. Must run before TensorFlow initializes its devices.

@@ -48,7 +48,7 @@ def test_layer_with_an_unknown_feature_size_matches_keras(rng, training, affine)
         tf.function(
             lambda x, layer=layer: layer(x, training=training),
             input_signature=[UNKNOWN],
-        )(x)  # noqa: E501
+        )(x)
         for layer in (ours, theirs)
     ]
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
