@@ -20,8 +20,8 @@ from keras_bn.layers.arguments import check_unit_interval
 from keras_bn.layers.arguments import check_virtual_batch_size
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.checks import check_positive_finite
-from keras_bn.ops.virtual_batch import per_virtual_batch
-from keras_bn.ops.virtual_batch import split_virtual_batches
+from keras_bn.ops.virtual_batch import from_virtual_batches
+from keras_bn.ops.virtual_batch import to_virtual_batches
 
 
 def _copy_initializer(initializer):
@@ -392,12 +392,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
                     "moving averages cannot weigh. Received: virtual_batch_size="
                     f"{self.virtual_batch_size}, mask.shape={mask.shape}"
                 )
-            x, mask = split_virtual_batches(inputs, self.virtual_batch_size, mask)
-            axes = (0,) + tuple(a + 1 for a in axes)
-            gamma, beta, renorm_mean, renorm_stddev = (
-                per_virtual_batch(v, x)
-                for v in (gamma, beta, renorm_mean, renorm_stddev)
+            x, axes, params = to_virtual_batches(
+                inputs,
+                axes,
+                self.virtual_batch_size,
+                (gamma, beta, renorm_mean, renorm_stddev),
             )
+            gamma, beta, renorm_mean, renorm_stddev = params
         common = {
             "axis": axes,
             "epsilon": self.epsilon,
@@ -417,9 +418,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 x, gamma, beta, fused=self.fused, **common
             )
         if self.virtual_batch_size is not None:
-            outputs = tf.reshape(outputs, tf.shape(inputs))
-            mean = tf.reduce_mean(mean, axis=0)
-            variance = tf.reduce_mean(variance, axis=0)
+            outputs, mean, variance = from_virtual_batches(
+                outputs, mean, variance, inputs
+            )
         if mask is None:
             self._warn_if_single_position(x, axes)
         # The statistics this call read (renorm's) must not be overwritten

@@ -12,8 +12,20 @@ import tensorflow as tf
 from keras_bn.ops.checks import divisible_at_run_time
 
 
-def split_virtual_batches(x, virtual_batch_size, mask=None):
-    """Reshapes `x` (and `mask`) from `[B, ...]` to `[B / v, v, ...]`.
+def to_virtual_batches(x, axes, virtual_batch_size, params):
+    """The layer's training input as virtual batches, for the batch-norm ops.
+
+    Args:
+        x: The input, `[B, ...]`.
+        axes: Its feature axes (sorted, non-negative, not 0).
+        virtual_batch_size: `v`, which must divide `B`.
+        params: Per-feature tensors (or None), broadcast to one copy per
+            virtual batch.
+
+    Returns:
+        `(x_split, axes, params)`: `x` viewed as `[B / v, v, ...]`, the
+        feature axes shifted by one with the new leading axis joined to
+        them, and the broadcast parameters.
 
     Raises:
         ValueError: If the batch size is known and not a multiple of
@@ -26,25 +38,31 @@ def split_virtual_batches(x, virtual_batch_size, mask=None):
             f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
             f"the batch size. Received: inputs.shape={x.shape}"
         )
+    shape = tf.shape(x)
+    if batch is None:  # known only at run time
+        shape = divisible_at_run_time(
+            shape,
+            virtual_batch_size,
+            f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
+            "the batch size",
+        )
+    x_split = tf.reshape(x, tf.concat([[-1, virtual_batch_size], shape[1:]], axis=0))
+    per_batch = tf.shape(x_split)[:1]
+    params = [
+        None
+        if v is None
+        else tf.broadcast_to(v, tf.concat([per_batch, tf.shape(v)], 0))
+        for v in params
+    ]
+    return x_split, (0,) + tuple(a + 1 for a in axes), params
 
-    message = (
-        f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide the "
-        "batch size"
+
+def from_virtual_batches(outputs, mean, variance, inputs):
+    """The ops' results back for the layer: `outputs` in the shape of
+    `inputs`, and the statistics averaged over the virtual batches (each
+    holds `v` examples, so the plain mean weighs them alike)."""
+    return (
+        tf.reshape(outputs, tf.shape(inputs)),
+        tf.reduce_mean(mean, axis=0),
+        tf.reduce_mean(variance, axis=0),
     )
-
-    def split(t):
-        shape = tf.shape(t)
-        if batch is None:  # known only at run time
-            shape = divisible_at_run_time(shape, virtual_batch_size, message)
-        rest = shape[1:]
-        return tf.reshape(t, tf.concat([[-1, virtual_batch_size], rest], axis=0))
-
-    return split(x), None if mask is None else split(mask)
-
-
-def per_virtual_batch(value, x_split):
-    """Broadcasts a per-feature tensor to one copy per virtual batch."""
-    if value is None:
-        return None
-    shape = tf.concat([tf.shape(x_split)[:1], tf.shape(value)], axis=0)
-    return tf.broadcast_to(value, shape)
