@@ -358,3 +358,16 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/test_docs.py --update")
     MATH_PAGE.write_text(render_math_page(MATH_PAGE.read_text()))
     print(f"rewrote the docstring copies in {MATH_PAGE.relative_to(ROOT)}")
+
+
+def test_every_test_name_is_unique_across_files():
+    """A test ID cited by name alone (`-k`, a report) finds one test."""
+    import ast
+    import collections
+
+    files = collections.defaultdict(list)
+    for path in sorted(pathlib.Path(__file__).parent.glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                files[node.name].append(path.name)
+    assert {name: f for name, f in files.items() if len(f) > 1} == {}

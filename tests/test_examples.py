@@ -145,9 +145,12 @@ def check_backward_walk(out, stdout):
     assert all(row["agrees"] == "True" for row in rows)
     assert np.all(floats(rows, "max_abs_difference") <= floats(rows, "tolerance"))
     assert f"All {len(rows)} checks agree" in stdout
-    page = (out / "walk.md").read_text()
+    page = (out.parent / "page" / "walk.md").read_text()
     assert page.startswith("# A walk through the backward pass")
     assert "dx = dxc + dmu / N" in page and "p - y" in page
+    # The page shows its figure from beside it.
+    assert "![The two graphs and their checks](walk.png)" in page
+    assert (out.parent / "page" / "walk.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def check_vanishing_gradients(out, stdout):
@@ -232,7 +235,7 @@ CHECKS = {
     "bn_regularization": check_bn_regularization,
     "softmax_classifier": check_softmax_classifier,
 }
-EXTRA_ARGS = {"backward_walk": ["--markdown", "out/walk.md"]}
+EXTRA_ARGS = {"backward_walk": ["--markdown", "page/walk.md"]}
 # Written by another part of the project, with their own tests.
 OTHER_SCRIPTS = {
     name for name in SCRIPTS if name == "ema_recompute" or name.startswith("fold_")
@@ -271,12 +274,15 @@ def run_script(name, *args, cwd):
 
 @pytest.mark.slow
 def test_an_example_runs_as_a_script_from_another_directory(tmp_path):
-    result = run_script("backward_walk", "--quick", cwd=tmp_path)
+    out = tmp_path / "keras_bn_runs" / "backward_walk"
+    # The page beside the figure of the default --out: the same PNG.
+    page = out / "backward_walk.md"
+    result = run_script(
+        "backward_walk", "--quick", "--markdown", str(page), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checks agree" in result.stdout
-    assert (
-        tmp_path / "keras_bn_runs" / "backward_walk" / "backward_walk.png"
-    ).is_file()
+    assert (out / "backward_walk.png").is_file() and page.is_file()
 
 
 # Runs every script's command line the way `python script.py ARGS` does, in

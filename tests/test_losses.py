@@ -375,7 +375,7 @@ def test_unit_class_weights_change_nothing(reduction, sparse):
         lambda r: SparseCategoricalCrossentropy(ignore_class=-1, reduction=r),
     ],
 )
-def test_all_ignored_batch_gives_zero_loss_and_gradient(reduction, make_loss):
+def test_loss_with_all_ignored_batch_gives_zero_loss_and_gradient(reduction, make_loss):
     logits = tf.random.normal([4, 2, 3], seed=3)
     ids = -np.ones([4, 2], int)
     for sw in [None, np.ones([4, 2], "float32")]:

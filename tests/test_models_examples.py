@@ -77,7 +77,7 @@ CHECKS = {"ema_recompute": check_ema_recompute, "fold_speedup": check_fold_speed
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_example_runs_quick(name, tmp_path, monkeypatch, capsys):
+def test_model_tools_example_runs_quick(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     keras.backend.clear_session()
     module = importlib.import_module(name)

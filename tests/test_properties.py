@@ -302,7 +302,7 @@ def test_fused_and_closed_form_paths_agree(layout, dtype, epsilon, momentum, dat
     masked=st.booleans(),
     data=st.data(),
 )
-def test_momentum_zero_inference_equals_training_output(
+def test_property_momentum_zero_inference_equals_training_output(
     layout, policy, epsilon, masked, data
 ):
     shape, axis = layout
@@ -330,7 +330,7 @@ def test_momentum_zero_inference_equals_training_output(
     masked=st.booleans(),
     data=st.data(),
 )
-def test_moving_statistics_follow_the_closed_form(
+def test_property_moving_statistics_follow_the_closed_form(
     layout, policy, momentum, epsilon, masked, data
 ):
     shape, axis = layout

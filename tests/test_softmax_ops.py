@@ -67,7 +67,7 @@ def test_gradient_matches_finite_differences(op, axis):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
-def test_eager_function_and_xla_agree(mode, op):
+def test_softmax_eager_function_and_xla_agree(mode, op):
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(size=[4, 6]), tf.float32)
     upstream = tf.constant(rng.normal(size=[4, 6]), tf.float32)
@@ -103,7 +103,7 @@ def test_extreme_inputs_stay_finite_and_exact(op, dtype, scale):
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
-def test_low_precision_is_computed_in_float32(op, dtype):
+def test_softmax_low_precision_is_computed_in_float32(op, dtype):
     rng = np.random.default_rng(4)
     x = tf.cast(tf.constant(rng.normal(size=[5, 7]) * 4, tf.float32), dtype)
     upstream = tf.cast(tf.constant(rng.normal(size=[5, 7]), tf.float32), dtype)
@@ -134,7 +134,7 @@ def test_negative_infinity_entries_get_zero_probability_and_gradient():
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
-def test_invalid_arguments_are_rejected(op):
+def test_softmax_invalid_arguments_are_rejected(op):
     fn = OPS[op]
     with pytest.raises(TypeError, match="`x` must be a floating-point"):
         fn(tf.constant([1, 2, 3]))
