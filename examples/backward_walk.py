@@ -622,7 +622,8 @@ def main(args):
         # The page shows the figure from beside it.
         page_figure = args.markdown.with_suffix(".png")
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figure, page_figure)
+        if page_figure.resolve() != figure.resolve():
+            shutil.copyfile(figure, page_figure)
         preface = (
             "Written by `python examples/backward_walk.py --markdown "
             f"{args.markdown}` (seed {args.seed}), which builds the two graphs "
