@@ -16,6 +16,7 @@ from keras_bn.ops.custom_op import FIRST_ORDER
 from keras_bn.ops.custom_op import HIGHER_ORDER
 from keras_bn.ops.custom_op import NO_GRADIENT
 from keras_bn.ops.custom_op import gradient_order
+from keras_bn.ops.custom_op import tape_could_record
 
 
 def _value_and_gradient(fn, x):
@@ -114,3 +115,17 @@ def test_gradient_order_reads_the_active_tapes():
         tape.watch(x)
         assert gradient_order([x]) == HIGHER_ORDER
     assert tf.function(lambda x: tf.constant(gradient_order([x])))(x) == HIGHER_ORDER
+
+
+def test_tape_could_record_reads_the_tape_set():
+    """The other private TensorFlow function behind custom_op: True only
+    while a tape or forward accumulator records."""
+    x = tf.ones([2])
+    assert not tape_could_record()
+    with tf.GradientTape():
+        assert tape_could_record()
+    with tf.autodiff.ForwardAccumulator(x, x):
+        assert tape_could_record()
+    with tf.GradientTape() as tape:
+        with tape.stop_recording():
+            assert not tape_could_record()
