@@ -311,22 +311,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "moving_variance", shape, self.moving_variance_initializer
         )
         if self.renorm:
-            # Renorm tracks standard deviations, starting at the square root of
-            # the variance initializer (as Keras does); fresh initializer
-            # copies keep random initializers from repeating their values.
-            def stddev_initializer(shape, dtype=None):
-                variance = _copy_initializer(self.moving_variance_initializer)
-                return tf.sqrt(variance(shape, dtype=dtype))
-
-            self.moving_stddev = self._add_statistic(
-                "moving_stddev", shape, stddev_initializer
-            )
-            self.renorm_mean = self._add_statistic(
-                "renorm_mean", shape, _copy_initializer(self.moving_mean_initializer)
-            )
-            self.renorm_stddev = self._add_statistic(
-                "renorm_stddev", shape, stddev_initializer
-            )
+            self._add_renorm_statistics(shape)
         if self.momentum is None:
             self.num_batches_tracked = self.add_weight(
                 shape=shape,
@@ -338,6 +323,28 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in self._axes}
+        )
+
+    def _add_renorm_statistics(self, shape):
+        """`moving_stddev`, `renorm_mean` and `renorm_stddev`, after Keras.
+
+        Renorm tracks standard deviations, starting at the square root of
+        the variance initializer (as Keras does); fresh initializer copies
+        keep random initializers from repeating their values.
+        """
+
+        def stddev_initializer(shape, dtype=None):
+            variance = _copy_initializer(self.moving_variance_initializer)
+            return tf.sqrt(variance(shape, dtype=dtype))
+
+        self.moving_stddev = self._add_statistic(
+            "moving_stddev", shape, stddev_initializer
+        )
+        self.renorm_mean = self._add_statistic(
+            "renorm_mean", shape, _copy_initializer(self.moving_mean_initializer)
+        )
+        self.renorm_stddev = self._add_statistic(
+            "renorm_stddev", shape, stddev_initializer
         )
 
     def _add_statistic(self, name, shape, initializer):
