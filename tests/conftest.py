@@ -17,3 +17,10 @@ tf.config.set_logical_device_configuration(
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def strategy():
+    """Two replicas on the two logical CPUs. One per process: a second
+    MirroredStrategy over the same devices breaks the first's collectives."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

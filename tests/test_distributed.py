@@ -15,11 +15,6 @@ import keras_bn
 from keras_bn.ops import batch_norm_train
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def _per_replica(strategy, parts):
     return strategy.experimental_distribute_values_from_function(
         lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])

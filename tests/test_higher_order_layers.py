@@ -182,11 +182,6 @@ def test_ghost_batches_have_exact_second_order_gradients(rng):
     np.testing.assert_allclose(layer_dgamma, want[1], rtol=2e-3, atol=2e-3)
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def test_synchronized_second_order_gradients_equal_one_device(rng, strategy):
     """Each replica's penalty gradient equals the global-batch one."""
     x = rng.normal(size=(10, 3)).astype(np.float32) * 2 + 1

@@ -313,7 +313,14 @@ def _batch_norm_train(
 
     # The backward pass reads x - mean (hidden) and the parameters, not x.
     reads = tuple(range(1, 1 + len(params)))
-    return custom_op(forward, backward, x, *params.values(), first_order_reads=reads)
+    return custom_op(
+        forward,
+        backward,
+        x,
+        *params.values(),
+        first_order_reads=reads,
+        first_order_output_reads=(1, 2, 3),  # not y
+    )
 
 
 def _train_forward(layout, renorm, features, x, values):

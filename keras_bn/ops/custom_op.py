@@ -146,7 +146,9 @@ def shape_of(tensor):
     return tf.shape(tensor)
 
 
-def custom_op(forward, backward, *inputs, first_order_reads=None):
+def custom_op(
+    forward, backward, *inputs, first_order_reads=None, first_order_output_reads=None
+):
     """Calls `forward` as one op with gradient `backward`, to any order.
 
     Args:
@@ -167,6 +169,8 @@ def custom_op(forward, backward, *inputs, first_order_reads=None):
             released once the op has run: `context.inputs` then holds a
             `tf.TensorSpec` in their place (`shape_of` reads either), so the
             op keeps no reference that holds a large input alive.
+        first_order_output_reads: The same for the op's outputs (the caller
+            keeps the outputs it uses; the op need not).
 
     Returns:
         The tuple of outputs (hidden outputs dropped).
@@ -175,6 +179,12 @@ def custom_op(forward, backward, *inputs, first_order_reads=None):
     if order == NO_GRADIENT:
         return tuple(forward(*inputs)[0])
     context = OpContext(inputs)
+    if order == FIRST_ORDER and tf.executing_eagerly():
+        recorded = _record_first_order(forward, backward, context)
+        if recorded is not None:
+            return _release(
+                context, recorded, first_order_reads, first_order_output_reads
+            )
     sizes = []
 
     @tf.custom_gradient
@@ -200,9 +210,56 @@ def custom_op(forward, backward, *inputs, first_order_reads=None):
     context.outputs = tuple(results[:n])
     if order == HIGHER_ORDER:
         context.hidden = tuple(results[n:])
-    elif first_order_reads is not None:
-        context.inputs = tuple(
-            t if i in first_order_reads else tf.TensorSpec(t.shape, t.dtype)
-            for i, t in enumerate(context.inputs)
-        )
+        return context.outputs
+    return _release(
+        context, context.outputs, first_order_reads, first_order_output_reads
+    )
+
+
+def _specs_but(tensors, kept):
+    return tuple(
+        t if kept is None or i in kept else tf.TensorSpec(t.shape, t.dtype)
+        for i, t in enumerate(tensors)
+    )
+
+
+def _release(context, outputs, input_reads, output_reads):
+    """`outputs`, with the inputs and outputs the first-order backward pass
+    does not read replaced by their specs in `context` (see `custom_op`)."""
+    context.inputs = _specs_but(context.inputs, input_reads)
+    context.outputs = _specs_but(context.outputs, output_reads)
+    return outputs
+
+
+def _record_first_order(forward, backward, context):
+    """The eager first-order case, recorded on the tapes directly.
+
+    What `tf.custom_gradient` does, less its per-call work (argument
+    inspection, variable watching, an identity per output): the forward
+    pass runs with the tapes paused, and its outputs are recorded as one op
+    whose gradient is `backward`. None (the caller then takes
+    `tf.custom_gradient`) if TensorFlow no longer exposes its tape API.
+    """
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+        return None
+    with record.stop_recording():
+        outputs, hidden, context.saved = forward(*context.inputs)
+        # An output that is an input (a cast to its own dtype) gets its own
+        # tensor: the tape records outputs apart from inputs.
+        outputs = [
+            tf.identity(o) if any(o is i for i in context.inputs) else o
+            for o in outputs
+        ]
+    context.outputs, context.hidden = tuple(outputs), tuple(hidden)
+    none = (None,) * len(context.hidden)
+
+    def grad(*upstream):
+        context._note_recording()
+        return list(backward(context, upstream, none))
+
+    record.record_operation(
+        "keras_bn_custom_op", list(outputs), list(context.inputs), grad
+    )
     return context.outputs

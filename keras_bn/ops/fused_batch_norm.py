@@ -176,7 +176,9 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             tf.cast(grads[name], v.dtype) for name, v in zip(names, values)
         )
 
-    return custom_op(forward, backward, x, *[v for v in (gamma, beta) if v is not None])
+    params = [v for v in (gamma, beta) if v is not None]
+    # The backward pass reads x (its 4-D view) and the statistics, not y.
+    return custom_op(forward, backward, x, *params, first_order_output_reads=(1, 2, 3))
 
 
 def _biased_statistics(out, x, channels):
