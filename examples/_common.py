@@ -303,6 +303,21 @@ class ExampleParser(argparse.ArgumentParser):
         )
         self._size_defaults[action.dest] = (full, quick)
 
+    def require_multiple(self, args, flag, of):
+        """Stops with a message unless option `flag` is a multiple of `of`.
+
+        Example:
+
+        ```python
+        parser.require_multiple(args, "--steps", "--eval-every")
+        ```
+        """
+        value, unit = (
+            getattr(args, f.lstrip("-").replace("-", "_")) for f in (flag, of)
+        )
+        if value % unit:
+            self.error(f"{flag} ({value}) must be a multiple of {of} ({unit})")
+
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         for dest, (full, quick) in self._size_defaults.items():

@@ -54,11 +54,7 @@ def parse_args(argv=None):
         help="test accuracy to reach (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    if args.steps % args.eval_every:
-        parser.error(
-            f"--steps ({args.steps}) must be a multiple of --eval-every "
-            f"({args.eval_every})"
-        )
+    parser.require_multiple(args, "--steps", "--eval-every")
     return args
 
 

@@ -41,11 +41,7 @@ def parse_args(argv=None):
         "(default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    if args.steps % args.record_every:
-        parser.error(
-            f"--steps ({args.steps}) must be a multiple of --record-every "
-            f"({args.record_every})"
-        )
+    parser.require_multiple(args, "--steps", "--record-every")
     return args
 
 
