@@ -30,6 +30,14 @@ tape; with no tape watching, the op runs as its plain forward pass.
 
 import tensorflow as tf
 
+# TensorFlow's tape API, read once: each use below falls back to the safe
+# answer if TensorFlow moves it (docs/testing.md lists these internals).
+try:
+    from tensorflow.python.eager import record as _record
+    from tensorflow.python.ops import gradients_util as _gradients_util
+except ImportError:  # pragma: no cover - a TensorFlow that moved them
+    _record = _gradients_util = None
+
 _ZERO_OPS = ("ZerosLike", "Fill", "Const")
 
 
@@ -62,11 +70,9 @@ def tape_could_record():
     Reads TensorFlow's tape set. True (the safe answer: hidden outputs are
     then differentiated) if TensorFlow no longer exposes it.
     """
-    try:
-        from tensorflow.python.eager import record
-    except ImportError:  # pragma: no cover - a TensorFlow that moved it
+    if _record is None:  # pragma: no cover
         return True
-    return record.could_possibly_record()
+    return _record.could_possibly_record()
 
 
 NO_GRADIENT, FIRST_ORDER, HIGHER_ORDER = 0, 1, 2
@@ -81,13 +87,9 @@ def gradient_order(tensors):
     backward passes. HIGHER_ORDER (the safe answer) in a graph, where
     `tf.gradients` needs no tape, or if TensorFlow no longer exposes it.
     """
-    if not tf.executing_eagerly():
+    if not tf.executing_eagerly() or _gradients_util is None:
         return HIGHER_ORDER
-    try:
-        from tensorflow.python.ops import gradients_util
-    except ImportError:  # pragma: no cover - a TensorFlow that moved it
-        return HIGHER_ORDER
-    return gradients_util.PossibleTapeGradientTypes(tensors)
+    return _gradients_util.PossibleTapeGradientTypes(tensors)
 
 
 class OpContext:
@@ -179,12 +181,9 @@ def custom_op(
     if order == NO_GRADIENT:
         return tuple(forward(*inputs)[0])
     context = OpContext(inputs)
-    if order == FIRST_ORDER and tf.executing_eagerly():
-        recorded = _record_first_order(forward, backward, context)
-        if recorded is not None:
-            return _release(
-                context, recorded, first_order_reads, first_order_output_reads
-            )
+    if order == FIRST_ORDER:  # eager only: a graph is always HIGHER_ORDER
+        outputs = _record_first_order(forward, backward, context)
+        return _release(context, outputs, first_order_reads, first_order_output_reads)
     sizes = []
 
     @tf.custom_gradient
@@ -194,26 +193,18 @@ def custom_op(
         # A forward accumulator runs the backward pass (transposed) before
         # this op returns, on these values; the linked outputs replace them.
         context.outputs, context.hidden = tuple(outputs), tuple(hidden)
-        if order != HIGHER_ORDER:
-            hidden = ()  # the backward pass reads them as values
 
         def grad(*upstream):
             context._note_recording()
             n = sizes[0]
-            hidden_upstream = upstream[n:] or (None,) * len(context.hidden)
-            return tuple(backward(context, upstream[:n], hidden_upstream))
+            return tuple(backward(context, upstream[:n], upstream[n:]))
 
         return tuple(outputs) + tuple(hidden), grad
 
     results = op(*inputs)
     n = sizes[0]
-    context.outputs = tuple(results[:n])
-    if order == HIGHER_ORDER:
-        context.hidden = tuple(results[n:])
-        return context.outputs
-    return _release(
-        context, context.outputs, first_order_reads, first_order_output_reads
-    )
+    context.outputs, context.hidden = tuple(results[:n]), tuple(results[n:])
+    return context.outputs
 
 
 def _specs_but(tensors, kept):
@@ -237,14 +228,10 @@ def _record_first_order(forward, backward, context):
     What `tf.custom_gradient` does, less its per-call work (argument
     inspection, variable watching, an identity per output): the forward
     pass runs with the tapes paused, and its outputs are recorded as one op
-    whose gradient is `backward`. None (the caller then takes
-    `tf.custom_gradient`) if TensorFlow no longer exposes its tape API.
+    whose gradient is `backward`. (`gradient_order` gives FIRST_ORDER only
+    where TensorFlow's tape API is at hand.) Returns the outputs.
     """
-    try:
-        from tensorflow.python.eager import record
-    except ImportError:  # pragma: no cover - a TensorFlow that moved it
-        return None
-    with record.stop_recording():
+    with _record.stop_recording():
         outputs, hidden, context.saved = forward(*context.inputs)
         # An output that is an input (a cast to its own dtype) gets its own
         # tensor: the tape records outputs apart from inputs.
@@ -259,7 +246,7 @@ def _record_first_order(forward, backward, context):
         context._note_recording()
         return list(backward(context, upstream, none))
 
-    record.record_operation(
+    _record.record_operation(
         "keras_bn_custom_op", list(outputs), list(context.inputs), grad
     )
     return context.outputs
