@@ -1,17 +1,25 @@
-"""Independent references for the tests: NumPy closed forms and TF autodiff."""
+"""Shared test code: independent references (NumPy closed forms, TF
+autodiff), the inputs and models several test files use, and the layer
+contract."""
 
+import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+MODES = ("eager", "function", "xla")
+
 
 def canonical_axes(axis, rank):
+    """The feature axes `axis` (an int or a list) names, as sorted positive ints."""
     axes = [axis] if isinstance(axis, int) else list(axis)
     return sorted(a % rank for a in axes)
 
 
 def param_shape(shape, axis):
+    """The shape of gamma, beta and the statistics for inputs of `shape`."""
     return tuple(shape[a] for a in canonical_axes(axis, len(shape)))
 
 
@@ -24,6 +32,7 @@ def expand_param(v, rank, axes):
 
 
 def expand_mask(mask, rank, axes):
+    """The mask with a unit axis at each feature axis, to broadcast against x."""
     for a in axes:
         mask = np.expand_dims(mask, a)
     return mask
@@ -118,7 +127,17 @@ def random_mask(rng, shape, axis, keep=0.7):
     return mask
 
 
+def compiled(fn, mode, autograph=True):
+    """`fn` as `mode` of MODES runs it: itself, a tf.function, or one XLA compiles."""
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if mode == "eager":
+        return fn
+    return tf.function(fn, jit_compile=mode == "xla", autograph=autograph)
+
+
 def _weight_names(weights):
+    """The names of `weights`, in order."""
     return [w.name for w in weights]
 
 
@@ -189,10 +208,6 @@ def run_layer_contract(
     Returns:
         The layer, trained by one call and one optimizer step.
     """
-    import json
-
-    import keras
-
     rng = np.random.default_rng(seed)
     x = tf.constant(rng.normal(2.0, 1.0, size=input_shape), tf.float32)
 

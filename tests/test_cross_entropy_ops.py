@@ -3,21 +3,16 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import MODES
+from helpers import compiled
 
 from keras_bn.ops.cross_entropy import probability_cross_entropy
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
 
-MODES = ["eager", "function", "xla"]
 CASES = [([6], 0), ([4, 5], -1), ([4, 5], 0), ([2, 3, 4], -1), ([2, 3, 4, 5], 1)]
 TOL = {tf.float32: 2e-6, tf.float64: 1e-12}
-
-
-def run(mode, fn, *args):
-    if mode == "eager":
-        return fn(*args)
-    return tf.function(fn, jit_compile=mode == "xla", autograph=False)(*args)
 
 
 def vjp(fn, inputs, upstream):
@@ -110,7 +105,8 @@ def test_dense_under_xla_is_exact_for_unnormalized_labels(axis):
             upstream,
         )
 
-    (loss, grads), (ref, ref_grads) = run("xla", fn, labels, logits), fn(labels, logits)
+    loss, grads = compiled(fn, "xla", autograph=False)(labels, logits)
+    ref, ref_grads = fn(labels, logits)
     np.testing.assert_allclose(loss, ref, rtol=1e-12)
     for grad, ref_grad in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-14)
@@ -214,7 +210,7 @@ def test_all_ignored_batch_gives_zero_loss_and_gradient(mode):
             tf.ones([3, 4]),
         )
 
-    loss, grad = run(mode, fn, logits)
+    loss, grad = compiled(fn, mode, autograph=False)(logits)
     np.testing.assert_array_equal(loss, np.zeros([3, 4]))
     np.testing.assert_array_equal(grad[0], np.zeros([3, 4, 5]))
 
@@ -241,7 +237,7 @@ def test_out_of_range_labels_give_nan_in_graphs(mode, axis):
     def fn(x):
         return vjp(lambda t: sparse_softmax_cross_entropy(ids, t, axis), [x], upstream)
 
-    loss, grad = run(mode, fn, logits)
+    loss, grad = compiled(fn, mode, autograph=False)(logits)
     safe = tf.constant([1, 0, 0, 2])
     ref, ref_grad = vjp(
         lambda t: sparse_softmax_cross_entropy(safe, t, axis), [logits], upstream
@@ -270,7 +266,7 @@ def test_eager_function_and_xla_agree(mode, sparse):
 
         return vjp(loss, [x], upstream)
 
-    loss, grad = run(mode, fn, logits)
+    loss, grad = compiled(fn, mode, autograph=False)(logits)
     ref, ref_grad = fn(logits)
     np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad[0], ref_grad[0], rtol=1e-5, atol=1e-6)

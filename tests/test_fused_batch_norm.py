@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled
 from helpers import float32_mean_tolerance
 from helpers import param_shape
 
@@ -38,9 +39,7 @@ def _run(fused, x, gamma, beta, axis, weights, mode):
             )
         return [y, mean, var, y_inf, *tape.gradient(loss, [x, gamma, beta])]
 
-    if mode != "eager":
-        step = tf.function(step, jit_compile=mode == "xla")
-    return step(x, gamma, beta)
+    return compiled(step, mode)(x, gamma, beta)
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)

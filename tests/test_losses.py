@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled
 
 from keras_bn.losses import CategoricalCrossentropy
 from keras_bn.losses import SoftmaxCrossEntropy
@@ -168,11 +169,9 @@ def test_softmax_outputs_are_replaced_by_their_logits_as_in_keras(mode):
                 return loss(y_true, keras.activations.softmax(x))
             return loss(y_true, tf.nn.softmax(x))  # a Softmax graph op
 
-        if mode == "function":
-            fn = tf.function(fn)
         with tf.GradientTape() as tape:
             tape.watch(logits)
-            value = fn(logits)
+            value = compiled(fn, mode)(logits)
         return value, tape.gradient(value, logits)
 
     for ours, theirs, y_true in [

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled
 
 from keras_bn.layers.softmax import Softmax
 
@@ -66,7 +67,7 @@ def test_compiles_under_tf_function_and_xla(mode):
     def fn(x):
         return output_and_grad(layer, x, mask)
 
-    result = tf.function(fn, jit_compile=mode == "xla")(x)
+    result = compiled(fn, mode)(x)
     expected = output_and_grad(keras.layers.Softmax(axis=1), x, mask)
     for a, b in zip(result, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import MODES
+from helpers import compiled
 
 from keras_bn.ops.softmax_ops import log_softmax
 from keras_bn.ops.softmax_ops import softmax
 
-MODES = ["eager", "function", "xla"]
 CASES = [
     ([7], -1),
     ([3, 5], -1),
@@ -17,12 +18,6 @@ CASES = [
     ([2, 3, 4, 5], (-1, 0)),
 ]
 TOL = {tf.float32: 1e-6, tf.float64: 1e-12}
-
-
-def run(mode, fn, *args):
-    if mode == "eager":
-        return fn(*args)
-    return tf.function(fn, jit_compile=mode == "xla", autograph=False)(*args)
 
 
 def reference(op, x, axis):
@@ -75,7 +70,7 @@ def test_softmax_eager_function_and_xla_agree(mode, op):
     def fn(x, upstream):
         return value_and_vjp(lambda t: OPS[op](t, axis=0), x, upstream)
 
-    y, dx = run(mode, fn, x, upstream)
+    y, dx = compiled(fn, mode, autograph=False)(x, upstream)
     y_ref, dx_ref = value_and_vjp(lambda t: reference(op, t, 0), x, upstream)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
