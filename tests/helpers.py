@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import keras_bn
+
 MODES = ("eager", "function", "xla")
 
 
@@ -134,6 +136,30 @@ def compiled(fn, mode, autograph=True):
     if mode == "eager":
         return fn
     return tf.function(fn, jit_compile=mode == "xla", autograph=autograph)
+
+
+def twin_batch_norm_layers(rng, shape, **kwargs):
+    """A keras_bn and a Keras BatchNormalization, built, with equal random weights."""
+    ours = keras_bn.BatchNormalization(**kwargs)
+    kwargs.pop("skip_nonfinite_updates", None)  # not a Keras argument
+    theirs = keras.layers.BatchNormalization(**kwargs)
+    ours.build(shape)
+    theirs.build(shape)
+    theirs.set_weights(
+        [rng.uniform(0.5, 1.5, size=w.shape) for w in theirs.get_weights()]
+    )
+    ours.set_weights(theirs.get_weights())
+    return ours, theirs
+
+
+def cumulative_average_model(rng, batches=3):
+    """A model of one momentum=None BN layer after `batches` random training calls."""
+    model = keras.Sequential(
+        [keras.Input((3,)), keras_bn.BatchNormalization(momentum=None)]
+    )
+    for _ in range(batches):
+        model(rng.normal(size=(8, 3)).astype(np.float32), training=True)
+    return model
 
 
 def _weight_names(weights):

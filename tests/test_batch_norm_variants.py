@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import cumulative_average_model
 from helpers import numpy_batch_norm_train
 
 import keras_bn
@@ -92,11 +93,7 @@ def test_momentum_none_is_the_cumulative_average(rng):
 
 
 def test_momentum_none_counter_saves_and_loads(rng, tmp_path):
-    model = keras.Sequential(
-        [keras.Input((3,)), keras_bn.BatchNormalization(momentum=None)]
-    )
-    for _ in range(3):
-        model(rng.normal(size=(8, 3)).astype(np.float32), training=True)
+    model = cumulative_average_model(rng)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(loaded.layers[0].num_batches_tracked, 3)

@@ -9,8 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import MODES
+from helpers import compiled
 from helpers import numpy_batch_norm_train
 from helpers import param_shape
+from helpers import twin_batch_norm_layers
 
 import keras_bn
 
@@ -29,19 +32,6 @@ CONFIGS = {
     ),
     "masked": ((4, 6, 3), {}),
 }
-MODES = ["eager", "function", "xla"]
-
-
-def _twin_layers(shape, kwargs, dtype, rng):
-    """A keras_bn layer and a Keras layer with equal random initial weights."""
-    ours = keras_bn.BatchNormalization(momentum=0.7, dtype=dtype, **kwargs)
-    theirs = keras.layers.BatchNormalization(momentum=0.7, dtype=dtype, **kwargs)
-    ours.build(shape)
-    theirs.build(shape)
-    weights = [rng.uniform(0.5, 1.5, size=w.shape) for w in theirs.get_weights()]
-    theirs.set_weights(weights)
-    ours.set_weights(theirs.get_weights())
-    return ours, theirs
 
 
 def _train_step(layer, x, wy, mask):
@@ -61,13 +51,13 @@ def _train_step(layer, x, wy, mask):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_training_steps_match_keras(rng, mode, dtype, config):
     shape, kwargs = CONFIGS[config]
-    ours, theirs = _twin_layers(shape, kwargs, dtype, rng)
+    ours, theirs = twin_batch_norm_layers(
+        rng, shape, momentum=0.7, dtype=dtype, **kwargs
+    )
     steps = {}
     for layer in (ours, theirs):
         fn = lambda x, wy, m, layer=layer: _train_step(layer, x, wy, m)  # noqa: E731
-        if mode != "eager":
-            fn = tf.function(fn, jit_compile=mode == "xla")
-        steps[layer] = fn
+        steps[layer] = compiled(fn, mode)
     tol = 1e-4 if dtype == "float32" else 1e-9
     if config == "masked" and dtype == "float64":
         tol = 1e-6  # Keras divides masked sums by count + 1e-7, we by count.
@@ -169,9 +159,7 @@ def test_moving_statistics_update_when_compiled(rng, mode):
     layer = keras_bn.BatchNormalization(momentum=0.5)
     layer.build((None, 3))
     x = rng.normal(4.0, 1.0, size=(64, 3)).astype("float32")
-    call = lambda x: layer(x, training=True)  # noqa: E731
-    if mode != "eager":
-        call = tf.function(call, jit_compile=mode == "xla")
+    call = compiled(lambda x: layer(x, training=True), mode)
     call(x)
     call(x)
     np.testing.assert_allclose(layer.moving_mean, 0.75 * x.mean(axis=0), rtol=1e-5)

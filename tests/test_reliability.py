@@ -7,30 +7,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled
+from helpers import cumulative_average_model
 from helpers import expand_param
 from helpers import numpy_batch_norm_train
+from helpers import twin_batch_norm_layers
 
 import keras_bn
 
 MODES = ["eager", "function"]
-
-
-def _twin_layers(rng, shape, **kwargs):
-    """A keras_bn layer and a Keras layer with equal random initial weights."""
-    ours = keras_bn.BatchNormalization(**kwargs)
-    kwargs.pop("skip_nonfinite_updates", None)  # not a Keras argument
-    theirs = keras.layers.BatchNormalization(**kwargs)
-    ours.build(shape)
-    theirs.build(shape)
-    theirs.set_weights(
-        [rng.uniform(0.5, 1.5, size=w.shape) for w in theirs.get_weights()]
-    )
-    ours.set_weights(theirs.get_weights())
-    return ours, theirs
-
-
-def _compiled(fn, mode):
-    return tf.function(fn) if mode == "function" else fn
 
 
 def _train_with_gradients(layer, x, wy, mode):
@@ -44,7 +29,7 @@ def _train_with_gradients(layer, x, wy, mode):
             loss = tf.reduce_sum(wy * tf.cast(y, wy.dtype))
         return y, tape.gradient(loss, [x, *layer.trainable_weights])
 
-    return _compiled(step, mode)(x)
+    return compiled(step, mode)(x)
 
 
 def _weights_by_name(layer):
@@ -62,11 +47,11 @@ def _statistic_names(layer):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("renorm", [False, True])
 def test_nonfinite_batch_keeps_the_statistics_of_its_features(rng, mode, bad, renorm):
-    ours, theirs = _twin_layers(rng, (None, 4), momentum=0.7, renorm=renorm)
+    ours, theirs = twin_batch_norm_layers(rng, (None, 4), momentum=0.7, renorm=renorm)
     x = rng.normal(1.0, 2.0, size=(16, 4)).astype("float32")
     x[3, 1] = bad  # feature 1 is poisoned, the others are clean
     before = _weights_by_name(ours)
-    got = _compiled(lambda x: ours(x, training=True), mode)(x)
+    got = compiled(lambda x: ours(x, training=True), mode)(x)
     want = theirs(x, training=True)
     # The output is what the math gives: Keras's, NaN where Keras has NaN.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -88,7 +73,7 @@ def test_nonfinite_batch_keeps_the_statistics_of_its_features(rng, mode, bad, re
 
 
 def test_skip_nonfinite_updates_false_updates_as_keras_does(rng):
-    ours, theirs = _twin_layers(
+    ours, theirs = twin_batch_norm_layers(
         rng, (None, 3), momentum=0.6, skip_nonfinite_updates=False
     )
     x = rng.normal(size=(8, 3)).astype("float32")
@@ -170,7 +155,7 @@ def test_empty_batch_in_train_on_batch_changes_no_weight(rng):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_constant_channel_gives_finite_outputs_and_gradients(rng, mode):
-    ours, theirs = _twin_layers(rng, (None, 3), momentum=0.5)
+    ours, theirs = twin_batch_norm_layers(rng, (None, 3), momentum=0.5)
     x = rng.normal(size=(16, 3)).astype("float32")
     x[:, 1] = 0.5  # constant, and exact for Keras's one-pass variance too
     x[:, 2] = 1234.5  # constant at an offset where squares round
@@ -213,7 +198,7 @@ ONE_EXAMPLE_LAYOUTS = [((1, 4), -1), ((1, 1, 1, 3), -1), ((1, 3, 1, 1), 1)]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape,axis", ONE_EXAMPLE_LAYOUTS)
 def test_batch_of_one_is_finite_matches_keras_and_warns_once(rng, mode, shape, axis):
-    ours, theirs = _twin_layers(rng, shape, axis=axis, momentum=0.5)
+    ours, theirs = twin_batch_norm_layers(rng, shape, axis=axis, momentum=0.5)
     x = tf.constant(rng.normal(size=shape), tf.float32)
     wy = tf.constant(rng.normal(size=shape), tf.float32)
     with warnings.catch_warnings(record=True) as caught:
@@ -388,7 +373,7 @@ def test_fit_under_mixed_float16_with_loss_scaling_matches_keras(rng, dtype_poli
 @pytest.mark.parametrize("renorm", [False, True])
 def test_cumulative_average_counts_the_batches_each_feature_accepted(rng, mode, renorm):
     layer = keras_bn.BatchNormalization(momentum=None, renorm=renorm, epsilon=1e-2)
-    call = _compiled(lambda x, m: layer(x, training=True, mask=m), mode)
+    call = compiled(lambda x, m: layer(x, training=True, mask=m), mode)
     first = rng.normal(1.0, 2.0, size=(4, 2, 3)).astype("float32")
     first[0, 0, 1] = np.nan  # feature 1 skips this batch
     second = rng.normal(1.0, 2.0, size=(4, 2, 3)).astype("float32")
@@ -450,11 +435,7 @@ def _with_one_count(weights_file, count):
 def test_a_file_with_one_count_for_the_layer_loads_for_every_feature(rng, tmp_path):
     import zipfile
 
-    model = keras.Sequential(
-        [keras.Input((3,)), keras_bn.BatchNormalization(momentum=None)]
-    )
-    for _ in range(3):
-        model(rng.normal(size=(8, 3)).astype(np.float32), training=True)
+    model = cumulative_average_model(rng)
     model.save(tmp_path / "new.keras")
     old = tmp_path / "old.keras"
     with zipfile.ZipFile(tmp_path / "new.keras") as src:
