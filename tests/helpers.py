@@ -129,6 +129,16 @@ def random_mask(rng, shape, axis, keep=0.7):
     return mask
 
 
+def random_loss_weights(rng, shape, axis):
+    """Float64 weights `(wy, wm, wv)` of the output, mean and variance in a loss."""
+    pshape = param_shape(shape, axis)
+    return (
+        tf.constant(rng.normal(size=shape)),
+        tf.constant(rng.normal(size=pshape)),
+        tf.constant(rng.normal(size=pshape)),
+    )
+
+
 def compiled(fn, mode, autograph=True):
     """`fn` as `mode` of MODES runs it: itself, a tf.function, or one XLA compiles."""
     if mode not in MODES:

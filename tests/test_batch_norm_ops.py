@@ -8,6 +8,7 @@ from helpers import autodiff_batch_norm_train
 from helpers import float32_mean_tolerance
 from helpers import numpy_batch_norm_train
 from helpers import param_shape
+from helpers import random_loss_weights
 from helpers import random_mask
 
 from keras_bn.ops import batch_norm_inference
@@ -35,15 +36,6 @@ def _inputs(rng, shape, axis, dtype=np.float64):
     gamma = rng.uniform(0.5, 1.5, size=pshape).astype(dtype)
     beta = rng.normal(size=pshape).astype(dtype)
     return x, gamma, beta
-
-
-def _loss_weights(rng, shape, axis):
-    pshape = param_shape(shape, axis)
-    return (
-        tf.constant(rng.normal(size=shape)),
-        tf.constant(rng.normal(size=pshape)),
-        tf.constant(rng.normal(size=pshape)),
-    )
 
 
 def _mask_weight(mask, shape, axis):
@@ -93,7 +85,7 @@ def test_train_gradients_match_finite_differences(rng, shape, axis, masked):
     mask_weight = _mask_weight(mask, shape, axis)
     loss = _scalar_loss(
         lambda x, g, b: batch_norm_train(x, g, b, axis=axis, epsilon=EPS, mask=mask),
-        _loss_weights(rng, shape, axis),
+        random_loss_weights(rng, shape, axis),
         mask_weight,
     )
     theoretical, numerical = tf.test.compute_gradient(
@@ -114,7 +106,7 @@ def test_train_gradients_match_autodiff(rng, shape, axis, masked, center, scale)
     gamma = gamma if scale else None
     beta = beta if center else None
     mask = random_mask(rng, shape, axis) if masked else None
-    weights = _loss_weights(rng, shape, axis)
+    weights = random_loss_weights(rng, shape, axis)
     params = [p for p in (gamma, beta) if p is not None]
 
     def grads(fn):
@@ -146,7 +138,7 @@ def test_renorm_gradients_match_autodiff_and_finite_differences(
     renorm_stddev = tf.constant(rng.uniform(0.5, 3.0, size=pshape))
     clip = (0.8, 1.2, 0.5)  # active: r and d are clipped for some channels
     mask = random_mask(rng, shape, axis) if masked else None
-    weights = _loss_weights(rng, shape, axis)
+    weights = random_loss_weights(rng, shape, axis)
 
     def ours(x, g, b):
         return batch_renorm_train(

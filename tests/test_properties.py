@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import canonical_axes
+from helpers import compiled
 from helpers import expand_mask
 from helpers import numpy_batch_norm_train
 from helpers import param_shape
+from helpers import random_loss_weights
 from helpers import random_mask
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -131,15 +133,6 @@ def test_training_output_is_normalized_per_feature(
     )
 
 
-def _loss_weights(rng, shape, axis):
-    pshape = param_shape(shape, axis)
-    return (
-        tf.constant(rng.normal(size=shape)),
-        tf.constant(rng.normal(size=pshape)),
-        tf.constant(rng.normal(size=pshape)),
-    )
-
-
 @bounded(15)
 @given(
     layout=layouts(max_elements=36),
@@ -161,7 +154,7 @@ def test_hand_written_gradients_match_finite_differences(
         "gamma": rng.uniform(0.5, 1.5, size=pshape) if scale else None,
         "beta": rng.normal(size=pshape) if center else None,
     }
-    wy, wm, wv = _loss_weights(rng, shape, axis)
+    wy, wm, wv = random_loss_weights(rng, shape, axis)
     if op == "train":
         mask = random_mask(rng, shape, axis) if masked else None
         if mask is not None:  # masked outputs are padding: the loss skips them
@@ -247,7 +240,7 @@ def test_fused_and_closed_form_paths_agree(layout, dtype, epsilon, momentum, dat
         tf.constant(rng.uniform(0.5, 1.5, size=pshape), tf.float32),
         tf.constant(rng.normal(size=pshape), tf.float32),
     ]
-    weights = [tf.cast(w, tf.float32) for w in _loss_weights(rng, shape, axis)]
+    weights = [tf.cast(w, tf.float32) for w in random_loss_weights(rng, shape, axis)]
     names = ["y", "mean", "variance", "dx", "dgamma", "dbeta"]
     # The op: fused kernels, closed form, and the automatic choice.
     results = {
@@ -408,9 +401,7 @@ def test_a_call_that_raises_leaves_state_unchanged(
     layer(x, training=True)
     before = [w.numpy() for w in layer.weights]
     bad_x, bad_mask, error = _bad_call(kind, x, axis)
-    call = lambda x, mask: layer(x, training=True, mask=mask)  # noqa: E731
-    if mode == "function":
-        call = tf.function(call)
+    call = compiled(lambda x, mask: layer(x, training=True, mask=mask), mode)
     with pytest.raises(error):
         call(bad_x, bad_mask)
     for w, value in zip(layer.weights, before):
