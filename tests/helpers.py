@@ -148,6 +148,28 @@ def compiled(fn, mode, autograph=True):
     return tf.function(fn, jit_compile=mode == "xla", autograph=autograph)
 
 
+def weighted_loss(fn, w, quadratic=False):
+    """The loss `sum(w * y)`, or `sum(w * y**2)`, of `y = fn(x, gamma, beta)`."""
+
+    def loss(x, gamma, beta):
+        y = fn(x, gamma, beta)
+        return tf.reduce_sum(w * (tf.square(y) if quadratic else y))
+
+    return loss
+
+
+def penalty_gradients(loss, inputs):
+    """Gradients of `sum(dL/dx ** 2)`, x = `inputs[0]`, with respect to every input."""
+    with tf.GradientTape() as outer:
+        outer.watch(inputs)
+        with tf.GradientTape() as inner:
+            inner.watch(inputs)
+            value = loss(*inputs)
+        gx = inner.gradient(value, inputs[0])
+        penalty = tf.reduce_sum(tf.square(gx))
+    return outer.gradient(penalty, inputs, unconnected_gradients="zero")
+
+
 def twin_batch_norm_layers(rng, shape, **kwargs):
     """A keras_bn and a Keras BatchNormalization, built, with equal random weights."""
     ours = keras_bn.BatchNormalization(**kwargs)

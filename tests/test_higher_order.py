@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import autodiff_batch_norm_train
+from helpers import penalty_gradients
+from helpers import weighted_loss
 
 from keras_bn import ops
 
@@ -155,26 +157,6 @@ def _tolerance(dtype):
     return 1e-9 if dtype == tf.float64 else 2e-3
 
 
-def _loss(fn, w, quadratic):
-    def loss(x, gamma, beta):
-        y = fn(x, gamma, beta)
-        return tf.reduce_sum(w * (tf.square(y) if quadratic else y))
-
-    return loss
-
-
-def _penalty_gradients(loss, inputs):
-    """Gradients of `sum(dL/dx ** 2)` with respect to every input."""
-    with tf.GradientTape() as outer:
-        outer.watch(inputs)
-        with tf.GradientTape() as inner:
-            inner.watch(inputs)
-            value = loss(*inputs)
-        gx = inner.gradient(value, inputs[0])
-        penalty = tf.reduce_sum(tf.square(gx))
-    return outer.gradient(penalty, inputs, unconnected_gradients="zero")
-
-
 def _assert_all_close(got, want, tol):
     for g, w in zip(got, want):
         assert g is not None, "a gradient is None where the reference has values"
@@ -186,8 +168,8 @@ def _assert_all_close(got, want, tol):
 def test_gradient_penalty_matches_autodiff(name, quadratic):
     ours, reference, inputs, w = _setup(name)
     tol = _tolerance(inputs[0].dtype)
-    got = _penalty_gradients(_loss(ours, w, quadratic), inputs)
-    want = _penalty_gradients(_loss(reference, w, quadratic), inputs)
+    got = penalty_gradients(weighted_loss(ours, w, quadratic), inputs)
+    want = penalty_gradients(weighted_loss(reference, w, quadratic), inputs)
     _assert_all_close(got, want, tol)
     # Not vacuous: the penalty depends on gamma in every case.
     assert float(tf.reduce_max(tf.abs(want[1]))) > 1e-6
@@ -196,8 +178,8 @@ def test_gradient_penalty_matches_autodiff(name, quadratic):
 @pytest.mark.parametrize("name", ["bn_closed_form", "bn_fused", "sparse_ce", "softmax"])
 def test_gradient_penalty_matches_autodiff_in_a_function(name):
     ours, reference, inputs, w = _setup(name)
-    got = tf.function(_penalty_gradients)(_loss(ours, w, True), inputs)
-    want = _penalty_gradients(_loss(reference, w, True), inputs)
+    got = tf.function(penalty_gradients)(weighted_loss(ours, w, True), inputs)
+    want = penalty_gradients(weighted_loss(reference, w, True), inputs)
     _assert_all_close(got, want, _tolerance(inputs[0].dtype))
 
 
@@ -232,8 +214,8 @@ def test_hessian_vector_products_match_autodiff(name, mode):
     ours, reference, inputs, w = _setup(name)
     vector = _direction(inputs)
     hvp = _hvp_reverse if mode == "reverse" else _hvp_forward
-    got = hvp(_loss(ours, w, False), inputs, vector)
-    want = _hvp_reverse(_loss(reference, w, False), inputs, vector)
+    got = hvp(weighted_loss(ours, w, False), inputs, vector)
+    want = _hvp_reverse(weighted_loss(reference, w, False), inputs, vector)
     _assert_all_close(got, want, _tolerance(inputs[0].dtype))
 
 
@@ -258,7 +240,7 @@ def test_third_derivative_along_a_direction_matches_autodiff(name):
     v = _direction(inputs)[0]
 
     def third(fn):
-        loss = _loss(fn, w, False)
+        loss = weighted_loss(fn, w, False)
         x, gamma, beta = inputs
         with tf.GradientTape() as t3:
             t3.watch(x)
@@ -285,7 +267,7 @@ def test_second_derivatives_match_finite_differences(name):
     Not renorm: its `r` and `d` are constants by definition, which finite
     differences cannot see; the autodiff reference covers it above."""
     ours, _, (x, gamma, beta), w = _setup(name)
-    loss = _loss(ours, w, False)
+    loss = weighted_loss(ours, w, False)
 
     def gradient(x, gamma):
         with tf.GradientTape() as tape:
@@ -367,7 +349,7 @@ def test_graph_gradients_of_gradients_without_a_tape(name):
     ours, reference, (x, gamma, beta), w = _setup(name)
 
     def hessian(fn):
-        loss = _loss(fn, w, False)
+        loss = weighted_loss(fn, w, False)
         return tf.function(lambda x: tf.hessians(loss(x, gamma, beta), x)[0])(x)
 
     _assert_all_close([hessian(ours)], [hessian(reference)], _tolerance(x.dtype))
