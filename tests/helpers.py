@@ -13,6 +13,19 @@ import keras_bn
 
 MODES = ("eager", "function", "xla")
 
+# Small inputs and no downloaded weights keep these fast.
+APPLICATIONS = {
+    "MobileNetV2": lambda: keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10
+    ),
+    "ResNet50": lambda: keras.applications.ResNet50(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    ),
+    "EfficientNetV2B0": lambda: keras.applications.EfficientNetV2B0(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    ),
+}
+
 
 def canonical_axes(axis, rank):
     """The feature axes `axis` (an int or a list) names, as sorted positive ints."""

@@ -17,7 +17,7 @@ errors of order one.
 import keras
 import numpy as np
 import pytest
-from test_models_fold import APPLICATIONS
+from helpers import APPLICATIONS
 
 import keras_bn
 from keras_bn.models import batch_normalization_layers

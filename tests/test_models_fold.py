@@ -21,6 +21,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from helpers import APPLICATIONS
 
 import keras_bn
 from keras_bn.models import fold_batch_normalization
@@ -194,21 +195,6 @@ def test_a_subclassed_model_gets_a_clear_error():
     model(np.zeros((2, 4), "float32"))
     with pytest.raises(ValueError, match="subclassed model of class Subclassed.*fold"):
         fold_batch_normalization(model)
-
-
-# Small inputs and no downloaded weights keep these fast (shared with
-# test_models_convert.py).
-APPLICATIONS = {
-    "MobileNetV2": lambda: keras.applications.MobileNetV2(
-        weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10
-    ),
-    "ResNet50": lambda: keras.applications.ResNet50(
-        weights=None, input_shape=(32, 32, 3), classes=10
-    ),
-    "EfficientNetV2B0": lambda: keras.applications.EfficientNetV2B0(
-        weights=None, input_shape=(32, 32, 3), classes=10
-    ),
-}
 
 
 @pytest.mark.slow
