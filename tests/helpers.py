@@ -2,8 +2,12 @@
 autodiff), the inputs and models several test files use, and the layer
 contract."""
 
+import ast
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -11,6 +15,7 @@ import tensorflow as tf
 
 import keras_bn
 
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 MODES = ("eager", "function", "xla")
 
 # Small inputs and no downloaded weights keep these fast.
@@ -205,6 +210,40 @@ def cumulative_average_model(rng, batches=3):
     for _ in range(batches):
         model(rng.normal(size=(8, 3)).astype(np.float32), training=True)
     return model
+
+
+# Runs each `(script path, argv)` of `cases` the way `python script.py ARGS`
+# does, all in one fresh interpreter; exit code None where the script returns.
+_COMMAND_LINES = """
+import runpy, sys
+sys.path.insert(0, {examples!r})  # as `python examples/x.py` puts it first
+results = []
+for path, argv in {cases!r}:
+    sys.argv = [path, *argv]
+    try:
+        runpy.run_path(path, run_name="__main__")
+        results.append(None)
+    except SystemExit as exit:
+        results.append(exit.code)
+print(results)
+print("tensorflow" in sys.modules)
+"""
+
+
+def run_command_lines(cases, cwd):
+    """(exit codes, TensorFlow imported?, stderr) of `cases` run in one interpreter."""
+    script = _COMMAND_LINES.format(examples=str(EXAMPLES), cases=cases)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    codes, tensorflow_loaded = result.stdout.strip().splitlines()[-2:]
+    assert tensorflow_loaded in ("True", "False"), result.stdout[-3000:]
+    return ast.literal_eval(codes), tensorflow_loaded == "True", result.stderr
 
 
 def _weight_names(weights):

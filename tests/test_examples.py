@@ -13,18 +13,18 @@ argument types and verdict rules have fast tests.
 import argparse
 import csv
 import importlib
-import pathlib
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from helpers import EXAMPLES
+from helpers import run_command_lines
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import _common  # noqa: E402
+import _common
 
 SCRIPTS = sorted(
     path.stem for path in EXAMPLES.glob("*.py") if not path.name.startswith("_")
@@ -292,24 +292,6 @@ def test_backward_walk_page_beside_its_own_figure(tmp_path, capsys):
     assert (out / "backward_walk.png").is_file()
 
 
-# Runs every script's command line the way `python script.py ARGS` does, in
-# one fresh interpreter, and reports whether TensorFlow got imported.
-PARSE_ONLY = """
-import runpy, sys
-sys.path.insert(0, {examples!r})  # as `python examples/x.py` puts it first
-results = []
-for path, argv in {cases!r}:
-    sys.argv = [path, *argv]
-    try:
-        runpy.run_path(path, run_name="__main__")
-        results.append(None)
-    except SystemExit as exit:
-        results.append(exit.code)
-print(results)
-print("tensorflow" in sys.modules)
-"""
-
-
 @pytest.mark.slow
 def test_help_and_bad_arguments_answer_before_tensorflow_loads(tmp_path):
     text_file = tmp_path / "mnist.npz"
@@ -321,22 +303,14 @@ def test_help_and_bad_arguments_answer_before_tensorflow_loads(tmp_path):
         (str(EXAMPLES / "covariate_shift.py"), ["--steps", "30"]),
         (str(EXAMPLES / "covariate_shift.py"), ["--data", str(text_file)]),
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", PARSE_ONLY.format(examples=str(EXAMPLES), cases=cases)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    codes, tensorflow_loaded = result.stdout.strip().splitlines()[-2:]
-    assert eval(codes) == [0] * len(CHECKS) + [2] * 4
-    assert tensorflow_loaded == "False"
-    assert "expected a whole number >= 1, got -1" in result.stderr
-    assert "expected a whole number >= 1, got 0" in result.stderr
-    assert "--steps (30) must be a multiple of --eval-every (50)" in result.stderr
-    assert f"{text_file} is not an .npz archive" in result.stderr
-    assert "Traceback" not in result.stderr
+    codes, tensorflow_loaded, stderr = run_command_lines(cases, cwd=tmp_path)
+    assert codes == [0] * len(CHECKS) + [2] * 4
+    assert tensorflow_loaded is False
+    assert "expected a whole number >= 1, got -1" in stderr
+    assert "expected a whole number >= 1, got 0" in stderr
+    assert "--steps (30) must be a multiple of --eval-every (50)" in stderr
+    assert f"{text_file} is not an .npz archive" in stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,14 @@ TensorFlow start-up; those runs are marked slow. The command lines answer
 
 import csv
 import importlib
-import pathlib
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
-from test_examples import PARSE_ONLY  # runs command lines, reports TF imports
+from helpers import EXAMPLES
+from helpers import run_command_lines
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 SCRIPTS = ("ema_recompute", "fold_speedup")
 
@@ -95,16 +93,8 @@ def test_help_and_bad_values_answer_before_tensorflow_loads(tmp_path):
         (str(EXAMPLES / "ema_recompute.py"), ["--ema-momentum", "1.5"]),
         (str(EXAMPLES / "fold_speedup.py"), ["--repetitions", "0"]),
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", PARSE_ONLY.format(examples=str(EXAMPLES), cases=cases)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    codes, tensorflow_loaded = result.stdout.strip().splitlines()[-2:]
-    assert codes == "[0, 0, 2, 2]"
-    assert tensorflow_loaded == "False"
-    assert "--ema-momentum: expected a number in (0, 1], got 1.5" in result.stderr
-    assert "--repetitions: expected a whole number >= 1, got 0" in result.stderr
+    codes, tensorflow_loaded, stderr = run_command_lines(cases, cwd=tmp_path)
+    assert codes == [0, 0, 2, 2]
+    assert tensorflow_loaded is False
+    assert "--ema-momentum: expected a number in (0, 1], got 1.5" in stderr
+    assert "--repetitions: expected a whole number >= 1, got 0" in stderr
