@@ -212,6 +212,20 @@ def cumulative_average_model(rng, batches=3):
     return model
 
 
+def conv_bn_regressor(synchronized):
+    """A Conv2D -> BN -> ReLU -> pooling -> Dense(1) model of (6, 6, 2) inputs."""
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3),
+            keras_bn.BatchNormalization(synchronized=synchronized, momentum=0.5),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
 # Runs each `(script path, argv)` of `cases` the way `python script.py ARGS`
 # does, all in one fresh interpreter; exit code None where the script returns.
 _COMMAND_LINES = """

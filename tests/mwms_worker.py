@@ -11,8 +11,7 @@ import sys
 
 import numpy as np
 import tensorflow as tf
-
-import keras_bn
+from helpers import conv_bn_regressor
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 import keras  # noqa: E402  (after the strategy, which must come first)
@@ -23,16 +22,7 @@ rng = np.random.default_rng(0)
 x = rng.normal(1.0, 2.0, size=(64, 6, 6, 2)).astype("float32")
 y = rng.normal(size=(64, 1)).astype("float32")
 with strategy.scope():
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2)),
-            keras.layers.Conv2D(4, 3),
-            keras_bn.BatchNormalization(synchronized=True, momentum=0.5),
-            keras.layers.ReLU(),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(1),
-        ]
-    )
+    model = conv_bn_regressor(synchronized=True)
     optimizer = keras.optimizers.SGD(0.1)
     optimizer.build(model.trainable_variables)
 data = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import conv_bn_regressor
 
 import keras_bn
 from keras_bn.ops import batch_norm_train
@@ -130,16 +131,7 @@ def test_synchronized_fused_true_is_rejected(strategy):
 def _fit(strategy, synchronized, x, y):
     with strategy.scope():
         keras.utils.set_random_seed(7)
-        model = keras.Sequential(
-            [
-                keras.Input((6, 6, 2)),
-                keras.layers.Conv2D(4, 3),
-                keras_bn.BatchNormalization(synchronized=synchronized, momentum=0.5),
-                keras.layers.ReLU(),
-                keras.layers.GlobalAveragePooling2D(),
-                keras.layers.Dense(1),
-            ]
-        )
+        model = conv_bn_regressor(synchronized)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     return model
