@@ -8,7 +8,7 @@ import numpy as np
 
 from keras_bn.models._data import Batches
 from keras_bn.models.recompute import Recomputation
-from keras_bn.models.recompute import check_verbose
+from keras_bn.ops.checks import check_verbose
 
 RECOMPUTE_MOMENTS = ("train_end", "epoch_end")
 

@@ -262,6 +262,44 @@ OP_ERRORS = [
         TypeError,
         "`epsilon`",
     ),
+    (
+        lambda: ops.batch_norm_train(tf.ones([4, 3]), fused="yes"),
+        TypeError,
+        "`fused` must be None, True or False",
+    ),
+    (
+        lambda: ops.batch_norm_apply(
+            tf.ones([4, 3]), tf.zeros([3]), tf.ones([3]), fused=1
+        ),
+        TypeError,
+        "`fused` must be None, True or False",
+    ),
+    (
+        lambda: ops.batch_norm_train(tf.ones([4, 3]), synchronized="no"),
+        TypeError,
+        "`synchronized` must be True or False",
+    ),
+    (
+        lambda: ops.batch_renorm_train(
+            tf.ones([4, 3]), None, None, tf.zeros([3]), tf.ones([3]), rmin=-1.0
+        ),
+        ValueError,
+        "`renorm_clipping` needs rmin >= 0",
+    ),
+    (
+        lambda: ops.sparse_softmax_cross_entropy(
+            [0, 1], tf.ones([2, 3]), ignore_class=1.0
+        ),
+        TypeError,
+        "`ignore_class` must be an int or None",
+    ),
+    (
+        lambda: ops.sparse_probability_cross_entropy(
+            [0, 1], tf.ones([2, 3]) / 3, ignore_class="1"
+        ),
+        TypeError,
+        "`ignore_class` must be an int or None",
+    ),
 ]
 
 
@@ -279,3 +317,60 @@ def test_ops_accept_numpy_integers_as_axes():
     np.testing.assert_array_equal(
         ops.softmax(x, axis=[np.int32(1)]), ops.softmax(x, axis=1)
     )
+
+
+def _counting(monkeypatch, module, name):
+    """Replaces `module.name` by a wrapper; returns the list of its calls."""
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_layers_and_losses_check_their_arguments_once_not_per_call(monkeypatch):
+    from keras_bn.ops import batch_norm
+    from keras_bn.ops import cross_entropy
+    from keras_bn.ops import softmax_ops
+
+    layer = keras_bn.BatchNormalization(epsilon=1e-2, fused=False)
+    renorm = keras_bn.BatchNormalization(renorm=True, renorm_clipping={"rmax": 2.0})
+    loss = SoftmaxCrossEntropy(label_smoothing=0.1)
+    sparse = SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
+    softmax = keras_bn.Softmax(axis=-1)
+    spies = [
+        _counting(monkeypatch, batch_norm, name)
+        for name in ("check_epsilon", "check_optional_bool", "check_renorm_clipping")
+    ] + [
+        _counting(monkeypatch, cross_entropy, name)
+        for name in ("check_axis", "check_label_smoothing", "check_optional_int")
+    ]
+    spies.append(_counting(monkeypatch, softmax_ops, "check_axis"))
+    x = tf.random.normal([8, 3])
+    for training in (True, False):
+        layer(x, training=training)
+        renorm(x, training=training)
+    loss(tf.one_hot([0, 1, 2, 0, 1, 2, 0, 1], 3), x)
+    sparse(tf.constant([0, 1, 2, 0, 1, 2, 0, 1]), x)
+    softmax(x)
+    assert [len(calls) for calls in spies] == [0] * len(spies)
+    # The public ops check theirs on every call (the spies see them).
+    ops.batch_norm_train(x, epsilon=1e-2)
+    ops.sparse_softmax_cross_entropy([0, 1], x[:2], ignore_class=0)
+    ops.softmax(x)
+    assert [len(calls) for calls in spies] == [1, 1, 0, 1, 1, 1, 1]
+
+
+def test_ops_accept_numpy_integers_as_ignore_class():
+    logits = tf.random.normal([4, 3])
+    labels = tf.constant([0, 1, 2, 1])
+    np.testing.assert_array_equal(
+        ops.sparse_softmax_cross_entropy(labels, logits, ignore_class=np.int64(1)),
+        ops.sparse_softmax_cross_entropy(labels, logits, ignore_class=1),
+    )
+    loss = SoftmaxCrossEntropy(sparse=True, ignore_class=np.int32(1))
+    assert type(loss.get_config()["ignore_class"]) is int

@@ -10,16 +10,17 @@ from keras import constraints
 from keras import initializers
 from keras import regularizers
 
-from keras_bn import ops
-from keras_bn.layers.arguments import VARIANCE_ESTIMATORS
-from keras_bn.layers.arguments import check_axis
-from keras_bn.layers.arguments import check_bool
-from keras_bn.layers.arguments import check_not_ragged
-from keras_bn.layers.arguments import check_renorm_clipping
-from keras_bn.layers.arguments import check_unit_interval
-from keras_bn.layers.arguments import check_virtual_batch_size
+from keras_bn.ops import batch_norm
 from keras_bn.ops.axes import canonicalize_axes
-from keras_bn.ops.checks import check_positive_finite
+from keras_bn.ops.checks import check_axis
+from keras_bn.ops.checks import check_bool
+from keras_bn.ops.checks import check_choice
+from keras_bn.ops.checks import check_epsilon
+from keras_bn.ops.checks import check_in_range
+from keras_bn.ops.checks import check_not_ragged
+from keras_bn.ops.checks import check_optional_bool
+from keras_bn.ops.checks import check_optional_positive_int
+from keras_bn.ops.checks import check_renorm_clipping
 from keras_bn.ops.virtual_batch import from_virtual_batches
 from keras_bn.ops.virtual_batch import to_virtual_batches
 
@@ -118,7 +119,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm: Whether to use Batch Renormalization (Ioffe, 2017): the
             training output is corrected towards the moving statistics by
             `x_hat * r + d`, with `r` and `d` held constant in the backward pass.
-            Inference is unchanged.
+            Inference is unchanged. As in Keras, the layer then tracks
+            standard deviations, `stddev = sqrt(var(x) + epsilon)`:
+            `moving_stddev` moves with `momentum`, `renorm_mean` and
+            `renorm_stddev` with `renorm_momentum` (the same formula as
+            above), and the variance inference uses follows from the moving
+            stddev, `moving_variance = max(moving_stddev^2 - epsilon, 0)`.
         renorm_clipping: With `renorm=True`, a dict with optional keys
             `"rmax"`, `"rmin"`, `"dmax"`: `r` is clipped to `[rmin, rmax]` and
             `d` to `[-dmax, dmax]` (missing keys: unclipped).
@@ -210,9 +216,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         super().__init__(**kwargs)
         self.axis = check_axis(axis)
         self.momentum = (
-            None if momentum is None else check_unit_interval(momentum, "momentum")
+            None if momentum is None else check_in_range(momentum, "momentum", 0, 1)
         )
-        self.epsilon = check_positive_finite(epsilon, "epsilon")
+        self.epsilon = check_epsilon(epsilon)
         self.center = check_bool(center, "center")
         self.scale = check_bool(scale, "scale")
         self.beta_initializer = initializers.get(beta_initializer)
@@ -223,6 +229,26 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
+        self._init_renorm(renorm, renorm_clipping, renorm_momentum)
+        self._init_paths(synchronized, fused, virtual_batch_size)
+        self.skip_nonfinite_updates = check_bool(
+            skip_nonfinite_updates, "skip_nonfinite_updates"
+        )
+        self.moving_variance_estimator = check_choice(
+            moving_variance_estimator,
+            "moving_variance_estimator",
+            ("biased", "unbiased"),
+        )
+        self.num_batches_tracked = None
+        self._warned_single_position = False
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self._axes = None
+
+    def _init_renorm(self, renorm, renorm_clipping, renorm_momentum):
         self.renorm = check_bool(renorm, "renorm")
         if renorm_clipping is not None and not self.renorm:
             raise ValueError(
@@ -232,40 +258,32 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.renorm_clipping = (
             check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
         )
-        self.renorm_momentum = check_unit_interval(renorm_momentum, "renorm_momentum")
+        self.renorm_momentum = check_in_range(renorm_momentum, "renorm_momentum", 0, 1)
+
+    def _init_paths(self, synchronized, fused, virtual_batch_size):
+        """`synchronized`, `fused` and `virtual_batch_size`, which exclude
+        one another in part (after `_init_renorm`)."""
         self.synchronized = check_bool(synchronized, "synchronized")
-        self.skip_nonfinite_updates = check_bool(
-            skip_nonfinite_updates, "skip_nonfinite_updates"
-        )
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(
-                "Argument `fused` must be None, True or False. "
-                f"Received: fused={fused!r}"
-            )
-        if fused and self.renorm:
+        self.fused = check_optional_bool(fused, "fused")
+        if self.fused and self.renorm:
             raise ValueError(
                 "Argument `fused=True` cannot be combined with renorm=True: the "
                 "fused kernels have no renorm correction. Use fused=None or False."
             )
-        self.fused = fused
-        self.virtual_batch_size = check_virtual_batch_size(
-            virtual_batch_size, self.synchronized, fused
+        self.virtual_batch_size = check_optional_positive_int(
+            virtual_batch_size, "virtual_batch_size"
         )
-        if moving_variance_estimator not in VARIANCE_ESTIMATORS:
+        if self.virtual_batch_size is not None and self.synchronized:
             raise ValueError(
-                "Argument `moving_variance_estimator` must be one of "
-                f"{list(VARIANCE_ESTIMATORS)}. Received: "
-                f"moving_variance_estimator={moving_variance_estimator!r}"
+                "Argument `virtual_batch_size` cannot be combined with "
+                "synchronized=True: virtual batches split a replica's batch, "
+                "synchronization joins the replicas' batches."
             )
-        self.moving_variance_estimator = moving_variance_estimator
-        self.num_batches_tracked = None
-        self._warned_single_position = False
-        self.supports_masking = True
-        self.gamma = None
-        self.beta = None
-        self.moving_mean = None
-        self.moving_variance = None
-        self._axes = None
+        if self.virtual_batch_size is not None and self.fused:
+            raise ValueError(
+                "Argument `virtual_batch_size` cannot be combined with fused=True: "
+                "the fused kernels compute one set of statistics per batch."
+            )
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -374,15 +392,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
             outputs = self._train(inputs, gamma, beta, mask)
         else:
             # No custom gradient here: serving and exported graphs stay plain.
-            outputs = ops.batch_norm_apply(
+            outputs = batch_norm.apply(
                 inputs,
                 self._value(self.moving_mean),
                 self._value(self.moving_variance),
                 gamma,
                 beta,
-                axis=self._axes,
-                epsilon=self.epsilon,
-                fused=self.fused,
+                self._axes,
+                self.epsilon,
+                self.fused,
             )
         return tf.cast(outputs, self.compute_dtype)
 
@@ -406,24 +424,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 (gamma, beta, renorm_mean, renorm_stddev),
             )
             gamma, beta, renorm_mean, renorm_stddev = params
-        common = {
-            "axis": axes,
-            "epsilon": self.epsilon,
-            "mask": mask,
-            "synchronized": self.synchronized,
-            "return_count": True,
-        }
+        renorm = None
         if self.renorm:
-            clip = self.renorm_clipping
-            outputs, mean, variance, count = ops.batch_renorm_train(
-                x, gamma, beta, renorm_mean, renorm_stddev,
-                rmin=clip.get("rmin"), rmax=clip.get("rmax"), dmax=clip.get("dmax"),
-                **common,
-            )  # fmt: skip
-        else:
-            outputs, mean, variance, count = ops.batch_norm_train(
-                x, gamma, beta, fused=self.fused, **common
+            renorm = batch_norm.Renorm(
+                renorm_mean, renorm_stddev, **self.renorm_clipping
             )
+        outputs, mean, variance, count = batch_norm.train(
+            x,
+            gamma,
+            beta,
+            axes,
+            self.epsilon,
+            mask,
+            renorm,
+            fused=False if self.renorm else self.fused,
+            synchronized=self.synchronized,
+        )
         if self.virtual_batch_size is not None:
             outputs, mean, variance = from_virtual_batches(
                 outputs, mean, variance, inputs

@@ -3,9 +3,9 @@
 import keras
 import tensorflow as tf
 
-from keras_bn.layers.arguments import check_axis
-from keras_bn.layers.arguments import check_not_ragged
-from keras_bn.ops.softmax_ops import softmax
+from keras_bn.ops.checks import check_axis
+from keras_bn.ops.checks import check_not_ragged
+from keras_bn.ops.softmax_ops import softmax_over
 
 _DENSE_HINT = (
     "Pad it to a dense tensor (`inputs.to_tensor()`) and pass the padding as `mask`."
@@ -76,8 +76,7 @@ class Softmax(keras.layers.Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        check_axis(axis)
-        self.axis = axis
+        self.axis = check_axis(axis)
         self.supports_masking = True
 
     def __call__(self, inputs, *args, **kwargs):
@@ -97,7 +96,7 @@ class Softmax(keras.layers.Layer):
                 inputs,
                 tf.cast(_large_negative_number(inputs.dtype), inputs.dtype),
             )
-        outputs = softmax(inputs, axis=self.axis)
+        outputs = softmax_over(inputs, self.axis)
         if mask is not None:
             # An entirely masked slice would otherwise be uniform.
             return tf.where(mask, outputs, tf.zeros([], outputs.dtype))

@@ -11,14 +11,10 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_bn.layers.arguments import check_not_ragged
-from keras_bn.ops.cross_entropy import check_label_smoothing
+from keras_bn.ops.checks import check_not_ragged
 
 __all__ = [
-    "check_axis",
     "check_dense_loss_inputs",
-    "check_ignore_class",
-    "check_label_smoothing",
     "dtype_config",
     "logits_behind",
     "set_mask",
@@ -42,23 +38,6 @@ def check_dense_loss_inputs(loss, y_true, y_pred, sample_weight):
         ("sample_weight", sample_weight),
     ):
         check_not_ragged(value, name, owner, _DENSE_HINT)
-
-
-def check_axis(axis):
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"`axis` must be an int. Received: axis={axis!r}")
-    return axis
-
-
-def check_ignore_class(ignore_class):
-    if ignore_class is None:
-        return None
-    if isinstance(ignore_class, bool) or not isinstance(ignore_class, int):
-        raise TypeError(
-            f"`ignore_class` must be an int or None. Received: "
-            f"ignore_class={ignore_class!r}"
-        )
-    return ignore_class
 
 
 def dtype_config(dtype):

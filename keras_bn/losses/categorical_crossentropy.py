@@ -23,20 +23,18 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_bn.layers.arguments import check_bool
-from keras_bn.losses.base import check_axis
 from keras_bn.losses.base import check_dense_loss_inputs
-from keras_bn.losses.base import check_ignore_class
-from keras_bn.losses.base import check_label_smoothing
 from keras_bn.losses.base import dtype_config
 from keras_bn.losses.base import logits_behind
 from keras_bn.losses.base import set_mask
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
-from keras_bn.ops.cross_entropy import probability_cross_entropy
-from keras_bn.ops.cross_entropy import softmax_cross_entropy
-from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
-from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
+from keras_bn.ops import cross_entropy
+from keras_bn.ops.checks import check_axis
+from keras_bn.ops.checks import check_bool
+from keras_bn.ops.checks import check_clipping_epsilon
+from keras_bn.ops.checks import check_label_smoothing
+from keras_bn.ops.checks import check_optional_int
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -96,7 +94,7 @@ class CategoricalCrossentropy(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = check_bool(from_logits, "from_logits")
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.axis = check_axis(axis)
+        self.axis = check_axis(axis, single=True)
         self.dtype_config = dtype_config(dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -121,15 +119,14 @@ class CategoricalCrossentropy(keras.losses.Loss):
             y_pred, self.from_logits, "categorical_crossentropy"
         )
         if from_logits:
-            return softmax_cross_entropy(
-                y_true, y_pred, self.axis, self.label_smoothing
-            )
-        return probability_cross_entropy(
+            return cross_entropy.dense(y_true, y_pred, self.axis, self.label_smoothing)
+        return cross_entropy.dense_from_probabilities(
             y_true,
             y_pred,
             self.axis,
             self.label_smoothing,
-            epsilon=keras.config.epsilon(),
+            # Read at each call, as Keras reads it.
+            check_clipping_epsilon(keras.config.epsilon()),
         )
 
     def get_config(self):
@@ -205,8 +202,8 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = check_bool(from_logits, "from_logits")
-        self.ignore_class = check_ignore_class(ignore_class)
-        self.axis = check_axis(axis)
+        self.ignore_class = check_optional_int(ignore_class, "ignore_class")
+        self.axis = check_axis(axis, single=True)
         self.dtype_config = dtype_config(dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -225,16 +222,17 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
                 y_pred, from_logits, "sparse_categorical_crossentropy"
             )
         if from_logits:
-            losses = sparse_softmax_cross_entropy(
-                labels, y_pred, self.axis, ignore_class=self.ignore_class
+            losses = cross_entropy.sparse(
+                labels, y_pred, self.axis, 0.0, self.ignore_class
             )
         else:
-            losses = sparse_probability_cross_entropy(
+            losses = cross_entropy.sparse_from_probabilities(
                 labels,
                 y_pred,
                 self.axis,
-                ignore_class=self.ignore_class,
-                epsilon=keras.config.epsilon(),
+                0.0,
+                self.ignore_class,
+                check_clipping_epsilon(keras.config.epsilon()),
             )
         if self.ignore_class is not None:
             set_mask(losses, tf.not_equal(labels, self.ignore_class))

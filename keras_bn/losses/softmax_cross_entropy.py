@@ -13,18 +13,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.layers.arguments import check_bool
-from keras_bn.losses.base import check_axis
 from keras_bn.losses.base import check_dense_loss_inputs
-from keras_bn.losses.base import check_ignore_class
-from keras_bn.losses.base import check_label_smoothing
 from keras_bn.losses.base import dtype_config
 from keras_bn.losses.base import logits_behind
 from keras_bn.losses.base import set_mask
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
-from keras_bn.ops.cross_entropy import softmax_cross_entropy
-from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
+from keras_bn.ops import cross_entropy
+from keras_bn.ops.checks import check_axis
+from keras_bn.ops.checks import check_bool
+from keras_bn.ops.checks import check_label_smoothing
+from keras_bn.ops.checks import check_optional_int
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
@@ -179,8 +178,8 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.sparse = check_bool(sparse, "sparse")
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.axis = check_axis(axis)
-        self.ignore_class = check_ignore_class(ignore_class)
+        self.axis = check_axis(axis, single=True)
+        self.ignore_class = check_optional_int(ignore_class, "ignore_class")
         if self.ignore_class is not None and not self.sparse:
             raise ValueError(
                 "`ignore_class` applies to sparse labels only: pass sparse=True. "
@@ -229,14 +228,14 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         weights = valid = None
         if self.sparse:
             labels = sparse_class_ids(y_true, logits, axis)
-            losses = sparse_softmax_cross_entropy(
+            losses = cross_entropy.sparse(
                 labels, logits, axis, self.label_smoothing, self.ignore_class
             )
             if self.ignore_class is not None:
                 valid = tf.not_equal(labels, self.ignore_class)
         else:
             labels = tf.cast(y_true, logits.dtype)
-            losses = softmax_cross_entropy(labels, logits, axis, self.label_smoothing)
+            losses = cross_entropy.dense(labels, logits, axis, self.label_smoothing)
         if self.class_weight is not None:
             weights = self._example_weights(labels, logits, losses.dtype)
         return losses, weights, valid

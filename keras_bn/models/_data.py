@@ -1,12 +1,13 @@
 """The batches of inputs that `recompute_statistics` runs the model on."""
 
 import math
-import numbers
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_bn.ops.checks import check_optional_positive_int
 
 
 class Batches:
@@ -30,8 +31,8 @@ class Batches:
     """
 
     def __init__(self, data, steps=None, batch_size=None):
-        self.steps = _check_optional_positive_int(steps, "steps")
-        batch_size = _check_optional_positive_int(batch_size, "batch_size")
+        self.steps = check_optional_positive_int(steps, "steps")
+        batch_size = check_optional_positive_int(batch_size, "batch_size")
         if isinstance(data, tf.data.Dataset | keras.utils.PyDataset):
             if batch_size is not None:
                 raise ValueError(
@@ -113,19 +114,3 @@ def _check_arrays(data):
     if lengths == {0}:
         raise ValueError("Argument `data` holds no example.")
     return data
-
-
-def _check_optional_positive_int(value, arg_name):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Argument `{arg_name}` must be None or a positive int. "
-            f"Received: {arg_name}={value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"Argument `{arg_name}` must be a positive int. "
-            f"Received: {arg_name}={value}"
-        )
-    return int(value)

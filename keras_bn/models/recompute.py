@@ -12,6 +12,7 @@ from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import reachable_batch_normalization
 from keras_bn.ops import canonicalize_axes
+from keras_bn.ops.checks import check_verbose
 
 FUNCTION_NAME = "recompute_statistics"
 Statistics = collections.namedtuple("Statistics", "count mean variance batches")
@@ -408,13 +409,3 @@ def _check_keras_mask(layer, feature_axes, inputs):
             "Keras does not define. Convert the layer with "
             "keras_bn.models.convert_batch_normalization(model, 'keras_bn')."
         )
-
-
-def check_verbose(verbose):
-    if verbose == "auto":
-        return 1
-    if verbose in (0, 1, 2) and not isinstance(verbose, bool):
-        return int(verbose)
-    raise ValueError(
-        f"Argument `verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}"
-    )

@@ -1,8 +1,8 @@
 """Axis bookkeeping shared by the normalization ops and layers."""
 
-import operator
-
 import tensorflow as tf
+
+from keras_bn.ops.checks import check_axis
 
 
 def canonicalize_axes(axis, rank, arg_name="axis", require_reduced_axis=True):
@@ -32,55 +32,39 @@ def canonicalize_axes(axis, rank, arg_name="axis", require_reduced_axis=True):
     >>> canonicalize_axes([3, 1], 4)
     (1, 3)
     """
-    axes = validate_axis_argument(axis, arg_name)
-    if isinstance(axes, int):
-        axes = [axes]
+    axes = check_axis(axis, arg_name)
+    return axes_for_rank(axes, rank, arg_name, require_reduced_axis)
+
+
+def axes_for_rank(axes, rank, arg_name="axis", require_reduced_axis=True):
+    """`canonicalize_axes` for an `axis` whose type `check_axis` has checked
+    (the cores of the ops, called by layers that checked it when built)."""
+    axes = [axes] if isinstance(axes, int) else list(axes)
     for a in axes:
         if not -rank <= a < rank:
             raise ValueError(
                 f"Argument `{arg_name}` has an axis {a} out of range for an "
                 f"input of rank {rank}: expected values in [{-rank}, {rank}). "
-                f"Received: {arg_name}={axis}"
+                f"Received: {arg_name}={_given(axes)}"
             )
     canonical = [a % rank for a in axes]
     if len(set(canonical)) != len(canonical):
         raise ValueError(
             f"Argument `{arg_name}` repeats an axis for an input of rank "
-            f"{rank}. Received: {arg_name}={axis}"
+            f"{rank}. Received: {arg_name}={_given(axes)}"
         )
     if require_reduced_axis and len(canonical) >= rank:
         raise ValueError(
             f"Argument `{arg_name}` keeps every axis of an input of rank "
             f"{rank}, leaving none to compute statistics over. Inputs need a "
-            f"rank of at least {len(canonical) + 1}. Received: {arg_name}={axis}"
+            f"rank of at least {len(canonical) + 1}. "
+            f"Received: {arg_name}={_given(axes)}"
         )
     return tuple(sorted(canonical))
 
 
-def validate_axis_argument(axis, arg_name="axis"):
-    """Checks the type of an `axis` argument; returns an int or a list of ints."""
-    if isinstance(axis, bool):
-        raise TypeError(
-            f"Argument `{arg_name}` must be an int or a list/tuple of ints. "
-            f"Received: {arg_name}={axis!r}"
-        )
-    if isinstance(axis, (list, tuple)):
-        try:
-            if not axis or any(isinstance(a, bool) for a in axis):
-                raise TypeError
-            return [operator.index(a) for a in axis]
-        except TypeError:
-            raise TypeError(
-                f"Argument `{arg_name}` must be an int or a non-empty "
-                f"list/tuple of ints. Received: {arg_name}={axis!r}"
-            ) from None
-    try:
-        return operator.index(axis)  # ints and NumPy ints; not 1.5 or "1"
-    except TypeError:
-        raise TypeError(
-            f"Argument `{arg_name}` must be an int or a list/tuple of ints. "
-            f"Received: {arg_name}={axis!r}"
-        ) from None
+def _given(axes):
+    return axes[0] if len(axes) == 1 else axes
 
 
 def static_rank(x, arg_name="inputs"):

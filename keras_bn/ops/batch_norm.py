@@ -52,9 +52,13 @@ order. The backward pass keeps one input-sized tensor, `x - mean`.
 
 Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
+
+Entry points. The public ops (`batch_norm_train`, `batch_renorm_train`,
+`batch_norm_inference`, `batch_norm_apply`) check their Python arguments and
+call the cores `train` and `apply`, which take checked ones: the layer checks
+its arguments once, in its constructor and `build`, and calls the cores.
 """
 
-import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -65,7 +69,10 @@ from keras_bn.ops.axes import merge_adjacent_axes
 from keras_bn.ops.axes import merged_shape
 from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
-from keras_bn.ops.checks import check_float
+from keras_bn.ops.checks import check_bool
+from keras_bn.ops.checks import check_epsilon
+from keras_bn.ops.checks import check_optional_bool
+from keras_bn.ops.checks import check_renorm_clipping
 from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.custom_op import shape_of
@@ -218,10 +225,9 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=Fal
 
     None (automatic) picks the fused kernels where they apply, except in a
     function XLA compiles: XLA expands them into plain loops, and the closed
-    form compiles to faster ones (`benchmarks/run.py`, README "Performance").
+    form compiles to faster ones (`benchmarks/run.py`, docs/performance.md).
+    `fused` is None, True or False (`check_optional_bool`).
     """
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"`fused` must be None, True or False. Received: {fused!r}")
     if fused is False:
         return False
     reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized)
@@ -260,13 +266,20 @@ class _Layout(NamedTuple):
     replica: object  # the replica context to synchronize over, or None
 
 
-def _batch_norm_train(
-    x, gamma, beta, axis, epsilon, mask, renorm, fused=False, synchronized=False
-):
+def train(
+    x, gamma, beta, axes, epsilon, mask=None, renorm=None, fused=None,
+    synchronized=False,
+):  # fmt: skip
+    """The training op on checked arguments: `(y, mean, variance, count)`.
+
+    The core of `batch_norm_train` (`renorm=None`) and `batch_renorm_train`,
+    whose arguments these are, except: `axes` are the sorted, non-negative
+    feature axes (`canonicalize_axes`); `epsilon` is a float > 0
+    (`check_epsilon`); `fused` is None, True or False; `renorm` is a
+    `Renorm` with checked bounds, or None. Tensors are checked here.
+    """
     x = float_tensor(x, "x")
     rank = static_rank(x, "x")
-    axes = canonicalize_axes(axis, rank)
-    epsilon = _check_epsilon(epsilon)
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
     replica = replica_context(synchronized)
@@ -432,15 +445,6 @@ def _upstream(gradient, like, shape):
     return tf.reshape(tf.cast(gradient, like.dtype), shape)
 
 
-def _check_epsilon(epsilon):
-    epsilon = check_float(epsilon, "epsilon", "a float > 0")
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(
-            f"`epsilon` must be > 0 and finite. Received: epsilon={epsilon}"
-        )
-    return epsilon
-
-
 def batch_norm_train(
     x,
     gamma=None,
@@ -507,8 +511,16 @@ def batch_norm_train(
     >>> y.shape, mean.shape
     (TensorShape([32, 8]), TensorShape([8]))
     """
-    outputs = _batch_norm_train(
-        x, gamma, beta, axis, epsilon, mask, None, fused, synchronized
+    x = float_tensor(x, "x")
+    outputs = train(
+        x,
+        gamma,
+        beta,
+        canonicalize_axes(axis, static_rank(x, "x")),
+        check_epsilon(epsilon),
+        mask,
+        fused=check_optional_bool(fused, "fused"),
+        synchronized=check_bool(synchronized, "synchronized"),
     )
     return outputs if return_count else outputs[:3]
 
@@ -557,9 +569,18 @@ def batch_renorm_train(
     >>> y.shape
     TensorShape([32, 8])
     """
-    renorm = Renorm(renorm_mean, renorm_stddev, rmin, rmax, dmax)
-    outputs = _batch_norm_train(
-        x, gamma, beta, axis, epsilon, mask, renorm, False, synchronized
+    x = float_tensor(x, "x")
+    clip = check_renorm_clipping({"rmin": rmin, "rmax": rmax, "dmax": dmax})
+    outputs = train(
+        x,
+        gamma,
+        beta,
+        canonicalize_axes(axis, static_rank(x, "x")),
+        check_epsilon(epsilon),
+        mask,
+        Renorm(renorm_mean, renorm_stddev, **clip),
+        fused=False,
+        synchronized=check_bool(synchronized, "synchronized"),
     )
     return outputs if return_count else outputs[:3]
 
@@ -599,10 +620,11 @@ def batch_norm_inference(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x, axes, epsilon, params = _inference_inputs(
-        x, mean, variance, gamma, beta, axis, epsilon
-    )
-    fused = use_fused(fused, x, axes, epsilon)
+    x = float_tensor(x, "x")
+    axes = canonicalize_axes(axis, static_rank(x, "x"))
+    epsilon = check_epsilon(epsilon)
+    params = _inference_params(x, axes, mean, variance, gamma, beta)
+    fused = use_fused(check_optional_bool(fused, "fused"), x, axes, epsilon)
     names = tuple(params)
 
     def forward(x, *values):
@@ -640,16 +662,13 @@ def _inference_backward(context, dy, names, axes, epsilon):
     )
 
 
-def _inference_inputs(x, mean, variance, gamma, beta, axis, epsilon):
-    """Checked `(x, axes, epsilon, params)` for the inference-mode ops."""
-    x = float_tensor(x, "x")
-    axes = canonicalize_axes(axis, static_rank(x, "x"))
-    epsilon = _check_epsilon(epsilon)
+def _inference_params(x, axes, mean, variance, gamma, beta):
+    """The inference-mode ops' given parameters, by name, shapes checked."""
     params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
     if "mean" not in params or "variance" not in params:
         raise ValueError("`mean` and `variance` are required (got None).")
     _check_param_shapes(x, axes, params)
-    return x, axes, epsilon, params
+    return params
 
 
 def _normalize_with(x, params, axes, epsilon, fused):
@@ -708,9 +727,24 @@ def batch_norm_apply(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x, axes, epsilon, params = _inference_inputs(
-        x, mean, variance, gamma, beta, axis, epsilon
+    x = float_tensor(x, "x")
+    return apply(
+        x,
+        mean,
+        variance,
+        gamma,
+        beta,
+        canonicalize_axes(axis, static_rank(x, "x")),
+        check_epsilon(epsilon),
+        check_optional_bool(fused, "fused"),
     )
+
+
+def apply(x, mean, variance, gamma, beta, axes, epsilon, fused):
+    """`batch_norm_apply` on checked arguments (`axes`, `epsilon` and `fused`
+    as in `train`): the layer's inference path."""
+    x = float_tensor(x, "x")
+    params = _inference_params(x, axes, mean, variance, gamma, beta)
     for name in ("mean", "variance"):
         params[name] = tf.stop_gradient(params[name])
     return _normalize_with(x, params, axes, epsilon, use_fused(fused, x, axes, epsilon))

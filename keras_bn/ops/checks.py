@@ -1,14 +1,23 @@
-"""Argument checks shared by the ops and the layers, and checks of shapes
-known only when a graph runs.
+"""keras_bn's argument checks, one function per kind of argument, and the
+checks of shapes known only when a graph runs.
 
-Python arguments are checked once, where they are given, with an error that
-names the argument. Shapes known when the graph is built are checked then,
-with a ValueError that names the argument. What is left for run time gets two
-checks: an assertion with the same message (eager and graph mode), and a data
+Every Python argument is checked once, where it is given: a layer's or a
+loss's constructor, or a public op's call. The layers and losses then call
+the ops' cores (`keras_bn.ops.batch_norm.train`, `keras_bn.ops.cross_entropy.
+dense`, ...), which take checked arguments. A wrong type raises a TypeError
+and a wrong value a ValueError, both naming the argument: "Argument `name`
+must be ... Received: name=...". Strings are never read as numbers or
+booleans: `bool("False")` is True and `int("1")` would hide a typo.
+
+Shapes known when the graph is built are checked then, with a ValueError
+that names the argument. What is left for run time gets two checks: an
+assertion with the same message (eager and graph mode), and a data
 dependency that fails even where XLA drops assertions.
 """
 
 import math
+import numbers
+import operator
 
 import numpy as np
 import tensorflow as tf
@@ -54,6 +63,211 @@ def check_positive_finite(value, arg_name):
             f"Received: {arg_name}={value}"
         )
     return value_
+
+
+def check_bool(value, arg_name):
+    """`value` as a Python bool; only True and False (Python or NumPy) pass."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"Argument `{arg_name}` must be True or False. "
+        f"Received: {arg_name}={value!r} of type {type(value).__name__}"
+    )
+
+
+def check_optional_bool(value, arg_name):
+    """None, True or False (for arguments such as `fused`, None = automatic)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"Argument `{arg_name}` must be None, True or False. "
+        f"Received: {arg_name}={value!r}"
+    )
+
+
+def _integer(value):
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError
+    return operator.index(value)  # ints and NumPy integers; never 1.5 or "1"
+
+
+def check_optional_int(value, arg_name):
+    """None or an int (for `ignore_class`); booleans do not pass."""
+    if value is None:
+        return None
+    try:
+        return _integer(value)
+    except TypeError:
+        raise TypeError(
+            f"Argument `{arg_name}` must be an int or None. "
+            f"Received: {arg_name}={value!r}"
+        ) from None
+
+
+def check_positive_int(value, arg_name):
+    """An int >= 1 (NumPy integers too; booleans do not pass)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"Argument `{arg_name}` must be a positive int. "
+            f"Received: {arg_name}={value!r}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"Argument `{arg_name}` must be a positive int. "
+            f"Received: {arg_name}={value}"
+        )
+    return int(value)
+
+
+def check_optional_positive_int(value, arg_name):
+    """None or an int >= 1 (for `steps`, `batch_size`, `virtual_batch_size`)."""
+    if value is None:
+        return None
+    try:
+        return check_positive_int(value, arg_name)
+    except TypeError:
+        raise TypeError(
+            f"Argument `{arg_name}` must be None or a positive int. "
+            f"Received: {arg_name}={value!r}"
+        ) from None
+
+
+def check_choice(value, arg_name, choices):
+    """`value` if it is one of `choices` (strings or ints), else a ValueError
+    that lists them."""
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(
+            f"Argument `{arg_name}` must be one of {list(choices)}. "
+            f"Received: {arg_name}={value!r}"
+        )
+    return value
+
+
+def check_axis(axis, arg_name="axis", single=False):
+    """An int, or a non-empty list of distinct ints (a tuple becomes a list).
+
+    With `single=True` only an int passes (a class axis). Whether the axes
+    exist is known only with the input's rank: `keras_bn.ops.axes`.
+
+    Raises:
+        TypeError: If `axis` or one of its entries is not an integer (a float
+            such as 1.5, a string such as "1", a bool).
+        ValueError: If a list repeats an entry. Entries that name the same
+            axis only for a given rank, such as `[1, -1]` for rank 2, are
+            caught when the rank is known.
+    """
+    expected = "a single int" if single else "an int or a non-empty list/tuple of ints"
+    try:
+        if isinstance(axis, (list, tuple)) and not single:
+            if not axis:
+                raise TypeError
+            axes = [_integer(a) for a in axis]
+        else:
+            return _integer(axis)
+    except TypeError:
+        raise TypeError(
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={axis!r}"
+        ) from None
+    if len(set(axes)) != len(axes):
+        raise ValueError(
+            f"Argument `{arg_name}` repeats an axis: each feature axis must be "
+            f"given once. Received: {arg_name}={axis!r}"
+        )
+    return axes
+
+
+def check_epsilon(epsilon):
+    """The normalization ops' and layers' `epsilon`: a float > 0, finite."""
+    return check_positive_finite(epsilon, "epsilon")
+
+
+def check_clipping_epsilon(epsilon):
+    """The probability losses' clipping bound `epsilon`: a float in (0, 0.5)."""
+    return check_in_range(epsilon, "epsilon", 0, 0.5, low_open=True, high_open=True)
+
+
+def check_label_smoothing(label_smoothing):
+    """A float in [0, 1]."""
+    return check_in_range(label_smoothing, "label_smoothing", 0, 1)
+
+
+def check_not_ragged(value, arg_name, owner, hint):
+    """Refuses ragged and sparse tensors (tf or Keras symbolic) with a clear error.
+
+    Args:
+        value: What was passed.
+        arg_name: Its name in the call, e.g. "inputs".
+        owner: Who refuses it, e.g. "BatchNormalization".
+        hint: What to do instead.
+    """
+    for kind, tf_type in (("ragged", tf.RaggedTensor), ("sparse", tf.SparseTensor)):
+        if isinstance(value, tf_type) or getattr(value, kind, False) is True:
+            raise ValueError(
+                f"{owner} does not support {kind} inputs: `{arg_name}` is a "
+                f"{kind} tensor. {hint} Received: {arg_name}={value!r}"
+            )
+
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def check_renorm_clipping(renorm_clipping):
+    """The clipping dict with float (or None) values, keys and bounds checked."""
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError(
+            "Argument `renorm_clipping` must be a dict with optional keys "
+            f"{list(RENORM_CLIPPING_KEYS)}. Received: "
+            f"renorm_clipping={renorm_clipping!r}"
+        )
+    unknown = set(renorm_clipping) - set(RENORM_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Argument `renorm_clipping` has unsupported keys {sorted(unknown)}. "
+            f"Supported keys: {list(RENORM_CLIPPING_KEYS)}. Received: "
+            f"renorm_clipping={renorm_clipping}"
+        )
+    clip = {}
+    for key, value in renorm_clipping.items():
+        if value is None:
+            clip[key] = None
+            continue
+        try:
+            clip[key] = check_float(value, "renorm_clipping")
+        except TypeError:
+            raise TypeError(
+                f"Argument `renorm_clipping` must map {key!r} to a float or None. "
+                f"Received: renorm_clipping={renorm_clipping!r}"
+            ) from None
+        if math.isnan(clip[key]):
+            raise ValueError(
+                f"Argument `renorm_clipping` maps {key!r} to NaN. "
+                f"Received: renorm_clipping={renorm_clipping}"
+            )
+    rmin, rmax, dmax = (clip.get(k) for k in ("rmin", "rmax", "dmax"))
+    for broken, needs in (
+        (rmin is not None and rmin < 0, "rmin >= 0"),
+        (rmin is not None and rmax is not None and rmax < rmin, "rmax >= rmin"),
+        (dmax is not None and dmax < 0, "dmax >= 0"),
+    ):
+        if broken:
+            raise ValueError(
+                f"Argument `renorm_clipping` needs {needs}. "
+                f"Received: renorm_clipping={renorm_clipping}"
+            )
+    return clip
+
+
+def check_verbose(verbose):
+    """Keras's `verbose`: "auto" (as 1), 0, 1 or 2."""
+    if verbose == "auto":
+        return 1
+    if verbose in (0, 1, 2) and not isinstance(verbose, bool):
+        return int(verbose)
+    raise ValueError(
+        f"Argument `verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}"
+    )
 
 
 def shape_at_run_time(tensor, expected, message):

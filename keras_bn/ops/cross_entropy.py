@@ -70,13 +70,21 @@ in float32: a float16 loss would overflow for logit gaps above 65504 (the
 loss of logits [6e4, -6e4] is 1.2e5). float64 stays float64. Gradients take
 the dtype of their input; a float16 label gradient (`-log p`) overflows where
 `-log p > 65504`.
+
+Entry points. The public ops check their Python arguments and call the cores
+`dense`, `sparse`, `dense_from_probabilities` and `sparse_from_probabilities`,
+which take checked ones (`axis` an int, `smoothing` a float in [0, 1],
+`ignore_class` an int or None, `epsilon` a float in (0, 0.5)): the losses
+check theirs once, in their constructors, and call the cores.
 """
 
 import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
-from keras_bn.ops.axes import validate_axis_argument
-from keras_bn.ops.checks import check_float
+from keras_bn.ops.checks import check_axis
+from keras_bn.ops.checks import check_clipping_epsilon
+from keras_bn.ops.checks import check_label_smoothing
+from keras_bn.ops.checks import check_optional_int
 from keras_bn.ops.custom_op import HIGHER_ORDER
 from keras_bn.ops.custom_op import NO_GRADIENT
 from keras_bn.ops.custom_op import custom_op
@@ -88,36 +96,15 @@ from keras_bn.ops.xla import in_xla_function
 _INTS = (tf.int32, tf.int64)
 
 
-def _class_axis(axis, rank, arg_name="axis"):
-    """The class axis as a non-negative int, validated against `rank`."""
-    canonical = validate_axis_argument(axis, arg_name)
-    if not isinstance(canonical, int):
-        raise TypeError(
-            f"Argument `{arg_name}` must be a single int. Received: {arg_name}={axis!r}"
-        )
-    if not -rank <= canonical < rank:
+def _class_axis(axis, rank):
+    """The class axis (an int, `check_axis`) as a non-negative int, checked
+    against `rank`."""
+    if not -rank <= axis < rank:
         raise ValueError(
-            f"Argument `{arg_name}` is out of range for logits of rank {rank}: "
-            f"expected a value in [{-rank}, {rank}). Received: {arg_name}={axis}"
+            f"Argument `axis` is out of range for logits of rank {rank}: "
+            f"expected a value in [{-rank}, {rank}). Received: axis={axis}"
         )
-    return canonical % rank
-
-
-def check_label_smoothing(label_smoothing):
-    value = check_float(label_smoothing, "label_smoothing", "a float in [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            "`label_smoothing` must be in [0, 1]. Received: "
-            f"label_smoothing={label_smoothing}"
-        )
-    return value
-
-
-def _check_epsilon(epsilon):
-    value = check_float(epsilon, "epsilon", "a float in (0, 0.5)")
-    if not 0.0 < value < 0.5:
-        raise ValueError(f"`epsilon` must be in (0, 0.5). Received: epsilon={epsilon}")
-    return value
+    return axis % rank
 
 
 def _same_shape(expected, got):
@@ -202,10 +189,19 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
     <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.4401897],
     dtype=float32)>
     """
+    return dense(
+        labels,
+        logits,
+        check_axis(axis, single=True),
+        check_label_smoothing(label_smoothing),
+    )
+
+
+def dense(labels, logits, axis, smoothing):
+    """`softmax_cross_entropy` on checked arguments (module docstring)."""
     logits = float_tensor(logits, "logits")
     labels = float_tensor(labels, "labels")
     axis = _class_axis(axis, static_rank(logits, "logits"))
-    smoothing = check_label_smoothing(label_smoothing)
     labels = _check_shapes(labels, logits, axis, sparse=False)
     dtype = compute_dtype(logits.dtype)
 
@@ -299,13 +295,6 @@ def _sparse_labels(labels, logits, axis, ignore_class, name):
         raise TypeError(
             "`labels` must be an int32 or int64 tensor of class ids. Received "
             f"dtype: {labels.dtype.name}"
-        )
-    if ignore_class is not None and (
-        isinstance(ignore_class, bool) or not isinstance(ignore_class, int)
-    ):
-        raise TypeError(
-            f"`ignore_class` must be an int or None. Received: "
-            f"ignore_class={ignore_class!r}"
         )
     labels = _check_shapes(labels, logits, axis, sparse=True, name=name)
     if tf.executing_eagerly():
@@ -426,9 +415,19 @@ def sparse_softmax_cross_entropy(
     >>> loss.numpy().round(5)  # lse - z_y: 0.44019 and 3.44019
     array([0.44019, 3.44019], dtype=float32)
     """
+    return sparse(
+        labels,
+        logits,
+        check_axis(axis, single=True),
+        check_label_smoothing(label_smoothing),
+        check_optional_int(ignore_class, "ignore_class"),
+    )
+
+
+def sparse(labels, logits, axis, smoothing, ignore_class):
+    """`sparse_softmax_cross_entropy` on checked arguments."""
     logits = float_tensor(logits, "logits")
     axis = _class_axis(axis, static_rank(logits, "logits"))
-    smoothing = check_label_smoothing(label_smoothing)
     checked = _sparse_labels(labels, logits, axis, ignore_class, "logits")
     return _sparse_cross_entropy(logits, *checked, axis, smoothing)
 
@@ -554,11 +553,20 @@ def probability_cross_entropy(
     <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.05129331],
     dtype=float32)>
     """
+    return dense_from_probabilities(
+        labels,
+        probabilities,
+        check_axis(axis, single=True),
+        check_label_smoothing(label_smoothing),
+        check_clipping_epsilon(epsilon),
+    )
+
+
+def dense_from_probabilities(labels, probabilities, axis, smoothing, epsilon):
+    """`probability_cross_entropy` on checked arguments."""
     probabilities = float_tensor(probabilities, "probabilities")
     labels = float_tensor(labels, "labels")
     axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
-    smoothing = check_label_smoothing(label_smoothing)
-    epsilon = _check_epsilon(epsilon)
     labels = _check_shapes(
         labels, probabilities, axis, sparse=False, name="probabilities"
     )
@@ -652,10 +660,22 @@ def sparse_probability_cross_entropy(
     <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.05129344],
     dtype=float32)>
     """
+    return sparse_from_probabilities(
+        labels,
+        probabilities,
+        check_axis(axis, single=True),
+        check_label_smoothing(label_smoothing),
+        check_optional_int(ignore_class, "ignore_class"),
+        check_clipping_epsilon(epsilon),
+    )
+
+
+def sparse_from_probabilities(
+    labels, probabilities, axis, smoothing, ignore_class, epsilon
+):
+    """`sparse_probability_cross_entropy` on checked arguments."""
     probabilities = float_tensor(probabilities, "probabilities")
     axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
-    smoothing = check_label_smoothing(label_smoothing)
-    epsilon = _check_epsilon(epsilon)
     checked = _sparse_labels(labels, probabilities, axis, ignore_class, "probabilities")
     log_q = _clipped_log(probabilities, epsilon, compute_dtype(probabilities.dtype))
     return _sparse_cross_entropy(log_q, *checked, axis, smoothing)

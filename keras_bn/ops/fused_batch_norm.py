@@ -148,25 +148,9 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
                 context, dy, scale, axis, epsilon
             )
         else:
-            reserve, data_format, x4 = context.saved
-            if not tf.executing_eagerly():
-                # tf.gradients may differentiate this graph again: the view
-                # of the original x, not of the stopped one. (Eagerly, an
-                # unrecorded backward pass is never differentiated.)
-                x4, _ = _as_4d(x, axis)
-            dy4, _ = _as_4d(dy, axis)
-            dx4, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy4,
-                x=x4,
-                scale=scale,
-                reserve_space_1=reserve[0],
-                reserve_space_2=reserve[1],
-                reserve_space_3=reserve[2],
-                epsilon=epsilon,
-                data_format=data_format,
-                is_training=True,
+            dx, dscale, doffset = _kernel_backward(
+                context.saved, x, dy, scale, axis, epsilon
             )
-            dx = _from_4d(dx4, x, axis)
         _, mean, _, count = context.outputs
         dx = _add_statistics_gradient(
             context, dx, x, mean, dmean, dvariance, count, axis
@@ -179,6 +163,30 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
     params = [v for v in (gamma, beta) if v is not None]
     # The backward pass reads x (its 4-D view) and the statistics, not y.
     return custom_op(forward, backward, x, *params, first_order_output_reads=(1, 2, 3))
+
+
+def _kernel_backward(saved, x, dy, scale, axis, epsilon):
+    """`(dx, dscale, doffset)` from `FusedBatchNormGradV3`, for `dy` alone
+    (the statistics' upstream terms are added by the caller)."""
+    reserve, data_format, x4 = saved
+    if not tf.executing_eagerly():
+        # tf.gradients may differentiate this graph again: the view of the
+        # original x, not of the stopped one. (Eagerly, an unrecorded
+        # backward pass is never differentiated.)
+        x4, _ = _as_4d(x, axis)
+    dy4, _ = _as_4d(dy, axis)
+    dx4, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy4,
+        x=x4,
+        scale=scale,
+        reserve_space_1=reserve[0],
+        reserve_space_2=reserve[1],
+        reserve_space_3=reserve[2],
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=True,
+    )
+    return _from_4d(dx4, x, axis), dscale, doffset
 
 
 def _biased_statistics(out, x, channels):

@@ -34,16 +34,18 @@ output cast back; float64 stays float64.
 
 import tensorflow as tf
 
-from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.axes import axes_for_rank
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.checks import check_axis
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
 
 def _prepare(x, axis):
+    """`(x, axes, compute dtype)` for an `axis` that `check_axis` passed."""
     x = float_tensor(x, "x")
-    axes = canonicalize_axes(axis, static_rank(x, "x"), require_reduced_axis=False)
+    axes = axes_for_rank(axis, static_rank(x, "x"), require_reduced_axis=False)
     return x, list(axes), compute_dtype(x.dtype)
 
 
@@ -75,6 +77,12 @@ def softmax(x, axis=-1):
     <tf.Tensor: shape=(1, 3), dtype=float32,
     numpy=array([[0.21194157, 0.5761169 , 0.21194157]], dtype=float32)>
     """
+    return softmax_over(x, check_axis(axis))
+
+
+def softmax_over(x, axis):
+    """`softmax` for an `axis` that `check_axis` passed (the `Softmax` layer
+    checks it when constructed)."""
     x, axes, dtype = _prepare(x, axis)
 
     def forward(x):
@@ -134,7 +142,7 @@ def log_softmax(x, axis=-1):
     <tf.Tensor: shape=(2,), dtype=float32, numpy=array([-10000., 0.],
     dtype=float32)>
     """
-    x, axes, dtype = _prepare(x, axis)
+    x, axes, dtype = _prepare(x, check_axis(axis))
 
     def forward(x):
         z, total = _shifted(tf.cast(x, dtype), axes)
