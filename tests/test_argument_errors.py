@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compiled
 
 import keras_bn
 from keras_bn import ops
@@ -131,9 +132,7 @@ SPARSE = tf.sparse.from_dense(tf.eye(4, 3))
 def test_batch_normalization_refuses_ragged_and_sparse_inputs(rng, mode, value):
     kind = "ragged" if isinstance(value, tf.RaggedTensor) else "sparse"
     layer = keras_bn.BatchNormalization(momentum=0.5)
-    call = lambda x: layer(x, training=True)  # noqa: E731
-    if mode == "function":
-        call = tf.function(call)
+    call = compiled(lambda x: layer(x, training=True), mode)
     with pytest.raises(ValueError, match=f"does not support {kind} inputs"):
         call(value)
     assert not layer.built  # refused before building from a ragged shape

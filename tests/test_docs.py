@@ -300,6 +300,24 @@ def test_ci_runs_the_readme_test_command_verbatim():
     )
 
 
+def test_ci_tests_again_at_the_floors_setup_cfg_declares():
+    script = ci_script()
+    assert "python3 .ci/floors.py" in script
+    assert re.search(
+        r'pip install --quiet -c "\$floors" "\.\[test,export\]" && python -m pytest',
+        script,
+    )
+    pins = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "floors.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    requires = setup_cfg()["options"]["install_requires"]
+    for package in ("tensorflow", "keras", "numpy"):
+        assert f"{package}=={requirement_floor(requires, package)}" in pins, pins
+
+
 def ruff_pins():
     pins = {}
     pre_commit = (ROOT / ".pre-commit-config.yaml").read_text()
