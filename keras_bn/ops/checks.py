@@ -172,7 +172,7 @@ def check_axis(axis, arg_name="axis", single=False):
         ) from None
     if len(set(axes)) != len(axes):
         raise ValueError(
-            f"Argument `{arg_name}` repeats an axis: each feature axis must be "
+            f"Argument `{arg_name}` repeats an axis: each axis must be "
             f"given once. Received: {arg_name}={axis!r}"
         )
     return axes
