@@ -76,7 +76,8 @@ class Softmax(keras.layers.Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        self.axis = check_axis(axis)
+        self.axis = axis  # as given, as Keras keeps it (and `get_config` gives it)
+        self._axis = check_axis(axis)
         self.supports_masking = True
 
     def __call__(self, inputs, *args, **kwargs):
@@ -96,11 +97,11 @@ class Softmax(keras.layers.Layer):
                 inputs,
                 tf.cast(_large_negative_number(inputs.dtype), inputs.dtype),
             )
-        outputs = softmax_over(inputs, self.axis)
+        outputs = softmax_over(inputs, self._axis)
         if mask is not None:
             # An entirely masked slice would otherwise be uniform.
             return tf.where(mask, outputs, tf.zeros([], outputs.dtype))
-        if isinstance(self.axis, int) or len(self.axis) == 1:
+        if isinstance(self._axis, int) or len(self._axis) == 1:
             # As Keras's softmax activation: losses look behind the softmax.
             outputs._keras_logits = inputs
         return outputs
