@@ -171,7 +171,7 @@ def _graph_op_types(fn, jit_compile, *args):
 def test_automatic_choice_takes_the_closed_form_under_xla(
     jit_compile, fused, expect_fused
 ):
-    x = tf.ones([8, 4, 4, 3])
+    x = tf.ones([16, 64, 64, 3])  # large enough for the fused kernels in a graph
 
     def step(x):
         with tf.GradientTape() as tape:
@@ -184,6 +184,56 @@ def test_automatic_choice_takes_the_closed_form_under_xla(
     types = _graph_op_types(step, jit_compile, x)
     assert ("FusedBatchNormV3" in types) == expect_fused
     assert ("FusedBatchNormGradV3" in types) == expect_fused
+
+
+@pytest.mark.parametrize(
+    "shape,fused,expect_fused",
+    [
+        ([128, 64], None, False),  # small: the closed form is faster in a graph
+        ([2**17 // 64 - 1, 64], None, False),
+        ([2**17 // 64, 64], None, True),  # FUSED_MIN_ELEMENTS_IN_A_GRAPH
+        ([128, 64], True, True),
+        ([None, 64], None, True),  # unknown size: the fused kernels
+    ],
+)
+def test_automatic_choice_takes_the_closed_form_for_small_graphs(
+    shape, fused, expect_fused
+):
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = batch_norm_train(x, tf.ones([64]), tf.zeros([64]), fused=fused)[0]
+            y_inf = batch_norm_inference(x, tf.zeros([64]), tf.ones([64]), fused=fused)
+            loss = tf.reduce_sum(y * y_inf)
+        return tape.gradient(loss, x)
+
+    spec = tf.TensorSpec(shape, tf.float32)
+    types = _graph_op_types(step, False, spec)
+    assert ("FusedBatchNormV3" in types) == expect_fused
+    assert ("FusedBatchNormGradV3" in types) == expect_fused
+
+
+def test_automatic_choice_takes_the_fused_kernels_eagerly_at_any_size(monkeypatch):
+    from keras_bn.ops import batch_norm
+
+    calls = []
+    original = batch_norm.fused_batch_norm_train
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(batch_norm, "fused_batch_norm_train", counted)
+    x = tf.random.normal([128, 64])
+    y, *_ = batch_norm_train(x, tf.ones([64]), tf.zeros([64]))
+    assert calls == [x.shape]
+    tf.function(lambda x: batch_norm_train(x, None, None)[0])(x)
+    assert calls == [x.shape]  # traced in a graph: the closed form
+    np.testing.assert_allclose(
+        y,
+        batch_norm_train(x, tf.ones([64]), tf.zeros([64]), fused=False)[0],
+        atol=1e-5,
+    )
 
 
 def test_layer_under_xla_takes_the_closed_form_and_matches_keras(rng):

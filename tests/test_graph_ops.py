@@ -64,7 +64,7 @@ def test_keras_train_function_holds_no_host_ops():
         [
             keras.Input((4, 4, 2)),
             keras.layers.Conv2D(3, 3),
-            keras_bn.BatchNormalization(),
+            keras_bn.BatchNormalization(fused=True),  # too small for fused=None
             keras.layers.Flatten(),
             keras_bn.BatchNormalization(renorm=True),
             keras.layers.Dense(5),
