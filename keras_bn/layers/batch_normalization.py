@@ -11,7 +11,7 @@ from keras import initializers
 from keras import regularizers
 
 from keras_bn.ops import batch_norm
-from keras_bn.ops.axes import canonicalize_axes
+from keras_bn.ops.axes import axes_for_rank
 from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_choice
@@ -290,7 +290,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         rank = len(input_shape)
-        self._axes = canonicalize_axes(self.axis, rank)
+        self._axes = axes_for_rank(self.axis, rank)
         unknown = [a for a in self._axes if input_shape[a] is None]
         if unknown:
             raise ValueError(
@@ -514,7 +514,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
 
     def compute_output_shape(self, input_shape):
-        canonicalize_axes(self.axis, len(input_shape))
+        axes_for_rank(self.axis, len(input_shape))
         return input_shape
 
     def load_own_variables(self, store):
