@@ -530,18 +530,10 @@ def batch_norm_train(
     >>> y.shape, mean.shape
     (TensorShape([32, 8]), TensorShape([8]))
     """
-    x = float_tensor(x, "x")
-    outputs = train(
-        x,
-        gamma,
-        beta,
-        canonicalize_axes(axis, static_rank(x, "x")),
-        check_epsilon(epsilon),
-        mask,
-        fused=check_optional_bool(fused, "fused"),
-        synchronized=check_bool(synchronized, "synchronized"),
-    )
-    return outputs if return_count else outputs[:3]
+    return _checked_train(
+        x, gamma, beta, axis, epsilon, mask, None,
+        check_optional_bool(fused, "fused"), synchronized, return_count,
+    )  # fmt: skip
 
 
 def batch_renorm_train(
@@ -588,8 +580,20 @@ def batch_renorm_train(
     >>> y.shape
     TensorShape([32, 8])
     """
-    x = float_tensor(x, "x")
     clip = check_renorm_clipping({"rmin": rmin, "rmax": rmax, "dmax": dmax})
+    renorm = Renorm(renorm_mean, renorm_stddev, **clip)
+    return _checked_train(
+        x, gamma, beta, axis, epsilon, mask, renorm, False, synchronized,
+        return_count,
+    )  # fmt: skip
+
+
+def _checked_train(
+    x, gamma, beta, axis, epsilon, mask, renorm, fused, synchronized, return_count
+):
+    """`train` behind the public training ops: checks `axis`, `epsilon` and
+    `synchronized` (the callers check the rest)."""
+    x = float_tensor(x, "x")
     outputs = train(
         x,
         gamma,
@@ -597,8 +601,8 @@ def batch_renorm_train(
         canonicalize_axes(axis, static_rank(x, "x")),
         check_epsilon(epsilon),
         mask,
-        Renorm(renorm_mean, renorm_stddev, **clip),
-        fused=False,
+        renorm,
+        fused=fused,
         synchronized=check_bool(synchronized, "synchronized"),
     )
     return outputs if return_count else outputs[:3]

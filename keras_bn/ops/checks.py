@@ -106,11 +106,14 @@ def check_optional_int(value, arg_name):
         ) from None
 
 
-def check_positive_int(value, arg_name):
-    """An int >= 1 (NumPy integers too; booleans do not pass)."""
+def check_optional_positive_int(value, arg_name):
+    """None or an int >= 1 (for `steps`, `batch_size`, `virtual_batch_size`;
+    NumPy integers pass, booleans do not)."""
+    if value is None:
+        return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(
-            f"Argument `{arg_name}` must be a positive int. "
+            f"Argument `{arg_name}` must be None or a positive int. "
             f"Received: {arg_name}={value!r}"
         )
     if value < 1:
@@ -119,19 +122,6 @@ def check_positive_int(value, arg_name):
             f"Received: {arg_name}={value}"
         )
     return int(value)
-
-
-def check_optional_positive_int(value, arg_name):
-    """None or an int >= 1 (for `steps`, `batch_size`, `virtual_batch_size`)."""
-    if value is None:
-        return None
-    try:
-        return check_positive_int(value, arg_name)
-    except TypeError:
-        raise TypeError(
-            f"Argument `{arg_name}` must be None or a positive int. "
-            f"Received: {arg_name}={value!r}"
-        ) from None
 
 
 def check_choice(value, arg_name, choices):
