@@ -1,7 +1,8 @@
 """The Keras-loss plumbing shared by keras_bn's losses.
 
-Argument checks, Keras's alignment of sample weights and masks, and the
-rules for reading logits behind a softmax. The per-example losses come from
+The refusal of ragged and sparse inputs, Keras's alignment of sample
+weights and masks, and the rules for reading logits behind a softmax. The
+argument checks live in `keras_bn.ops.checks` and the per-example losses in
 `keras_bn.ops.cross_entropy`; `softmax_cross_entropy.py` and
 `categorical_crossentropy.py` hold the loss classes.
 """
