@@ -19,12 +19,17 @@ then runs two steps, each after `gc.collect()`:
 - the second step gives the metric, `allocator_peak_bytes`: the most bytes
   TensorFlow's CPU allocator had handed out to tensors at once during the
   step (`tf.config.experimental.get_memory_info("CPU:0")["peak"]` after
-  `reset_memory_stats`; in TF 2.21 these statistics work on the CPU), minus
-  the bytes in use just before it (x, dy, the variables). It counts the
-  tensor buffers of the step, eager or graph, exactly and repeatably (the
-  same bytes on every run, whatever the machine's load), and nothing else.
-  Buffers under 256 KiB come from malloc and are not counted (here: the
-  per-channel statistics, a few hundred bytes each).
+  `reset_memory_stats`), minus the bytes in use just before it (x, dy, the
+  variables). It counts the tensor buffers of the step, eager or graph,
+  exactly and repeatably (the same bytes on every run, whatever the
+  machine's load), and nothing else. Each buffer counts its size rounded up
+  to 256 bytes (the per-channel statistics too, a few hundred bytes each).
+  The worker processes run TensorFlow's best-fit (BFC) CPU allocator
+  (`ALLOCATOR_ENV`), the one that keeps these statistics, whatever the
+  oneDNN setting: TensorFlow's default CPU allocator keeps none with
+  oneDNN off (`TF_ENABLE_ONEDNN_OPTS=0`, the default on CPUs without
+  AVX-512), and with it on is oneDNN's, which leaves buffers under 256 KiB
+  to malloc, uncounted. One allocator for both settings: the same bytes.
 - the first step gives a process-level cross-check, `first_step_rss_peak_bytes`:
   the resident-set high-water mark (`VmHWM` in /proc/self/status, reset by
   writing 5 to /proc/self/clear_refs) minus the resident set before the step,
@@ -82,17 +87,30 @@ ITEMSIZE = {"float32": 4, "float16": 2}
 TITLE = (
     "Memory: peak of one BN training step (forward, backward to x, gamma, beta, "
     "moving averages) of a stack of L layers on {shape}, above what was in use "
-    "before it (TensorFlow's allocator), in input-sized tensors ({units})\n"
+    "before it (TensorFlow's BFC allocator), in input-sized tensors ({units})\n"
     "per layer = slope of the peak between the two deepest stacks; beyond 1 = "
     "per layer - 1, beyond the one tensor per layer the fused op keeps (its "
     "input); rss/layer = per layer from the resident set of the first step"
 )
 METRIC = (
     "allocator_peak_bytes: peak of tf.config.experimental.get_memory_info('CPU:0') "
-    "during the second step, minus its value before; kept_per_layer: its slope "
+    "(TensorFlow's BFC CPU allocator, TF_CPU_ALLOCATOR_USE_BFC=true) during the "
+    "second step, minus its value before; kept_per_layer: its slope "
     "between the two deepest stacks, in input-sized tensors"
 )
 SCRIPT = pathlib.Path(__file__).resolve()
+# Read once, when TensorFlow makes its CPU allocator: set in the environment a
+# worker process starts with (see the module docstring).
+ALLOCATOR_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
+
+
+def _env_text():
+    return " ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV.items())
+
+
+def worker_environment():
+    """The environment of a worker process: this one's, with `ALLOCATOR_ENV`."""
+    return {**os.environ, **ALLOCATOR_ENV}
 
 
 # --- Worker: one process, one or more cases -----------------------------------
@@ -133,8 +151,8 @@ def _malloc_trim():
 def grow_allocator_pool(nbytes):
     """Makes TensorFlow's CPU allocator reserve `nbytes` in one region.
 
-    With oneDNN on (TensorFlow's default), large CPU tensors come from a
-    best-fit allocator that grows by regions and hands a free chunk of up to
+    TensorFlow's best-fit (BFC) CPU allocator, which the workers run, grows
+    by regions and hands a free chunk of up to
     twice the request to one tensor whole, counted whole in its statistics
     (a 49 MiB tensor in a fresh 64 MiB region counts 64 MiB). One large buffer
     allocated first and freed leaves a single free region that later tensors
@@ -173,13 +191,14 @@ def measure_peak(fn, pool, rss):
     dropped: 0 unless the step leaks).
 
     Raises:
-        RuntimeError: if the allocator's use went past the `pool` bytes
+        RuntimeError: if the allocator keeps no statistics (a process started
+            without `ALLOCATOR_ENV`), or its use went past the `pool` bytes
             reserved by `grow_allocator_pool`, where its statistics stop
             counting tensor bytes.
     """
     gc.collect()
     _malloc_trim()
-    tf.config.experimental.reset_memory_stats("CPU:0")
+    reset_allocator_stats()
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     rss_before = _proc_status("VmRSS") if rss else None
     rss = rss_before is not None and _reset_rss_high_water_mark()
@@ -199,6 +218,19 @@ def measure_peak(fn, pool, rss):
         "rss_peak_bytes": None if rss_peak is None else rss_peak - rss_before,
         "allocator_retained_bytes": current - before,
     }
+
+
+def reset_allocator_stats():
+    """Resets the CPU allocator's peak; RuntimeError if it keeps no statistics."""
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+    except ValueError as error:
+        raise RuntimeError(
+            "TensorFlow's CPU allocator keeps no statistics in this process "
+            f"({error}). Start it with {_env_text()} in its environment "
+            "(memory.worker_environment()): TensorFlow reads it once, when it "
+            "makes the allocator."
+        ) from error
 
 
 def stack_step(impl, depth, shape, dtype, mode):
@@ -284,7 +316,11 @@ def run_in_process(cases, timeout):
         command += ["--cases", json.dumps(cases), "--out", str(out)]
         try:
             completed = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout
+                command,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=worker_environment(),
             )
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout} s"
