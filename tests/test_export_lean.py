@@ -69,7 +69,15 @@ def test_tflite_op_list_equals_keras_layer(name):
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
     interpreter.invoke()
     got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(got, ours(x, training=False), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, _inference(ours, x), rtol=1e-4, atol=1e-4)
+
+
+def _inference(model, x):
+    """`model(x, training=False)`, compiled by XLA: XLA's CPU convolution takes
+    channels-first inputs, TensorFlow's own CPU Conv2D kernel only with oneDNN
+    on (TF_ENABLE_ONEDNN_OPTS=1, the default on CPUs with AVX-512)."""
+    run = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    return run(x)
 
 
 @pytest.mark.parametrize("name", [n for n in ARCHITECTURES if not _lean_by_default(n)])
