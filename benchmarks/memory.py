@@ -12,8 +12,10 @@ keras_bn's layer (default `fused=None`, and `fused=False`, the closed form),
 Keras's layer, and `tf.compat.v1.nn.fused_batch_norm` on variables, the
 reference. float16 runs the layers under the `mixed_float16` policy.
 
-Each case runs in a fresh process (`--quick`: all cases in one). The process
-reserves a large allocator pool (`grow_allocator_pool`), builds the stack,
+Each case runs in a fresh process (`--quick`: all cases in one, whose peaks
+have differed between the oneDNN settings by whole input-sized tensors where
+fresh processes agree: a check of the machinery, not a measurement). The
+process reserves a large allocator pool (`grow_allocator_pool`), builds the stack,
 then runs two steps, each after `gc.collect()`:
 
 - the second step gives the metric, `allocator_peak_bytes`: the most bytes
