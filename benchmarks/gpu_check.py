@@ -620,10 +620,11 @@ def check_numerics(device, reference, modes, quick, perturb):
         terms = reduction_terms(kind, shape, path)
         for mode in modes:
             section = "xla" if mode == "xla" else "numerics"
-            if path == "synchronized" and mode == "xla":
+            if path == "synchronized" and mode == "xla" and on_host(device):
                 reason = (
-                    "not checked: an XLA step inside MirroredStrategy.run "
-                    "fails to reach the second replica's variables"
+                    "not checked: on logical CPU devices, an XLA step inside "
+                    "MirroredStrategy.run cannot reach the second replica's "
+                    "variables (Keras's Dense fails alike)"
                 )
                 checks.append(Check(section, f"{name} [{mode}]", None, reason))
                 continue
@@ -637,6 +638,8 @@ def check_numerics(device, reference, modes, quick, perturb):
             worst = max(fractions, key=fractions.get)
             failed = sorted(k for k, v in fractions.items() if not v <= 1.0)
             detail = f"worst {worst}: {fractions[worst]:.2g} of the bound"
+            if path == "synchronized" and len(replica_devices(device)) < 2:
+                detail += "; one replica only (one device of this kind)"
             if failed:
                 detail += "; over the bound: " + ", ".join(failed)
             checks.append(Check(section, f"{name} [{mode}]", not failed, detail))
@@ -784,7 +787,8 @@ def main(argv=None):
         return 0
     for option in ("device", "reference"):
         if full_name(getattr(args, option)) is None:
-            if option == "device" and args.device.upper().startswith("GPU"):
+            no_gpu = not tf.config.list_physical_devices("GPU")
+            if option == "device" and args.device.upper().startswith("GPU") and no_gpu:
                 print(
                     f"No GPU: TensorFlow {tf.__version__} sees no GPU device on this "
                     "machine (built with CUDA: "
