@@ -183,3 +183,40 @@ def test_quick_cpu_against_cpu_run_passes_every_section(tmp_path):
     assert any(c["section"] == "xla" and c["passed"] for c in checks)
     speed = [c for c in checks if c["section"] == "speed"]
     assert speed and all("keras_bn/" in c["detail"] for c in speed)
+
+
+def test_recorded_graph_nodes_on_another_device_fail():
+    """The run metadata of a real step placed on CPU:0, judged for CPU:1:
+    every floating op is off the device, and the fused kernels did not run
+    there."""
+
+    def make_step():
+        with tf.device(REFERENCE):
+            return gpu_check.bn_placement_step("float32", True, "tf.function")
+
+    nodes = gpu_check.executed_graph_nodes(make_step)
+    expected = ["FusedBatchNormV3", "FusedBatchNormGradV3"]
+    on_reference = gpu_check.placement_problems(
+        nodes, gpu_check.full_name(REFERENCE), expected
+    )
+    assert on_reference == []
+    elsewhere = gpu_check.placement_problems(
+        nodes, gpu_check.full_name(DEVICE), expected
+    )
+    assert "FusedBatchNormV3 did not run on the device" in elsewhere
+    assert any(p.startswith("Mul on ") and p.endswith("CPU:0") for p in elsewhere)
+
+
+def test_host_reads_are_recorded_and_floats_off_the_host_fail():
+    with tf.device(DEVICE):
+        values = tf.constant([1.0, 2.0])
+    with gpu_check.host_reads() as reads:
+        values.numpy()
+        bool(values[0] > 0)
+    assert [r[:2] for r in reads] == [("float32", (2,)), ("bool", ())]
+    gpu = "/job:localhost/replica:0/task:0/device:GPU:0"
+    problems, notes = gpu_check.host_read_problems(
+        [("float32", (8,), gpu), ("int64", (32,), gpu), ("float32", (8,), reads[0][2])]
+    )
+    assert problems == ["host read of float32 [8]"]
+    assert notes == ["host read of int64 [32]", "host read of float32 [8]"]
