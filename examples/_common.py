@@ -9,22 +9,31 @@ and imports TensorFlow after.
 """
 
 import argparse
+import contextlib
 import csv
 import math
 import os
 import pathlib
+import sys
+import tempfile
 import time
 import zipfile
+
+# Each example imports this module first, so the wall time it prints counts
+# from here, TensorFlow's import included. Left out: Python's own start-up
+# (0.05 to 0.3 s here) and the process's exit after the closing line (1 to
+# 2 s with TensorFlow loaded).
+STARTED = time.perf_counter()
 
 # Hide TensorFlow's C++ INFO lines; warnings and errors still show. A few
 # start-up lines print before TensorFlow reads this setting (see README.md).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-import matplotlib
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
-import numpy as np
+import numpy as np  # noqa: E402
 
 MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
 DIGITS_TEST_FRACTION = 0.25
@@ -274,11 +283,17 @@ def _finite_float(text):
 
 
 class ExampleParser(argparse.ArgumentParser):
-    """An `ArgumentParser` with options whose default depends on `--quick`."""
+    """An `ArgumentParser` with options whose default depends on `--quick`.
 
-    def __init__(self, **kwargs):
+    Its `parse_args` also moves a quick run's outputs into the `quick/`
+    subfolder of `--out`, sets `smoke_test` (a quick run whose numbers are
+    not results), and checks that the output folder can be written.
+    """
+
+    def __init__(self, quick_is_full_run=False, **kwargs):
         super().__init__(**kwargs)
         self._size_defaults = {}
+        self._quick_is_full_run = quick_is_full_run
 
     def add_size(self, flag, what, full, quick, type=None):
         """Adds a positive option that defaults to `full`, or `quick` with --quick.
@@ -323,7 +338,44 @@ class ExampleParser(argparse.ArgumentParser):
         for dest, (full, quick) in self._size_defaults.items():
             if getattr(parsed, dest) is None:
                 setattr(parsed, dest, quick if parsed.quick else full)
+        parsed.smoke_test = parsed.quick and not self._quick_is_full_run
+        if parsed.quick:
+            # Apart from a full run's, which it would otherwise overwrite.
+            parsed.out = parsed.out / QUICK_FOLDER
+        problem = unwritable_reason(parsed.out)
+        if problem:
+            self.error(f"argument --out: cannot write to {parsed.out}: {problem}")
         return parsed
+
+
+# Where a quick run writes, inside --out.
+QUICK_FOLDER = "quick"
+
+
+def unwritable_reason(folder):
+    """Why `folder` cannot be created and written to, or None if it can.
+
+    Creates nothing: the check runs while parsing the command line, so that an
+    unusable `--out` stops the script before TensorFlow loads. `start_run`
+    makes sure by writing a file there.
+
+    Example:
+
+    ```python
+    unwritable_reason(pathlib.Path("/proc/runs"))  # "/proc is not writable"
+    ```
+    """
+    existing = pathlib.Path(folder)
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as error:
+        return f"{error.filename}: {error.strerror}"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _npz_argument(text):
@@ -334,7 +386,7 @@ def _npz_argument(text):
         raise argparse.ArgumentTypeError(str(error).removeprefix("--data: ")) from None
 
 
-def make_parser(example_name, description, data=True):
+def make_parser(example_name, description, data=True, quick_is_full_run=False):
     """Command line shared by the examples: `--quick`, `--out`, `--seed`, `--data`.
 
     Args:
@@ -343,6 +395,8 @@ def make_parser(example_name, description, data=True):
         description: the `--help` text.
         data: whether the example trains on the digit images and so takes
             `--data`; the examples that make their own data do not.
+        quick_is_full_run: whether `--quick` runs the same computation as a
+            full run (so its verdicts are results), only into `quick/`.
 
     Returns:
         An `ExampleParser` the example may extend.
@@ -356,13 +410,20 @@ def make_parser(example_name, description, data=True):
     ```
     """
     parser = ExampleParser(
+        quick_is_full_run=quick_is_full_run,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a few seconds of training, to check that everything runs",
+        help=(
+            "the same run, into the quick/ subfolder of --out"
+            if quick_is_full_run
+            else "a smoke test: a little training on a little data, to check "
+            "that everything runs (its verdicts are not results); writes into "
+            "the quick/ subfolder of --out, apart from a full run"
+        ),
     )
     parser.add_argument(
         "--out",
@@ -388,12 +449,16 @@ def make_parser(example_name, description, data=True):
 
 
 def start_run(args):
-    """Seeds every generator and creates `args.out`.
+    """Creates `args.out`, says what a quick run is, and seeds every generator.
 
     Imports Keras, so call it after the command line is parsed.
 
     Args:
         args: parsed arguments from `make_parser`.
+
+    Raises:
+        SystemExit: with code 2 (as for a bad argument) and a message naming
+            `--out`, if the folder cannot be created or written to.
 
     Example:
 
@@ -401,10 +466,39 @@ def start_run(args):
     start_run(args)
     ```
     """
+    make_output_folder(args.out)
+    if args.smoke_test:
+        print(
+            f"quick run: a smoke test of the set-up, {QUICK_NOT_A_RESULT}; "
+            f"outputs go to {args.out}, apart from a full run's."
+        )
+    elif args.quick:
+        print(f"quick run: the same run as a full one; outputs go to {args.out}.")
     import keras
 
     keras.utils.set_random_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
+
+
+QUICK_NOT_A_RESULT = "its numbers and verdicts are not results"
+
+
+def make_output_folder(folder):
+    """Creates `folder` and writes a file there, or exits naming `--out`.
+
+    Example:
+
+    ```python
+    make_output_folder(args.out)
+    ```
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        print(f"error: --out: cannot write to {folder}: {reason}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def prepare_run(args):
@@ -623,11 +717,70 @@ def accuracy_difference_error(accuracy, n):
     return float(np.sqrt(2.0 * accuracy * (1.0 - accuracy) / n))
 
 
-class Stopwatch:
-    """Wall time since creation, for the closing line of each example."""
+# Starts each line of a quick run's verdicts.
+QUICK_LABEL = "quick run, not a result: "
 
-    def __init__(self):
-        self.start = time.perf_counter()
 
-    def seconds(self):
-        return time.perf_counter() - self.start
+@contextlib.contextmanager
+def verdicts(args):
+    """Labels every line printed inside as not a result, in a quick run.
+
+    A quick run trains for a few steps on a little data: its verdicts test
+    only that the set-up runs, and may well read "did NOT hold".
+
+    Example:
+
+    ```python
+    with verdicts(args):
+        report(summary)
+    ```
+    """
+    if not args.smoke_test:
+        yield
+        return
+    with contextlib.redirect_stdout(_LabelledLines(sys.stdout, QUICK_LABEL)):
+        yield
+
+
+class _LabelledLines:
+    """A text stream that starts each non-blank line with `label`."""
+
+    def __init__(self, stream, label):
+        self._stream, self._label = stream, label
+        self._line_start = True
+
+    def write(self, text):
+        for piece in text.splitlines(keepends=True):
+            if self._line_start and piece.strip():
+                self._stream.write(self._label)
+            self._stream.write(piece)
+            self._line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self):
+        self._stream.flush()
+
+
+def print_wall_time(args, outputs="figure and CSV"):
+    """Prints the closing line: wall time since the script started, outputs.
+
+    The time counts from the import of this module, the script's first, so
+    TensorFlow's start-up is in it; the process's exit, after this line, is
+    not. A quick run's line says again that it is not a result.
+
+    Example:
+
+    ```python
+    print_wall_time(args)  # wall time: 63 s since the script started, ...
+    ```
+    """
+    seconds = time.perf_counter() - STARTED
+    print(
+        f"wall time: {seconds:.0f} s since the script started (TensorFlow's "
+        f"start-up included); {outputs} in {args.out}"
+    )
+    if args.smoke_test:
+        print(
+            f"quick run: {QUICK_NOT_A_RESULT}, only a check that the set-up "
+            "runs; run without --quick for the results."
+        )

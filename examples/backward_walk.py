@@ -37,7 +37,10 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("backward_walk", __doc__, data=False)
+    # The walk takes seconds whole: --quick changes only the output folder.
+    parser = _common.make_parser(
+        "backward_walk", __doc__, data=False, quick_is_full_run=True
+    )
     parser.add_argument(
         "--markdown",
         type=_common.pathlib.Path,
@@ -609,7 +612,6 @@ def report(checks):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     _common.start_run(args)
     rng = np.random.default_rng(args.seed)
     walk = Walk()
@@ -634,8 +636,9 @@ def main(args):
         page = walk.markdown("A walk through the backward pass", preface)
         args.markdown.write_text(page)
         print(f"Markdown page: {args.markdown}")
-    print(f"\n{verdict}")
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        print(f"\n{verdict}")
+    _common.print_wall_time(args)
     if not all(row["agrees"] for row in walk.checks):
         raise SystemExit(1)
 

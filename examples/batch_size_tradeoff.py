@@ -199,7 +199,6 @@ def report_effects(summary):
 def main(args):
     min_steps = 10 if args.quick else 150
     batch_sizes = QUICK_BATCH_SIZES if args.quick else FULL_BATCH_SIZES
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 256)
@@ -224,8 +223,9 @@ def main(args):
     summary = summarize(rows, batch_sizes)
     plot(summary, args.out / "batch_size_tradeoff.png")
     _common.print_table(summary)
-    report_effects(summary)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report_effects(summary)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

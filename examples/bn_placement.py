@@ -302,7 +302,6 @@ def plot(rows, summary, rates, path):
 
 def main(args):
     rates = QUICK_RATES if args.quick else FULL_RATES
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 128)
@@ -344,8 +343,9 @@ def main(args):
             "after_epochs_to_target",
         ],
     )
-    report(summary)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report(summary)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

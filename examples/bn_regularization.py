@@ -268,7 +268,6 @@ def plot(rows, summary, n_test, path):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 128)
@@ -291,8 +290,9 @@ def main(args):
         summary,
         ["variant", "train_accuracy", "test_accuracy", "accuracy_gap", "loss_gap"],
     )
-    report(summary, comparisons)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report(summary, comparisons)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,6 @@ def report_effects(finals, rates, tolerance):
 
 def main(args):
     rates = QUICK_RATES if args.quick else FULL_RATES
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(512, 256)
@@ -184,8 +183,9 @@ def main(args):
             for rate in rates
         ]
     )
-    report_effects(finals, rates, tolerance=0.02)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report_effects(finals, rates, tolerance=0.02)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,6 @@ def main(args):
     if args.reload:
         reload_and_predict(args.out)
         return
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(128, 64)
@@ -261,8 +260,9 @@ def main(args):
     )
     plot(history, numbers, args.out / "cnn_save_load.png")
     _common.print_table([{"quantity": k, "value": v} for k, v in numbers.items()])
-    report_effects(numbers, history)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report_effects(numbers, history)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

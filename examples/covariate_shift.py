@@ -241,7 +241,6 @@ def _shared_limits(arrays):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     results = {}
     for index, (name, use_bn) in enumerate(
@@ -281,8 +280,9 @@ def main(args):
     _common.write_csv(args.out / "covariate_shift.csv", rows)
     plot(results, args.threshold, args.out / "covariate_shift.png")
     _common.print_table(summary)
-    report_effects(summary, args.threshold)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report_effects(summary, args.threshold)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

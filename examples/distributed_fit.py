@@ -112,7 +112,6 @@ def plot(copies_by_mode, rows, path):
 
 def main(args):
     devices = mirrored_devices()
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 128)
@@ -145,13 +144,14 @@ def main(args):
     _common.write_csv(args.out / "distributed_fit.csv", rows)
     plot(copies_by_mode, rows, args.out / "distributed_fit.png")
     agree = rows[0]["replica_disagreement"] == 0.0
-    print(
-        "\nWith synchronized=True the replicas' moving statistics are "
-        + ("identical" if agree else "NOT identical")
-        + "; with per-replica statistics they differ by up to "
-        f"{rows[1]['replica_disagreement']:.3g}."
-    )
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        print(
+            "\nWith synchronized=True the replicas' moving statistics are "
+            + ("identical" if agree else "NOT identical")
+            + "; with per-replica statistics they differ by up to "
+            f"{rows[1]['replica_disagreement']:.3g}."
+        )
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

@@ -270,7 +270,6 @@ def report(summary, finals, n_test):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 128)
@@ -288,8 +287,9 @@ def main(args):
     _common.write_csv(args.out / "after_fit.csv", finals)
     plot(rows, summary, first_means, args.seed, args.out / "ema_recompute.png")
     _common.print_table(summary)
-    report(summary, finals, len(data.x_test))
-    print(f"wall time: {clock.seconds():.0f} s; figures and CSV in {args.out}")
+    with _common.verdicts(args):
+        report(summary, finals, len(data.x_test))
+    _common.print_wall_time(args, "figures and CSV")
 
 
 if __name__ == "__main__":

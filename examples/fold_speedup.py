@@ -157,7 +157,6 @@ def plot(latency, logits, folded_logits, path):
 
 def main(args):
     seconds = 0.02 if args.quick else 0.5  # one repetition of one model
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 128)
@@ -219,14 +218,15 @@ def main(args):
     plot(latency, logits, folded_logits, args.out / "fold_speedup.png")
     _common.print_table(latency)
     _common.print_table([{"quantity": k, "value": v} for k, v in numbers.items()])
-    print(
-        f"The folded model's logits differ by at most "
-        f"{numbers['max_abs_logit_difference']:.2g} (largest logit "
-        f"{numbers['max_abs_logit']:.3g}); it predicts the same class for "
-        f"{numbers['same_predicted_class']:.1%} of the test images and loads "
-        "without keras_bn."
-    )
-    print(f"wall time: {clock.seconds():.0f} s; figures and CSV in {args.out}")
+    with _common.verdicts(args):
+        print(
+            f"The folded model's logits differ by at most "
+            f"{numbers['max_abs_logit_difference']:.2g} (largest logit "
+            f"{numbers['max_abs_logit']:.3g}); it predicts the same class for "
+            f"{numbers['same_predicted_class']:.1%} of the test images and loads "
+            "without keras_bn."
+        )
+    _common.print_wall_time(args, "figures and CSV")
 
 
 if __name__ == "__main__":

@@ -275,7 +275,6 @@ def plot(rows, path):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(256, 128)
@@ -302,8 +301,9 @@ def main(args):
     _common.print_table(
         table, ["variant", "seed", "train_loss", "test_accuracy", "gamma_3_mean"]
     )
-    report(rows, compare(rows, len(data.x_test)))
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report(rows, compare(rows, len(data.x_test)))
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

@@ -365,19 +365,19 @@ def plot(results, path):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     _common.start_run(args)
     print(f"data: {args.points} generated 2-D points per data set; output: {args.out}")
     results = run(args)
     rows = verdicts(results, args.epochs)
     _common.write_csv(args.out / "softmax_classifier.csv", rows)
     plot(results, args.out / "softmax_classifier.png")
-    for row in rows:
-        print(
-            f"{row['claim']}: {'held' if row['held'] else 'did NOT hold'} "
-            f"({row['measured']}; rule: {row['rule']})."
-        )
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        for row in rows:
+            print(
+                f"{row['claim']}: {'held' if row['held'] else 'did NOT hold'} "
+                f"({row['measured']}; rule: {row['rule']})."
+            )
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

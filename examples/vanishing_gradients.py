@@ -258,7 +258,6 @@ def plot(results, depth, path):
 
 
 def main(args):
-    clock = _common.Stopwatch()
     data = _common.prepare_run(args)
     if args.quick:
         data = data.shrink(512, 256)
@@ -298,8 +297,9 @@ def main(args):
             "bn_final_accuracy",
         ],
     )
-    report(summary, args.depth)
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        report(summary, args.depth)
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

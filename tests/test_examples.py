@@ -7,14 +7,19 @@ a user runs it, `python examples/distributed_fit.py` in a subprocess from
 another working directory. Those runs are marked slow (deselect with
 `-m "not slow"`). One more subprocess checks that `--help` and argument
 errors answer before TensorFlow is imported. The data loader,
-argument types and verdict rules have fast tests.
+argument types, verdict rules, the quick runs' labels and output folder, and
+the `--out` checks have fast tests.
 """
 
 import argparse
+import ast
 import csv
 import importlib
+import os
+import pathlib
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -146,12 +151,13 @@ def check_backward_walk(out, stdout):
     assert all(row["agrees"] == "True" for row in rows)
     assert np.all(floats(rows, "max_abs_difference") <= floats(rows, "tolerance"))
     assert f"All {len(rows)} checks agree" in stdout
-    page = (out.parent / "page" / "walk.md").read_text()
+    page_folder = out.parents[1] / "page"  # --markdown page/walk.md, not in --out
+    page = (page_folder / "walk.md").read_text()
     assert page.startswith("# A walk through the backward pass")
     assert "dx = dxc + dmu / N" in page and "p - y" in page
     # The page shows its figure from beside it.
     assert "![The two graphs and their checks](walk.png)" in page
-    assert (out.parent / "page" / "walk.png").read_bytes()[:4] == b"\x89PNG"
+    assert (page_folder / "walk.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def check_vanishing_gradients(out, stdout):
@@ -250,6 +256,11 @@ def test_every_example_has_a_check():
     assert set(SCRIPTS) - OTHER_SCRIPTS == set(CHECKS)
 
 
+# Whose --quick runs the whole computation (it takes seconds): its verdict
+# is a result.
+QUICK_IS_FULL_RUN = {"backward_walk"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_example_runs_quick(name, tmp_path, monkeypatch, capsys):
@@ -264,10 +275,44 @@ def test_example_runs_quick(name, tmp_path, monkeypatch, capsys):
         module = example(name)
         module.main(module.parse_args(argv))
         stdout = capsys.readouterr().out
-    out = tmp_path / "out"
-    assert "wall time" in stdout
+    # Apart from a full run's outputs, which would be in out/ itself.
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["quick"]
+    out = tmp_path / "out" / "quick"
+    (wall_time,) = [line for line in stdout.splitlines() if "wall time" in line]
+    assert wall_time.endswith(f"CSV in {pathlib.Path('out', 'quick')}")
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     CHECKS[name](out, stdout)
+    check_quick_verdicts_are_labelled(name, stdout)
+
+
+# A phrase of each script's verdict, printed by every run.
+VERDICT_PHRASES = {
+    "covariate_shift": "The sigmoid input's median moved",
+    "bn_vs_plain": "best final test accuracy",
+    "batch_size_tradeoff": "An epoch at batch size",
+    "cnn_save_load": "Inference mode: an image's logits change",
+    "distributed_fit": "With synchronized=True the replicas",
+    "backward_walk": "checks agree",
+    "vanishing_gradients": "without BN the gradients",
+    "bn_placement": "by learning rate: ",
+    "gamma_beta": "Test accuracy with gamma and beta",
+    "bn_regularization": "The claim",
+    "softmax_classifier": "rule: ",
+}
+
+
+def check_quick_verdicts_are_labelled(name, stdout):
+    lines = stdout.splitlines()
+    verdicts = [line for line in lines if VERDICT_PHRASES[name] in line]
+    labelled = [line.startswith(_common.QUICK_LABEL) for line in verdicts]
+    if name in QUICK_IS_FULL_RUN:
+        assert verdicts and not any(labelled) and "not a result" not in stdout
+        return
+    assert verdicts and all(labelled), verdicts
+    notice = lines.index(next(line for line in lines if "a smoke test" in line))
+    assert lines[notice].startswith("quick run: ") and "not results" in lines[notice]
+    assert notice < lines.index(verdicts[0])
+    assert lines[-1].startswith("quick run: its numbers and verdicts are not results")
 
 
 def run_script(name, *args, cwd):
@@ -302,14 +347,16 @@ def test_help_and_bad_arguments_answer_before_tensorflow_loads(tmp_path):
         (str(EXAMPLES / "bn_vs_plain.py"), ["--epochs", "0"]),
         (str(EXAMPLES / "covariate_shift.py"), ["--steps", "30"]),
         (str(EXAMPLES / "covariate_shift.py"), ["--data", str(text_file)]),
+        (str(EXAMPLES / "covariate_shift.py"), ["--quick", "--out", f"{text_file}/r"]),
     ]
     codes, tensorflow_loaded, stderr = run_command_lines(cases, cwd=tmp_path)
-    assert codes == [0] * len(CHECKS) + [2] * 4
+    assert codes == [0] * len(CHECKS) + [2] * 5
     assert tensorflow_loaded is False
     assert "expected a whole number >= 1, got -1" in stderr
     assert "expected a whole number >= 1, got 0" in stderr
     assert "--steps (30) must be a multiple of --eval-every (50)" in stderr
     assert f"{text_file} is not an .npz archive" in stderr
+    assert f"--out: cannot write to {text_file}/r/quick: {text_file} is a" in stderr
     assert "Traceback" not in stderr
 
 
@@ -347,6 +394,125 @@ def test_examples_reject_bad_values_with_a_message(name, argv, message, capsys):
         example(name).parse_args(argv)
     assert exit.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_quick_runs_write_apart_from_full_runs():
+    module = example("covariate_shift")
+    full, quick = module.parse_args([]), module.parse_args(["--quick"])
+    assert full.out == pathlib.Path("keras_bn_runs", "covariate_shift")
+    assert quick.out == full.out / "quick"
+    given = module.parse_args(["--quick", "--out", "runs"])
+    assert given.out == pathlib.Path("runs", "quick")
+    assert (full.smoke_test, quick.smoke_test) == (False, True)
+    # Its --quick is the whole walk: apart, but a result.
+    walk = example("backward_walk").parse_args(["--quick"])
+    assert walk.out.name == "quick" and not walk.smoke_test
+
+
+def test_a_quick_run_labels_every_verdict_line(capsys):
+    quick = argparse.Namespace(smoke_test=True)
+    with _common.verdicts(quick):
+        print("The claim did NOT hold.\n")
+        print("  The claim", end="")
+        print(" held.")
+        sys.stdout.write("A second\nand a third line.\n")
+    label = _common.QUICK_LABEL
+    assert capsys.readouterr().out.splitlines() == [
+        f"{label}The claim did NOT hold.",
+        "",
+        f"{label}  The claim held.",
+        f"{label}A second",
+        f"{label}and a third line.",
+    ]
+    with _common.verdicts(argparse.Namespace(smoke_test=False)):
+        print("The claim held.")
+    assert capsys.readouterr().out == "The claim held.\n"
+
+
+def test_the_closing_line_of_a_quick_run_says_it_is_not_a_result(capsys):
+    out = pathlib.Path("runs", "quick")
+    _common.print_wall_time(argparse.Namespace(smoke_test=True, out=out))
+    wall_time, notice = capsys.readouterr().out.splitlines()
+    assert wall_time.endswith(f"figure and CSV in {out}")
+    assert notice.startswith("quick run: its numbers and verdicts are not results")
+    _common.print_wall_time(argparse.Namespace(smoke_test=False, out=out))
+    assert "not a result" not in capsys.readouterr().out
+
+
+def test_wall_time_counts_from_the_scripts_start(monkeypatch, capsys):
+    # As if the script had started 10,000 s ago.
+    monkeypatch.setattr(_common, "STARTED", time.perf_counter() - 1e4)
+    _common.print_wall_time(argparse.Namespace(smoke_test=False, out="runs"))
+    seconds = capsys.readouterr().out.split("wall time: ")[1].split(" s ")[0]
+    assert int(seconds) >= 10_000
+
+
+def first_import(path, names):
+    """Line of the first top-level import of one of `names` (or their submodules)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module]
+        else:
+            continue
+        if any(m.split(".")[0] in names for m in modules):
+            return node.lineno
+    return None
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_clock_starts_before_tensorflow_is_imported(name):
+    script = EXAMPLES / f"{name}.py"
+    heavy = {"tensorflow", "keras", "keras_bn", "matplotlib", "numpy"}
+    assert first_import(script, {"_common"}) < first_import(script, heavy)
+    # In _common itself, STARTED is set before its first third-party import.
+    module = ast.parse((EXAMPLES / "_common.py").read_text())
+    started = next(
+        node.lineno
+        for node in module.body
+        if isinstance(node, ast.Assign)
+        and getattr(node.targets[0], "id", None) == "STARTED"
+    )
+    assert started < first_import(EXAMPLES / "_common.py", heavy)
+
+
+@pytest.mark.parametrize("quick", [[], ["--quick"]])
+def test_an_unusable_out_stops_while_parsing_naming_it(quick, tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    out = a_file / "runs"
+    with pytest.raises(SystemExit) as exit:
+        example("covariate_shift").parse_args(["--out", str(out), *quick])
+    assert exit.value.code == 2
+    folder = out / "quick" if quick else out
+    error = capsys.readouterr().err
+    assert f"argument --out: cannot write to {folder}: {a_file} is a file" in error
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root may write to a read-only folder",
+)
+def test_a_read_only_out_stops_while_parsing(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as exit:
+        example("covariate_shift").parse_args(["--out", str(locked / "runs")])
+    assert exit.value.code == 2
+    assert f"{locked} is not writable" in capsys.readouterr().err
+
+
+def test_an_out_that_fails_later_exits_with_code_2_naming_it(tmp_path, capsys):
+    # Made unusable after parsing: start_run stops before any training.
+    args = example("covariate_shift").parse_args(["--out", str(tmp_path / "runs")])
+    (tmp_path / "runs").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        _common.start_run(args)
+    assert exit.value.code == 2
+    assert exit.value.__suppress_context__  # no traceback of the OSError
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --out: cannot write to {tmp_path / 'runs'}: ")
 
 
 def test_quick_changes_only_the_defaults_not_given_values():

@@ -81,10 +81,19 @@ def test_model_tools_example_runs_quick(name, tmp_path, monkeypatch, capsys):
     module = importlib.import_module(name)
     module.main(module.parse_args(["--quick", "--out", "out"]))
     stdout = capsys.readouterr().out
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "quick"  # apart from a full run's outputs
     assert "wall time" in stdout
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     CHECKS[name](out, stdout)
+    # A quick run's verdict is labelled as not a result.
+    verdicts = [line for line in stdout.splitlines() if VERDICTS[name] in line]
+    assert verdicts and all(v.startswith("quick run, not a result: ") for v in verdicts)
+
+
+VERDICTS = {
+    "ema_recompute": "after recompute_statistics",
+    "fold_speedup": "The folded model's logits differ",
+}
 
 
 def test_help_and_bad_values_answer_before_tensorflow_loads(tmp_path):
