@@ -39,8 +39,6 @@ import sys
 
 import _common
 
-ARGV = sys.argv[1:]
-
 
 def parse_args(argv=None):
     parser = _common.make_parser("large_vocabulary", __doc__, data=False)
@@ -210,12 +208,18 @@ def peak_so_far():
 def memory_sweep(args):
     rows = []
     vocabularies = QUICK_VOCABULARIES if args.quick else MEMORY_VOCABULARIES
+    # The child imports the keras_bn this process uses, installed or not.
+    package_root = os.path.dirname(os.path.dirname(keras_bn.__file__))
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=path)
     for vocabulary in vocabularies:
         for head in ("dense", "fused"):
-            command = [sys.executable, __file__, *ARGV, "--measure", head]
-            command.append(str(vocabulary))
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+            command = [sys.executable, __file__, "--tokens", str(args.tokens)]
+            command += ["--features", str(args.features)]
+            command += ["--measure", head, str(vocabulary)]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"memory measurement failed: {done.stderr[-2000:]}")
             peak = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(
                 {
