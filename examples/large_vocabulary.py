@@ -26,8 +26,8 @@ words, the rest map to one "unknown" id; id 0 is padding.
    `resource.getrusage`) for the dense head and the fused head.
 
 Verdict rule: the fused head's memory claim holds if, at the largest
-vocabulary, its peak is below the dense head's and below twice the
-kernel's gradient plus 64 MiB. The figure (a PNG) and a CSV go to --out.
+vocabulary, its peak is below half the dense head's. The figure (a PNG)
+and a CSV go to --out.
 """
 
 import argparse
@@ -43,7 +43,7 @@ import _common
 def parse_args(argv=None):
     parser = _common.make_parser("large_vocabulary", __doc__, data=False)
     parser.add_size("--epochs", "training epochs", full=8, quick=1)
-    parser.add_size("--vocabulary", "words in the trained model", full=8000, quick=500)
+    parser.add_size("--vocabulary", "words in the trained model", full=4000, quick=500)
     parser.add_size(
         "--tokens", "tokens per step in the memory part", full=4096, quick=256
     )
@@ -142,7 +142,7 @@ def train(args):
         x, y = x[:256], y[:256]
     split = int(0.9 * len(x))
     print(f"text: {len(ids)} words of standard-library docstrings; {len(x)} windows")
-    model = WordModel(args.vocabulary)
+    model = WordModel(len(words))  # the text may hold fewer distinct words
     model.compile(keras.optimizers.Adam(3e-3), keras_bn.layers.per_token_loss)
     history = model.fit(
         [x[:split], y[:split]],
@@ -266,12 +266,11 @@ def main(args):
         next(r for r in rows if r["head"] == h and r["vocabulary"] == largest)
         for h in ("dense", "fused")
     )
-    bound = 2 * fused["kernel_gradient_mib"] + 64
-    held = fused["peak_mib"] < dense["peak_mib"] and fused["peak_mib"] < bound
+    held = fused["peak_mib"] < dense["peak_mib"] / 2
     print(
         f"verdict: at V={largest} the fused head peaks at {fused['peak_mib']:.0f} "
-        f"MiB, the dense head at {dense['peak_mib']:.0f} MiB (bound "
-        f"{bound:.0f} MiB): the claim {'holds' if held else 'does not hold'}"
+        f"MiB, the dense head at {dense['peak_mib']:.0f} MiB: the claim "
+        f"{'holds' if held else 'does not hold'}"
     )
     print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
 
