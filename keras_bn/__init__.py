@@ -11,6 +11,7 @@ from keras_bn import losses
 from keras_bn import models
 from keras_bn import ops
 from keras_bn.layers import BatchNormalization
+from keras_bn.layers import LinearCrossEntropyHead
 from keras_bn.layers import Softmax
 from keras_bn.loss_names import register_loss_names
 
@@ -24,6 +25,7 @@ register_loss_names(
 
 __all__ = [
     "BatchNormalization",
+    "LinearCrossEntropyHead",
     "Softmax",
     "__version__",
     "callbacks",

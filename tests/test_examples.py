@@ -229,6 +229,13 @@ def check_softmax_classifier(out, stdout):
     assert stdout.count(": held (") + stdout.count(": did NOT hold (") == 4
 
 
+def check_large_vocabulary(out, stdout):
+    columns, rows = read_csv(out / "large_vocabulary.csv")
+    assert {"head", "vocabulary", "peak_mib"} <= set(columns)
+    assert {r["head"] for r in rows} == {"dense", "fused"}
+    assert "held-out perplexity" in stdout and "verdict:" in stdout
+
+
 CHECKS = {
     "covariate_shift": check_covariate_shift,
     "bn_vs_plain": check_bn_vs_plain,
@@ -241,6 +248,7 @@ CHECKS = {
     "gamma_beta": check_gamma_beta,
     "bn_regularization": check_bn_regularization,
     "softmax_classifier": check_softmax_classifier,
+    "large_vocabulary": check_large_vocabulary,
 }
 EXTRA_ARGS = {"backward_walk": ["--markdown", "page/walk.md"]}
 # A second MirroredStrategy over the test process's two logical CPUs would

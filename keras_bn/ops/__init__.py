@@ -9,6 +9,7 @@ from keras_bn.ops.cross_entropy import probability_cross_entropy
 from keras_bn.ops.cross_entropy import softmax_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_probability_cross_entropy
 from keras_bn.ops.cross_entropy import sparse_softmax_cross_entropy
+from keras_bn.ops.linear_cross_entropy import linear_softmax_cross_entropy
 from keras_bn.ops.softmax_ops import log_softmax
 from keras_bn.ops.softmax_ops import softmax
 
@@ -18,6 +19,7 @@ __all__ = [
     "batch_norm_train",
     "batch_renorm_train",
     "canonicalize_axes",
+    "linear_softmax_cross_entropy",
     "log_softmax",
     "probability_cross_entropy",
     "softmax",

@@ -1,0 +1,438 @@
+r"""Softmax cross-entropy of a linear layer's output, never holding the logits.
+
+A language model's head computes logits `x = h W + b` (`N` tokens, `D`
+features, `V` classes) and the sparse cross-entropy of `x`. With a large
+vocabulary, `x` is by far the largest tensor of the step (8,192 tokens and
+131,072 classes are 4 GiB in float32), and the dense path holds it, its
+softmax and its gradient. Here the vocabulary is cut into chunks of `c`
+columns, and only one `[N, c]` block of logits exists at any time.
+
+Forward pass: an online logsumexp over the chunks. For each chunk `k`, with
+`x_k = h W_k + b_k`, a running maximum `m` and a running sum `s`:
+
+    m' = max(m, max_j x_kj)
+    s' = s exp(m - m') + sum_j exp(x_kj - m')
+
+and `lse = m + log(s)` at the end. The chunk that holds the label gives
+`x_y`; with label smoothing `s_`, the row sum of `x` gives `mean(x)`, and
+
+    loss = lse - (1 - s_) x_y - s_ mean_j(x_j)
+
+which is `sparse_softmax_cross_entropy(labels, x)` (the shift by the row
+maximum cancels).
+
+Backward pass. For an upstream gradient `u` (one value per token, any
+values: weights, masks) the gradient to the logits is
+
+    g = u (p - s_ / V - (1 - s_) onehot(y)),      p = exp(x - lse)
+
+and is formed chunk by chunk from recomputed logits, then contracted at
+once:
+
+    dh   += g_k W_k^T           (summed over chunks, [N, D])
+    dW_k  = h^T g_k             (its own columns of dW, [D, c])
+    db_k  = sum_n g_k           ([c])
+
+So the step keeps `dW` (as large as the kernel), `dh` and one chunk, and
+costs four products of the size of `h W` against the dense path's three
+(the logits are computed twice).
+
+Chunks. `c` is `chunk_size` or, by default, the power of two for which a
+chunk holds about 2^24 entries (64 MiB in float32; 2,048 columns for 8,192
+tokens), at most `V`. A vocabulary that is not a multiple of `c` is covered
+by a last chunk that starts at `V - c` and overlaps the one before: its
+already-counted columns are masked out of the logsumexp, the label pick,
+the row sum and `dh`, and the columns of `dW` and `db` it writes again get
+the same values. Nothing is padded (a padded kernel would be a copy of it).
+
+The loops are `tf.while_loop`s with chunks of one static size, so the op
+runs eagerly, in a `tf.function` and under XLA. `dW` is a loop variable
+updated one slice at a time (`TensorStridedSliceUpdate`), which TensorFlow
+runs in place in a graph and XLA as a dynamic-update-slice.
+
+Dtypes. float16 and bfloat16 inputs are computed in float32 (each kernel
+chunk is cast as it is used); the loss is float32 and the gradients take
+their input's dtype. float64 stays float64.
+
+Labels. Out-of-range labels (other than `ignore_class`) raise a ValueError
+eagerly; in a graph, that token's loss is NaN and so are the gradients it
+reaches (its row of `dh`, all of `dW` and `db`), as in the dense path.
+Tokens whose label is `ignore_class` have loss 0 and gradient 0.
+
+Higher orders. `lse` is a hidden output of the op (`keras_bn/ops/
+custom_op.py`): its own upstream gradient `v` adds `v p` to `g`, and the
+backward pass is built from differentiable ops of the original inputs and
+`lse`, so TensorFlow differentiates it (loops included) to any order,
+exactly. Those higher-order passes are ordinary autodiff of the loops and
+keep every chunk's intermediates: exact, but not memory-lean.
+"""
+
+import math
+
+import tensorflow as tf
+
+from keras_bn.ops.axes import static_rank
+from keras_bn.ops.checks import check_label_smoothing
+from keras_bn.ops.checks import check_optional_int
+from keras_bn.ops.checks import check_optional_positive_int
+from keras_bn.ops.cross_entropy import _checked_eager_labels
+from keras_bn.ops.custom_op import custom_op
+from keras_bn.ops.dtypes import compute_dtype
+from keras_bn.ops.dtypes import float_tensor
+from keras_bn.ops.xla import in_xla_function
+
+_INTS = (tf.int32, tf.int64)
+# Entries of one [N, c] chunk of logits by default (64 MiB in float32).
+_CHUNK_ENTRIES = 2**24
+_DYNAMIC_TOKENS_CHUNK = 4096
+
+
+def linear_softmax_cross_entropy(
+    labels,
+    hidden,
+    kernel,
+    bias=None,
+    label_smoothing=0.0,
+    ignore_class=None,
+    chunk_size=None,
+):
+    r"""Sparse softmax cross-entropy of `hidden @ kernel + bias`, in chunks.
+
+    Equals `sparse_softmax_cross_entropy(labels, hidden @ kernel + bias,
+    label_smoothing=..., ignore_class=...)`, value and gradients, but never
+    builds the logits (`[tokens, classes]`) or their gradient: the classes
+    are processed `chunk_size` columns at a time, with an online logsumexp
+    forward and a backward pass that recomputes each chunk's logits
+    (derivation in this module's docstring). Peak memory beyond the inputs
+    is the kernel's gradient plus one chunk.
+
+    Args:
+        labels: int32 or int64 class ids in `[0, V)`, shaped as `hidden`
+            without its last axis.
+        hidden: Float tensor `[..., D]`: the features before the output
+            projection (leading axes such as batch and sequence allowed).
+        kernel: Float tensor `[D, V]` of static shape, the dtype of `hidden`.
+        bias: Optional float tensor `[V]`, the dtype of `hidden`.
+        label_smoothing: Float in [0, 1], as in
+            `sparse_softmax_cross_entropy`: the target is
+            `(1 - s) * onehot(y) + s / V`.
+        ignore_class: Optional int; tokens with this label get loss 0 and
+            gradient 0 (padding).
+        chunk_size: Optional int, the number of classes per chunk. Default:
+            about 2^24 logits per chunk (a power of two), at most `V`.
+
+    Returns:
+        The per-token loss, shaped as `labels`: float32 for float16/bfloat16
+        inputs, else their dtype. Eagerly, an out-of-range label raises; in
+        a graph that token's loss is NaN.
+
+    Raises:
+        TypeError: If `labels` is not an int tensor, or `hidden`, `kernel`,
+            `bias` are not float tensors of one dtype.
+        ValueError: If shapes do not match (the argument is named), an
+            argument is out of range, or (eagerly) a label is out of range.
+
+    Example:
+
+    >>> hidden = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    >>> kernel = tf.constant([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
+    >>> loss = linear_softmax_cross_entropy([2, 0], hidden, kernel, chunk_size=2)
+    >>> loss.numpy().round(5)  # logits [1, 2, 3] and [0, 0, 1]
+    array([0.40761, 1.55144], dtype=float32)
+    """
+    return linear_sparse(
+        labels,
+        hidden,
+        kernel,
+        bias,
+        check_label_smoothing(label_smoothing),
+        check_optional_int(ignore_class, "ignore_class"),
+        check_optional_positive_int(chunk_size, "chunk_size"),
+    )
+
+
+def linear_sparse(labels, hidden, kernel, bias, smoothing, ignore_class, chunk_size):
+    """`linear_softmax_cross_entropy` on checked Python arguments."""
+    hidden, kernel, bias = _checked_parameters(hidden, kernel, bias)
+    labels = _checked_labels(labels, hidden)
+    num_classes = kernel.shape[1]
+    if tf.executing_eagerly():
+        labels, in_range, ignored = _checked_eager_labels(
+            labels, num_classes, ignore_class
+        )
+    else:
+        in_range = tf.logical_and(labels >= 0, labels < num_classes)
+        ignored = None
+        if ignore_class is not None:
+            ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
+    flat = [-1]
+    masks = [None if t is None else tf.reshape(t, flat) for t in (in_range, ignored)]
+    flat_hidden = tf.reshape(hidden, [-1, kernel.shape[0]])
+    loss = _fused_loss(
+        tf.reshape(labels, flat),
+        masks,
+        flat_hidden,
+        kernel,
+        bias,
+        smoothing,
+        _chunk_columns(chunk_size, flat_hidden.shape[0], num_classes),
+    )
+    return tf.reshape(loss, tf.shape(labels))
+
+
+def _checked_parameters(hidden, kernel, bias):
+    hidden = float_tensor(hidden, "hidden")
+    kernel = float_tensor(kernel, "kernel")
+    if static_rank(hidden, "hidden") < 1:
+        raise ValueError(
+            "`hidden` must have rank >= 1 (its last axis is the features). "
+            f"Received: hidden.shape={hidden.shape}"
+        )
+    if kernel.shape.rank != 2 or not kernel.shape.is_fully_defined():
+        raise ValueError(
+            "`kernel` must have a static shape [features, classes]. "
+            f"Received: kernel.shape={kernel.shape}"
+        )
+    if not tf.TensorShape([kernel.shape[0]]).is_compatible_with(hidden.shape[-1:]):
+        raise ValueError(
+            "`kernel` must have shape [features, classes] with features = "
+            f"hidden.shape[-1] = {hidden.shape[-1]}. Received: "
+            f"kernel.shape={kernel.shape.as_list()}"
+        )
+    tensors = {"kernel": kernel}
+    if bias is not None:
+        bias = float_tensor(bias, "bias")
+        tensors["bias"] = bias
+        if bias.shape != [kernel.shape[1]]:
+            raise ValueError(
+                f"`bias` must have shape [classes] = [{kernel.shape[1]}] "
+                f"(kernel.shape={kernel.shape.as_list()}). Received: "
+                f"bias.shape={bias.shape.as_list()}"
+            )
+    for name, tensor in tensors.items():
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(
+                f"`{name}` must have the dtype of `hidden`, {hidden.dtype.name}. "
+                f"Received: {name}.dtype={tensor.dtype.name}"
+            )
+    return hidden, kernel, bias
+
+
+def _checked_labels(labels, hidden):
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype not in _INTS:
+        raise TypeError(
+            "`labels` must be an int32 or int64 tensor of class ids. Received "
+            f"dtype: {labels.dtype.name}"
+        )
+    expected = hidden.shape[:-1]
+    if labels.shape.rank is not None and not (
+        labels.shape.rank == expected.rank and expected.is_compatible_with(labels.shape)
+    ):
+        raise ValueError(
+            "`labels` must have the shape of `hidden` without its last axis, "
+            f"{expected.as_list()}. Received: labels.shape="
+            f"{labels.shape.as_list()}, hidden.shape={hidden.shape.as_list()}"
+        )
+    if labels.shape.is_fully_defined() and expected.is_fully_defined():
+        return labels
+    # Unknown sizes: the reshape fails when they differ (no broadcasting).
+    return tf.reshape(labels, tf.shape(hidden, out_type=labels.dtype)[:-1])
+
+
+def _chunk_columns(chunk_size, tokens, num_classes):
+    """The static number of classes per chunk (module docstring)."""
+    if chunk_size is None:
+        rows = tokens or _DYNAMIC_TOKENS_CHUNK
+        chunk_size = 2 ** max(7, round(math.log2(max(_CHUNK_ENTRIES // rows, 1))))
+    return min(chunk_size, num_classes)
+
+
+def _chunk_logits(h, kernel, bias, start, size, dtype):
+    """`h @ kernel[:, start:start + size] + bias[...]` in `dtype`, and that
+    kernel chunk."""
+    w = tf.cast(tf.slice(kernel, [0, start], [kernel.shape[0], size]), dtype)
+    logits = tf.matmul(h, w)
+    if bias is not None:
+        logits += tf.cast(tf.slice(bias, [start], [size]), dtype)
+    return logits, w
+
+
+class _Chunks:
+    """The chunk grid: `start(k)` and which columns of chunk `k` are new."""
+
+    def __init__(self, num_classes, size):
+        self.size = size
+        self.count = -(-num_classes // size)
+        self.last_start = num_classes - size
+        self.overlaps = num_classes % size != 0
+
+    def start(self, k):
+        return tf.minimum(k * self.size, self.last_start)
+
+    def fresh(self, k, start):
+        """Bool [size]: the columns no earlier chunk covered (None: all)."""
+        if not self.overlaps:
+            return None
+        return start + tf.range(self.size) >= k * self.size
+
+
+def _fused_loss(labels, masks, hidden, kernel, bias, smoothing, size):
+    """The op on a flat `[N, D]` `hidden` and flat labels and masks."""
+    in_range, ignored = masks
+    dtype = compute_dtype(hidden.dtype)
+    num_classes = kernel.shape[1]
+    chunks = _Chunks(num_classes, size)
+    labels = tf.cast(labels, tf.int32)
+    if in_range is not None:
+        labels = tf.where(in_range, labels, tf.zeros([], tf.int32))
+    has_bias = bias is not None
+
+    def forward(hidden, kernel, *maybe_bias):
+        lse, picked, row_sum = _forward_loop(
+            labels, hidden, kernel, maybe_bias[0] if has_bias else None, chunks, dtype
+        )
+        loss = lse - (1.0 - smoothing) * picked
+        if smoothing:
+            loss -= (smoothing / num_classes) * row_sum
+        return (_mask(loss, in_range, ignored),), (lse,), None
+
+    def backward(context, upstream, hidden_upstream):
+        hidden, kernel = context.inputs[:2]
+        (lse,) = context.hidden
+        u = _mask(tf.cast(upstream[0], dtype), in_range, ignored)
+        v = hidden_upstream[0]
+        on_p = u + tf.cast(v, dtype) if context.live(v) else u
+        return _backward_loop(
+            labels,
+            hidden,
+            kernel,
+            context.inputs[2] if has_bias else None,
+            lse,
+            (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u),
+            chunks,
+        )
+
+    inputs = (hidden, kernel) + ((bias,) if has_bias else ())
+    return custom_op(forward, backward, *inputs)[0]
+
+
+def _mask(value, in_range, ignored):
+    """NaN where the label is out of range, 0 where it is ignored."""
+    if in_range is not None:
+        value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
+    if ignored is not None:
+        value = tf.where(ignored, tf.zeros([], value.dtype), value)
+    return value
+
+
+def _forward_loop(labels, hidden, kernel, bias, chunks, dtype):
+    """`(lse, x_y, sum_j x_j)` per token, by an online logsumexp."""
+    h = tf.cast(hidden, dtype)
+    rows = tf.shape(h)[0]
+    zeros = tf.zeros([rows], dtype)
+    minus_inf = tf.constant(-float("inf"), dtype)
+
+    def body(k, running_max, running_sum, picked, row_sum):
+        start = chunks.start(k)
+        logits, _ = _chunk_logits(h, kernel, bias, start, chunks.size, dtype)
+        fresh = chunks.fresh(k, start)
+        if fresh is not None:
+            logits_new = tf.where(fresh, logits, minus_inf)
+        else:
+            logits_new = logits
+        new_max = tf.maximum(running_max, tf.reduce_max(logits_new, axis=1))
+        running_sum = running_sum * tf.exp(running_max - new_max) + tf.reduce_sum(
+            tf.exp(logits_new - new_max[:, None]), axis=1
+        )
+        local = labels - start
+        hit = tf.logical_and(local >= 0, local < chunks.size)
+        hit = tf.logical_and(hit, labels >= k * chunks.size)
+        label_logit = tf.gather(
+            logits, tf.clip_by_value(local, 0, chunks.size - 1)[:, None], batch_dims=1
+        )[:, 0]
+        picked += tf.where(hit, label_logit, tf.zeros([], dtype))
+        if fresh is not None:
+            logits = tf.where(fresh, logits, tf.zeros([], dtype))
+        row_sum += tf.reduce_sum(logits, axis=1)
+        return k + 1, new_max, running_sum, picked, row_sum
+
+    start_max = tf.fill([rows], minus_inf)
+    _, running_max, running_sum, picked, row_sum = tf.while_loop(
+        lambda k, *_: k < chunks.count,
+        body,
+        (tf.constant(0), start_max, zeros, zeros, zeros),
+        maximum_iterations=chunks.count,
+        parallel_iterations=1,  # one chunk alive at a time
+    )
+    return running_max + tf.math.log(running_sum), picked, row_sum
+
+
+def _backward_loop(labels, hidden, kernel, bias, lse, coefficients, chunks):
+    """`(dhidden, dkernel[, dbias])` for `g = a p - b onehot(y) - c`, with
+    `(a, b, c)` = `coefficients` per token (module docstring)."""
+    on_p, on_label, uniform = coefficients
+    dtype = lse.dtype
+    h = tf.cast(hidden, dtype)
+    features, num_classes = kernel.shape
+
+    def body(k, dh, dkernel, dbias):
+        start = chunks.start(k)
+        logits, w = _chunk_logits(h, kernel, bias, start, chunks.size, dtype)
+        columns = start + tf.range(chunks.size)
+        g = tf.exp(logits - lse[:, None]) * on_p[:, None] - uniform[:, None]
+        g -= tf.where(
+            tf.equal(columns[None, :], labels[:, None]), on_label[:, None], 0.0
+        )
+        fresh = chunks.fresh(k, start)
+        if fresh is not None:
+            # Columns an earlier chunk covered: dW and db get the same values
+            # again, dh must not count them twice.
+            w = w * tf.cast(fresh, dtype)
+        dh += tf.matmul(g, w, transpose_b=True)
+        dk = tf.cast(tf.matmul(h, g, transpose_a=True), kernel.dtype)
+        dkernel = _write_columns(dkernel, dk, start)
+        if dbias is not None:
+            db = tf.cast(tf.reduce_sum(g, axis=0), bias.dtype)
+            dbias = _write_columns(dbias, db, start)
+        return k + 1, dh, dkernel, dbias
+
+    state = (
+        tf.constant(0),
+        tf.zeros(tf.shape(h), dtype),
+        tf.zeros([features, num_classes], kernel.dtype),
+        None if bias is None else tf.zeros([num_classes], bias.dtype),
+    )
+    if bias is None:
+        state = state[:3]
+        loop_body = lambda k, dh, dk: body(k, dh, dk, None)[:3]  # noqa: E731
+    else:
+        loop_body = body
+    result = tf.while_loop(
+        lambda k, *_: k < chunks.count,
+        loop_body,
+        state,
+        maximum_iterations=chunks.count,
+        parallel_iterations=1,  # one chunk alive at a time
+    )
+    dh = tf.cast(result[1], hidden.dtype)
+    return (dh,) + tuple(result[2:])
+
+
+def _write_columns(target, value, start):
+    """`target` with `value` written at `start` along its last axis, in
+    place: TensorFlow forwards the loop variable's buffer to the update, and
+    XLA, which needs static slice bounds, scatters into it."""
+    rank = target.shape.rank
+    if in_xla_function():
+        grid = tf.meshgrid(
+            *[tf.range(n) for n in value.shape[:-1]],
+            start + tf.range(value.shape[-1]),
+            indexing="ij",
+        )
+        return tf.tensor_scatter_nd_update(target, tf.stack(grid, axis=-1), value)
+    begin = tf.stack([0] * (rank - 1) + [start])
+    end = begin + tf.constant(value.shape.as_list(), begin.dtype)
+    return tf.raw_ops.TensorStridedSliceUpdate(
+        input=target, begin=begin, end=end, strides=[1] * rank, value=value
+    )
