@@ -31,7 +31,8 @@ def _case(kwargs, shape=SEQUENCE, trainable=GAMMA_BETA, non_trainable=STATS, **m
 # Fresh objects per case: a constraint or regularizer is compared by value.
 BATCH_NORM_CASES = {
     "defaults": _case({}),
-    "axis_1": _case({"axis": 1}, shape=(4, 3, 5), mask_axes=(1,)),
+    # Keras's rule: a mask of one axis less broadcasts over the last axis.
+    "axis_1": _case({"axis": 1}, shape=(4, 3, 5), mask_axes=(2,)),
     "axis_list": _case({"axis": [1, 3]}, shape=(4, 3, 2, 5), mask_axes=(1, 3)),
     "momentum": _case({"momentum": 0.5}),
     "momentum_none": _case(

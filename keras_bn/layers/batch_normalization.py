@@ -165,11 +165,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
             pass the padding as `mask`).
         training: Python boolean: batch statistics and moving-average updates
             (True), or the moving statistics (False or None).
-        mask: Optional boolean tensor shaped as `inputs` without the feature
-            axes (`inputs.shape[:-1]` for `axis=-1`). Masked (False) positions
-            are excluded from the batch statistics and receive no gradient;
-            their outputs are normalized like the others. A batch with no
-            unmasked position leaves the moving statistics unchanged.
+        mask: Optional boolean tensor. As in Keras, one of rank one less
+            than `inputs` is expanded at the last axis and broadcast
+            (`inputs.shape[:-1]` for `axis=-1`); one of the rank of `inputs`
+            broadcasts as it is (`mask[:, None]` masks the positions of a
+            channels-first input); with several feature axes, also the shape
+            of `inputs` without them. Masked (False) entries are excluded from
+            the batch statistics; their outputs are normalized and
+            differentiated like the others (not through the statistics). A
+            feature with no unmasked entry keeps its moving statistics.
 
     Returns:
         A tensor with the shape of `inputs`, in the layer's compute dtype.
@@ -389,6 +393,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.convert_to_tensor(inputs)
+        mask = self._mask_for_ops(mask, inputs)
         gamma, beta = self._value(self.gamma), self._value(self.beta)
         if training and self.trainable:
             outputs = self._train(inputs, gamma, beta, mask)
@@ -405,6 +410,49 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 self.fused,
             )
         return tf.cast(outputs, self.compute_dtype)
+
+    def _mask_for_ops(self, mask, inputs):
+        """The call's mask in a layout of the ops (checked in both modes).
+
+        Keras's rule first: a mask of rank one less than the inputs' is
+        expanded at the last axis and broadcast (`Masking` before
+        `axis=1`). A mask of the inputs' rank broadcasts as it is (so
+        `mask[:, None]` masks the positions of a channels-first input), and
+        with several feature axes a mask may omit all of them.
+        """
+        if mask is None:
+            return None
+        mask = tf.convert_to_tensor(mask)
+        rank, mask_rank = inputs.shape.rank, mask.shape.rank
+        if mask_rank == rank - 1:
+            full = tf.expand_dims(mask, -1)
+        elif mask_rank == rank or (
+            len(self._axes) > 1 and mask_rank == rank - len(self._axes)
+        ):
+            return mask
+        else:
+            raise ValueError(
+                f"The `mask` of layer '{self.name}' must have the rank of the "
+                "inputs, or one less (Keras's rule: then broadcast over a new "
+                "last axis)"
+                + (
+                    ", or the inputs' shape without the feature axes"
+                    if len(self._axes) > 1
+                    else ""
+                )
+                + f". Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        got, shape = full.shape.as_list(), inputs.shape.as_list()
+        if any(g not in (None, 1) and s not in (None, g) for g, s in zip(got, shape)):
+            raise ValueError(
+                f"The `mask` of layer '{self.name}' has one axis less than the "
+                "inputs, so it is broadcast as Keras does, over a new last "
+                "axis: `mask[..., None]` must broadcast to the inputs' shape. "
+                "To mask the positions of a channels-first input, pass the "
+                "mask with a size-1 channel axis (`mask[:, None]`). "
+                f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        return full
 
     def _train(self, inputs, gamma, beta, mask):
         x, axes = inputs, self._axes
