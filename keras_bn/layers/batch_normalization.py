@@ -21,6 +21,7 @@ from keras_bn.ops.checks import check_not_ragged
 from keras_bn.ops.checks import check_optional_bool
 from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_renorm_clipping
+from keras_bn.ops.virtual_batch import GROUPINGS
 from keras_bn.ops.virtual_batch import from_virtual_batches
 from keras_bn.ops.virtual_batch import to_virtual_batches
 
@@ -152,6 +153,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
             statistics; the moving averages take the mean over virtual batches
             of their means and variances (as tf-keras 2 did). Not a Keras 3
             argument.
+        virtual_batch_grouping: `"interleaved"` (the default, tf-keras's
+            grouping: with a batch of `B`, virtual batch `j` holds examples
+            `j, j + B/v, j + 2B/v, ...`, so batch 6 and `v = 3` give
+            examples 0, 2, 4 and 1, 3, 5) or `"consecutive"` (examples 0, 1,
+            2 and 3, 4, 5). Only used with `virtual_batch_size`. Not a Keras
+            argument.
         moving_variance_estimator: `"biased"` (the default, as Keras) stores
             the batch variance `sum((x - mean)^2) / N` in the moving average;
             `"unbiased"` stores `sum((x - mean)^2) / (N - 1)` as PyTorch does
@@ -217,6 +224,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         fused=None,
         virtual_batch_size=None,
         moving_variance_estimator="biased",
+        virtual_batch_grouping="interleaved",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -245,6 +253,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "moving_variance_estimator",
             ("biased", "unbiased"),
         )
+        self.virtual_batch_grouping = check_choice(
+            virtual_batch_grouping, "virtual_batch_grouping", GROUPINGS
+        )
         self.num_batches_tracked = None
         self._warned_single_position = False
         self.supports_masking = True
@@ -271,6 +282,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         one another in part (after `_init_renorm`)."""
         self.synchronized = check_bool(synchronized, "synchronized")
         self.fused = check_optional_bool(fused, "fused")
+        if self.fused and self.synchronized:
+            raise ValueError(
+                "Argument `fused=True` cannot be combined with synchronized=True: "
+                "the fused kernels compute one replica's statistics. Use "
+                "fused=None or False."
+            )
         if self.fused and self.renorm:
             raise ValueError(
                 "Argument `fused=True` cannot be combined with renorm=True: the "
@@ -393,6 +410,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.convert_to_tensor(inputs)
+        if inputs.dtype.is_integer or inputs.dtype == tf.bool:
+            # As Keras and tf-keras: integer (and boolean) inputs are values.
+            wide = tf.float64 if self.compute_dtype == "float64" else tf.float32
+            inputs = tf.cast(inputs, wide)
         mask = self._mask_for_ops(mask, inputs)
         gamma, beta = self._value(self.gamma), self._value(self.beta)
         if training and self.trainable:
@@ -472,6 +493,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 axes,
                 self.virtual_batch_size,
                 (gamma, beta, renorm_mean, renorm_stddev),
+                self.virtual_batch_grouping,
             )
             gamma, beta, renorm_mean, renorm_stddev = params
         renorm = None
@@ -608,5 +630,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "fused": self.fused,
             "virtual_batch_size": self.virtual_batch_size,
             "moving_variance_estimator": self.moving_variance_estimator,
+            "virtual_batch_grouping": self.virtual_batch_grouping,
         }
         return {**super().get_config(), **config}

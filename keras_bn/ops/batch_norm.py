@@ -774,7 +774,9 @@ def batch_norm_apply(
     `batch_norm_inference` for `x`, `gamma` and `beta` (`dx = gamma * inv *
     dy`, `dgamma = inv * S2`, `dbeta = S1`); `mean` and `variance` are
     constants here. Differentiate with respect to them with
-    `batch_norm_inference`.
+    `batch_norm_inference`. With `fused=None` the kernel is used for 4-D
+    inputs only, so that exported graphs of every rank hold the same ops as
+    those of Keras's layer.
 
     Args:
         x, mean, variance, gamma, beta, axis, epsilon, fused: As in
@@ -810,4 +812,9 @@ def apply(x, mean, variance, gamma, beta, axes, epsilon, fused):
     params = _inference_params(x, axes, mean, variance, gamma, beta)
     for name in ("mean", "variance"):
         params[name] = tf.stop_gradient(params[name])
+    if fused is None and x.shape.rank != 4:
+        # The kernel would view other ranks as 4-D (ExpandDims/Squeeze), which
+        # export converters keep; the multiply-add folds into the layer before
+        # as Keras's does, and costs one pass over `x` as the kernel does.
+        fused = False
     return _normalize_with(x, params, axes, epsilon, use_fused(fused, x, axes, epsilon))
