@@ -146,7 +146,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             except under XLA (`jit_compile=True`), where the closed form
             compiles to faster loops, and in a graph (`tf.function`, `fit`)
             for inputs of fewer than 2**17 elements, where the closed form
-            runs faster.
+            runs faster. In inference, None takes the kernel for 4-D inputs
+            only, so exported graphs hold Keras's ops at every rank.
+            `layer.fused` and `get_config()` keep the value passed: with None
+            the path is chosen per call.
         virtual_batch_size: None, or a positive int dividing the batch size:
             Ghost Batch Normalization (Hoffer et al., 2017). Each virtual
             sub-batch of this many examples is normalized with its own
