@@ -110,3 +110,17 @@ def test_synchronized_and_fused_are_refused_in_the_constructor():
     with pytest.raises(ValueError, match=r"`fused=True`.*synchronized=True"):
         keras_bn.BatchNormalization(synchronized=True, fused=True)
     keras_bn.BatchNormalization(synchronized=True, fused=None)  # automatic: fine
+
+
+def test_fused_stays_as_passed_where_tf_keras_resolves_it(rng):
+    """A documented difference (docs/layer.md): tf-keras fixes its path in
+    `build`; keras_bn's `fused=None` chooses per call, so the attribute and
+    the config keep the value passed."""
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    theirs = tf_keras.layers.BatchNormalization()
+    theirs(x)
+    assert theirs.fused is True  # resolved by rank
+    for fused in (None, True, False):
+        ours = keras_bn.BatchNormalization(fused=fused)
+        ours(x)
+        assert ours.fused is fused and ours.get_config()["fused"] is fused
