@@ -86,7 +86,9 @@ def autodiff_batch_norm_train(
 ):
     """The same math as `ops.batch_norm_train` in plain TF ops, for autodiff.
 
-    Masked outputs are constants (stop_gradient), renorm's r and d too.
+    Renorm's r and d are constants (stop_gradient). Masked outputs are
+    differentiated like the others (as Keras's layer does); `mask` is shaped
+    as `x` without the feature axes, or of the rank of `x`.
     """
     rank = x.shape.rank
     axes = canonical_axes(axis, rank)
@@ -96,7 +98,7 @@ def autodiff_batch_norm_train(
         w = tf.ones_like(x)
     else:
         m = tf.cast(mask, x.dtype)
-        for a in axes:
+        for a in axes if m.shape.rank < rank else ():
             m = tf.expand_dims(m, a)
         w = tf.broadcast_to(m, tf.shape(x))
     count = tf.maximum(tf.reduce_sum(w, red, keepdims=True), 1.0)
@@ -121,8 +123,6 @@ def autodiff_batch_norm_train(
         y = y * tf.reshape(gamma, bshape)
     if beta is not None:
         y = y + tf.reshape(beta, bshape)
-    if mask is not None:
-        y = tf.where(w > 0, y, tf.stop_gradient(y))
     return (
         y,
         tf.reshape(mean, param_shape(x.shape, axis)),

@@ -283,7 +283,7 @@ OP_ERRORS = [
             tf.ones([4, 3]), None, None, tf.zeros([3]), tf.ones([3]), rmin=-1.0
         ),
         ValueError,
-        "`renorm_clipping` needs rmin >= 0",
+        "`renorm_clipping`: rmin should be non-negative",
     ),
     (
         lambda: ops.sparse_softmax_cross_entropy(

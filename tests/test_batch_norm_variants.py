@@ -10,16 +10,25 @@ from helpers import numpy_batch_norm_train
 import keras_bn
 
 
+@pytest.mark.parametrize("grouping", ["interleaved", "consecutive"])
 @pytest.mark.parametrize("shape,axis", [((12, 3), -1), ((8, 3, 2, 2), 1)])
-def test_ghost_batches_normalize_each_virtual_batch(rng, shape, axis):
-    layer = keras_bn.BatchNormalization(axis=axis, virtual_batch_size=4, momentum=0.5)
+def test_ghost_batches_normalize_each_virtual_batch(rng, shape, axis, grouping):
+    layer = keras_bn.BatchNormalization(
+        axis=axis, virtual_batch_size=4, momentum=0.5, virtual_batch_grouping=grouping
+    )
     x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
     y = layer(x, training=True).numpy()
     means, variances = [], []
-    for start in range(0, shape[0], 4):
-        part = x[start : start + 4]
-        y_ref, mean, var = numpy_batch_norm_train(part, None, None, axis, 1e-3)
-        np.testing.assert_allclose(y[start : start + 4], y_ref, atol=1e-5)
+    count = shape[0] // 4  # virtual batches
+    for j in range(count):
+        # Interleaved (tf-keras): examples j, j + count, ...; else 4j to 4j + 3.
+        part = (
+            slice(j, None, count)
+            if grouping == "interleaved"
+            else slice(4 * j, 4 * j + 4)
+        )
+        y_ref, mean, var = numpy_batch_norm_train(x[part], None, None, axis, 1e-3)
+        np.testing.assert_allclose(y[part], y_ref, atol=1e-5)
         means.append(mean)
         variances.append(var)
     np.testing.assert_allclose(layer.moving_mean, 0.5 * np.mean(means, 0), atol=1e-6)
@@ -141,8 +150,9 @@ def test_variant_arguments_round_trip_through_config():
             "moving_variance_estimator": "unbiased",
             "skip_nonfinite_updates": False,
             "fused": False,
+            "virtual_batch_grouping": "consecutive",
         },
-        {"synchronized": True, "fused": True},
+        {"synchronized": True, "fused": False},
     ):
         config = keras_bn.BatchNormalization(**kwargs).get_config()
         for key, value in kwargs.items():

@@ -86,7 +86,7 @@ def test_a_layer_given_a_transposed_mask_raises_and_keeps_its_state(rng):
     step = _transposed_mask_call(
         lambda x, m: layer(x, training=True, mask=m), jit_compile=False
     )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="`mask` must have"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`mask` must"):
         step(x, tf.ones([5, 4], tf.bool))
     for a, b in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(a, b)
@@ -104,8 +104,8 @@ def test_virtual_batch_size_not_dividing_a_run_time_batch_raises(rng):
         step(tf.constant(rng.normal(size=(6, 3)), tf.float32))
     for a, b in zip(layer.get_weights(), before):
         np.testing.assert_array_equal(a, b)
-    # A batch it divides runs, with two virtual batches of 4.
+    # A batch it divides runs, with two virtual batches of 4 (interleaved).
     x = rng.normal(size=(8, 3)).astype(np.float32)
     y = step(x).numpy()
-    for half in (y[:4], y[4:]):
+    for half in (y[0::2], y[1::2]):
         np.testing.assert_allclose(half.mean(axis=0), 0.0, atol=1e-5)

@@ -50,10 +50,9 @@ def _tflite_ops(model):
 
 
 def _lean_by_default(name):
-    """4-D inputs run the fused kernel as they are; 2-D and 3-D ones are
-    viewed as 4-D for it (`ExpandDims`), which the converters do not fold
-    into the layer before: `fused=False` gives Keras's multiply-add there."""
-    return len(ARCHITECTURES[name][0]) == 3
+    """Every rank: 4-D inputs run the fused inference kernel as they are,
+    other ranks the multiply-add that converters fold as Keras's."""
+    return True
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -80,12 +79,13 @@ def _inference(model, x):
     return run(x)
 
 
-@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if not _lean_by_default(n)])
-def test_default_fused_path_on_lower_ranks_keeps_the_4d_view(name):
-    """What `fused=False` is for in an export of 2-D or 3-D inputs."""
+@pytest.mark.parametrize("name", ["dense_relu"])
+def test_default_path_on_2d_inputs_has_no_4d_view(name):
+    """The fused kernel would view 2-D inputs as 4-D (`ExpandDims`),
+    which converters keep; inference takes the multiply-add there."""
     ours, _ = _model(keras_bn.BatchNormalization, name)
     _, ops = _tflite_ops(ours)
-    assert "EXPAND_DIMS" in ops
+    assert "EXPAND_DIMS" not in ops and "SQUEEZE" not in ops
 
 
 def test_conv_bn_relu_folds_to_one_convolution():
@@ -110,3 +110,66 @@ def test_onnx_conversion_runs_in_onnxruntime_and_matches_predict(tmp_path):
     np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
     node_types = {node.op_type for node in proto.graph.node}
     assert "Reshape" not in node_types and "Shape" not in node_types
+
+
+# One block per rank, channels-last, built with each class's defaults.
+RANKS = {
+    2: ((10,), lambda: keras.layers.Dense(6)),
+    3: ((12, 4), lambda: keras.layers.Conv1D(5, 3)),
+    4: ((12, 12, 3), lambda: keras.layers.Conv2D(8, 3)),
+    5: ((6, 6, 6, 2), lambda: keras.layers.Conv3D(4, 3)),
+}
+
+
+def _default_block(bn_class, rank):
+    input_shape, make_layer = RANKS[rank]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(input_shape), make_layer(), bn_class()])
+    bn = model.layers[-1]
+    rng = np.random.default_rng(1)
+    size = bn.moving_mean.shape[0]
+    for weight in (bn.gamma, bn.moving_variance):
+        weight.assign(rng.uniform(0.5, 2.0, size))
+    for weight in (bn.beta, bn.moving_mean):
+        weight.assign(rng.normal(size=size))
+    return model, input_shape
+
+
+@pytest.mark.parametrize("rank", sorted(RANKS))
+def test_default_layer_exports_keras_s_op_lists_at_every_rank(rank, tmp_path):
+    """TFLite and ONNX (tf2onnx, run in onnxruntime) op lists of a default
+    block equal those of Keras's layer, and the exports compute its output."""
+    ours, input_shape = _default_block(keras_bn.BatchNormalization, rank)
+    theirs, _ = _default_block(keras.layers.BatchNormalization, rank)
+    x = np.random.default_rng(2).normal(size=(2, *input_shape)).astype(np.float32)
+    want = ours(x, training=False).numpy()
+    np.testing.assert_allclose(want, theirs(x, training=False), rtol=1e-5, atol=1e-5)
+    interpreter, ours_ops = _tflite_ops(ours)
+    assert ours_ops == _tflite_ops(theirs)[1]
+    interpreter.resize_tensor_input(
+        interpreter.get_input_details()[0]["index"], x.shape
+    )
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    tf2onnx = pytest.importorskip("tf2onnx", reason="the 'export' extra")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the 'export' extra")
+    spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="x"),)
+
+    def onnx(model):
+        proto, _ = tf2onnx.convert.from_function(
+            tf.function(lambda x: model(x, training=False)), input_signature=spec
+        )
+        return proto, [node.op_type for node in proto.graph.node]
+
+    proto, ours_nodes = onnx(ours)
+    assert ours_nodes == onnx(theirs)[1]
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_allclose(
+        session.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4
+    )

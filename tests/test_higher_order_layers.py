@@ -130,7 +130,9 @@ def test_keras_layer_second_derivatives_are_inexact_where_ours_are_exact(rng):
 
 
 def test_ghost_batches_have_exact_second_order_gradients(rng):
-    layer = keras_bn.BatchNormalization(virtual_batch_size=4, epsilon=1e-3)
+    layer = keras_bn.BatchNormalization(
+        virtual_batch_size=4, epsilon=1e-3, virtual_batch_grouping="consecutive"
+    )
     layer.build((None, 3))
     x = tf.constant(rng.normal(size=(12, 3)) * 2 + 1, tf.float64)
     gamma = tf.constant(rng.uniform(0.5, 1.5, 3), tf.float64)
@@ -161,17 +163,34 @@ def test_ghost_batches_have_exact_second_order_gradients(rng):
     want = penalty_gradients(weighted_loss(reference, w3, quadratic=True), inputs)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
+
     # And the layer itself (float32) agrees with the same reference.
-    x32 = tf.cast(x, tf.float32)
-    with tf.GradientTape() as outer:
-        outer.watch(x32)
-        with tf.GradientTape() as inner:
-            inner.watch(x32)
-            y = layer(x32, training=True)
-            loss = tf.reduce_sum(tf.cast(w, tf.float32) * tf.square(y))
-        penalty = tf.reduce_sum(tf.square(inner.gradient(loss, x32)))
-    layer_dx, layer_dgamma = outer.gradient(penalty, [x32, layer.gamma])
+    def layer_penalty_gradients(layer, x, w):
+        x32 = tf.cast(x, tf.float32)
+        with tf.GradientTape() as outer:
+            outer.watch(x32)
+            with tf.GradientTape() as inner:
+                inner.watch(x32)
+                y = layer(x32, training=True)
+                loss = tf.reduce_sum(tf.cast(w, tf.float32) * tf.square(y))
+            penalty = tf.reduce_sum(tf.square(inner.gradient(loss, x32)))
+        return outer.gradient(penalty, [x32, layer.gamma])
+
+    layer_dx, layer_dgamma = layer_penalty_gradients(layer, x, w)
     np.testing.assert_allclose(layer_dx, want[0], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(layer_dgamma, want[1], rtol=2e-3, atol=2e-3)
+    # The default, interleaved grouping (tf-keras's) takes examples j, j + 3,
+    # j + 6, j + 9: on x reordered so, its virtual batches are the ones above.
+    interleaved = keras_bn.BatchNormalization(virtual_batch_size=4, epsilon=1e-3)
+    interleaved.build((None, 3))
+    interleaved.set_weights(layer.get_weights())
+    order = np.arange(12).reshape(3, 4).T.reshape(-1)  # [0, 4, 8, 1, 5, ...]
+    layer_dx, layer_dgamma = layer_penalty_gradients(
+        interleaved, tf.gather(x, order), tf.gather(w, order)
+    )
+    np.testing.assert_allclose(
+        layer_dx, tf.gather(want[0], order), rtol=2e-3, atol=2e-3
+    )
     np.testing.assert_allclose(layer_dgamma, want[1], rtol=2e-3, atol=2e-3)
 
 

@@ -31,7 +31,8 @@ def _case(kwargs, shape=SEQUENCE, trainable=GAMMA_BETA, non_trainable=STATS, **m
 # Fresh objects per case: a constraint or regularizer is compared by value.
 BATCH_NORM_CASES = {
     "defaults": _case({}),
-    "axis_1": _case({"axis": 1}, shape=(4, 3, 5), mask_axes=(1,)),
+    # Keras's rule: a mask of one axis less broadcasts over the last axis.
+    "axis_1": _case({"axis": 1}, shape=(4, 3, 5), mask_axes=(2,)),
     "axis_list": _case({"axis": [1, 3]}, shape=(4, 3, 2, 5), mask_axes=(1, 3)),
     "momentum": _case({"momentum": 0.5}),
     "momentum_none": _case(
@@ -104,6 +105,10 @@ BATCH_NORM_CASES = {
     "fused": _case({"fused": True}, shape=(4, 3, 3, 2), mask_axes=None),
     "not_fused": _case({"fused": False}),
     "virtual_batch_size": _case({"virtual_batch_size": 2}, mask_axes=None),
+    "virtual_batch_grouping": _case(
+        {"virtual_batch_size": 2, "virtual_batch_grouping": "consecutive"},
+        mask_axes=None,
+    ),
     "unbiased_variance": _case({"moving_variance_estimator": "unbiased"}),
     "float64": _case({"dtype": "float64"}),
     "mixed_float16": _case({"dtype": "mixed_float16"}, shape=DENSE),
@@ -173,6 +178,10 @@ EFFECT_CASES = {
     ),
     "renorm_momentum": ({"renorm": True, "renorm_momentum": 0.5}, {"renorm": True}),
     "virtual_batch_size": ({"virtual_batch_size": 2}, {}),
+    "virtual_batch_grouping": (
+        {"virtual_batch_size": 2, "virtual_batch_grouping": "consecutive"},
+        {"virtual_batch_size": 2},
+    ),
     "moving_variance_estimator": ({"moving_variance_estimator": "unbiased"}, {}),
 }
 

@@ -21,6 +21,7 @@ from keras_bn.ops.checks import check_not_ragged
 from keras_bn.ops.checks import check_optional_bool
 from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_renorm_clipping
+from keras_bn.ops.virtual_batch import GROUPINGS
 from keras_bn.ops.virtual_batch import from_virtual_batches
 from keras_bn.ops.virtual_batch import to_virtual_batches
 
@@ -145,12 +146,21 @@ class BatchNormalization(keras.layers.BatchNormalization):
             except under XLA (`jit_compile=True`), where the closed form
             compiles to faster loops, and in a graph (`tf.function`, `fit`)
             for inputs of fewer than 2**17 elements, where the closed form
-            runs faster.
+            runs faster. In inference, None takes the kernel for 4-D inputs
+            only, so exported graphs hold Keras's ops at every rank.
+            `layer.fused` and `get_config()` keep the value passed: with None
+            the path is chosen per call.
         virtual_batch_size: None, or a positive int dividing the batch size:
             Ghost Batch Normalization (Hoffer et al., 2017). Each virtual
             sub-batch of this many examples is normalized with its own
             statistics; the moving averages take the mean over virtual batches
             of their means and variances (as tf-keras 2 did). Not a Keras 3
+            argument.
+        virtual_batch_grouping: `"interleaved"` (the default, tf-keras's
+            grouping: with a batch of `B`, virtual batch `j` holds examples
+            `j, j + B/v, j + 2B/v, ...`, so batch 6 and `v = 3` give
+            examples 0, 2, 4 and 1, 3, 5) or `"consecutive"` (examples 0, 1,
+            2 and 3, 4, 5). Only used with `virtual_batch_size`. Not a Keras
             argument.
         moving_variance_estimator: `"biased"` (the default, as Keras) stores
             the batch variance `sum((x - mean)^2) / N` in the moving average;
@@ -165,11 +175,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
             pass the padding as `mask`).
         training: Python boolean: batch statistics and moving-average updates
             (True), or the moving statistics (False or None).
-        mask: Optional boolean tensor shaped as `inputs` without the feature
-            axes (`inputs.shape[:-1]` for `axis=-1`). Masked (False) positions
-            are excluded from the batch statistics and receive no gradient;
-            their outputs are normalized like the others. A batch with no
-            unmasked position leaves the moving statistics unchanged.
+        mask: Optional boolean tensor. As in Keras, one of rank one less
+            than `inputs` is expanded at the last axis and broadcast
+            (`inputs.shape[:-1]` for `axis=-1`); one of the rank of `inputs`
+            broadcasts as it is (`mask[:, None]` masks the positions of a
+            channels-first input); with several feature axes, also the shape
+            of `inputs` without them. Masked (False) entries are excluded from
+            the batch statistics; their outputs are normalized and
+            differentiated like the others (not through the statistics). A
+            feature with no unmasked entry keeps its moving statistics.
 
     Returns:
         A tensor with the shape of `inputs`, in the layer's compute dtype.
@@ -213,6 +227,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         fused=None,
         virtual_batch_size=None,
         moving_variance_estimator="biased",
+        virtual_batch_grouping="interleaved",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -241,6 +256,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "moving_variance_estimator",
             ("biased", "unbiased"),
         )
+        self.virtual_batch_grouping = check_choice(
+            virtual_batch_grouping, "virtual_batch_grouping", GROUPINGS
+        )
         self.num_batches_tracked = None
         self._warned_single_position = False
         self.supports_masking = True
@@ -267,6 +285,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         one another in part (after `_init_renorm`)."""
         self.synchronized = check_bool(synchronized, "synchronized")
         self.fused = check_optional_bool(fused, "fused")
+        if self.fused and self.synchronized:
+            raise ValueError(
+                "Argument `fused=True` cannot be combined with synchronized=True: "
+                "the fused kernels compute one replica's statistics. Use "
+                "fused=None or False."
+            )
         if self.fused and self.renorm:
             raise ValueError(
                 "Argument `fused=True` cannot be combined with renorm=True: the "
@@ -389,6 +413,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         inputs = tf.convert_to_tensor(inputs)
+        if inputs.dtype.is_integer or inputs.dtype == tf.bool:
+            # As Keras and tf-keras: integer (and boolean) inputs are values.
+            wide = tf.float64 if self.compute_dtype == "float64" else tf.float32
+            inputs = tf.cast(inputs, wide)
+        mask = self._mask_for_ops(mask, inputs)
         gamma, beta = self._value(self.gamma), self._value(self.beta)
         if training and self.trainable:
             outputs = self._train(inputs, gamma, beta, mask)
@@ -405,6 +434,49 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 self.fused,
             )
         return tf.cast(outputs, self.compute_dtype)
+
+    def _mask_for_ops(self, mask, inputs):
+        """The call's mask in a layout of the ops (checked in both modes).
+
+        Keras's rule first: a mask of rank one less than the inputs' is
+        expanded at the last axis and broadcast (`Masking` before
+        `axis=1`). A mask of the inputs' rank broadcasts as it is (so
+        `mask[:, None]` masks the positions of a channels-first input), and
+        with several feature axes a mask may omit all of them.
+        """
+        if mask is None:
+            return None
+        mask = tf.convert_to_tensor(mask)
+        rank, mask_rank = inputs.shape.rank, mask.shape.rank
+        if mask_rank == rank - 1:
+            full = tf.expand_dims(mask, -1)
+        elif mask_rank == rank or (
+            len(self._axes) > 1 and mask_rank == rank - len(self._axes)
+        ):
+            return mask
+        else:
+            raise ValueError(
+                f"The `mask` of layer '{self.name}' must have the rank of the "
+                "inputs, or one less (Keras's rule: then broadcast over a new "
+                "last axis)"
+                + (
+                    ", or the inputs' shape without the feature axes"
+                    if len(self._axes) > 1
+                    else ""
+                )
+                + f". Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        got, shape = full.shape.as_list(), inputs.shape.as_list()
+        if any(g not in (None, 1) and s not in (None, g) for g, s in zip(got, shape)):
+            raise ValueError(
+                f"The `mask` of layer '{self.name}' has one axis less than the "
+                "inputs, so it is broadcast as Keras does, over a new last "
+                "axis: `mask[..., None]` must broadcast to the inputs' shape. "
+                "To mask the positions of a channels-first input, pass the "
+                "mask with a size-1 channel axis (`mask[:, None]`). "
+                f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        return full
 
     def _train(self, inputs, gamma, beta, mask):
         x, axes = inputs, self._axes
@@ -424,6 +496,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 axes,
                 self.virtual_batch_size,
                 (gamma, beta, renorm_mean, renorm_stddev),
+                self.virtual_batch_grouping,
             )
             gamma, beta, renorm_mean, renorm_stddev = params
         renorm = None
@@ -560,5 +633,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "fused": self.fused,
             "virtual_batch_size": self.virtual_batch_size,
             "moving_variance_estimator": self.moving_variance_estimator,
+            "virtual_batch_grouping": self.virtual_batch_grouping,
         }
         return {**super().get_config(), **config}

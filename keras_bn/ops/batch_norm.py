@@ -117,15 +117,22 @@ def _check_param_shapes(x, axes, params):
 
 
 def _prepare_mask(mask, x, axes):
-    """A boolean mask broadcastable to `x`, or None.
+    """`(mask, per_feature)`: a boolean mask broadcastable to `x`, or None.
 
-    `mask` has the shape of `x` with the feature axes removed; size-1 axes are
-    inserted where the feature axes were.
+    `mask` has either the shape of `x` with the feature axes removed (size-1
+    axes are then inserted where the feature axes were), or the rank of `x`
+    and a shape that broadcasts to it. `per_feature` is True when the mask
+    may differ between features (a full-rank mask not of size 1 on every
+    feature axis); it is then broadcast to the whole shape of `x`.
     """
     if mask is None:
-        return None
+        return None, False
     mask = tf.convert_to_tensor(mask)
+    if mask.dtype != tf.bool:
+        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
     rank = x.shape.rank
+    if mask.shape.rank == rank:
+        return _full_rank_mask(mask, x, axes)
     expected = [d for i, d in enumerate(x.shape.as_list()) if i not in axes]
     got = mask.shape.as_list() if mask.shape.rank is not None else None
     if (
@@ -137,11 +144,10 @@ def _prepare_mask(mask, x, axes):
     ):
         raise ValueError(
             "`mask` must have the shape of the inputs with the feature axes "
-            f"{list(axes)} removed, i.e. {expected}. Received: mask.shape="
-            f"{got}, inputs.shape={x.shape.as_list()}"
+            f"{list(axes)} removed, i.e. {expected}, or the rank of the inputs "
+            f"and a shape that broadcasts to theirs. Received: mask.shape={got}, "
+            f"inputs.shape={x.shape.as_list()}"
         )
-    if mask.dtype != tf.bool:
-        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
     if None in got or None in expected:
         kept = [i for i in range(rank) if i not in axes]
         mask = shape_at_run_time(
@@ -153,7 +159,33 @@ def _prepare_mask(mask, x, axes):
     for a in axes:
         mask = tf.expand_dims(mask, a)
     mask.shape.assert_has_rank(rank)
-    return mask
+    return mask, False
+
+
+def _full_rank_mask(mask, x, axes):
+    """`_prepare_mask` for a mask of the rank of `x`: broadcast to `x` (to
+    size 1 on the feature axes where it has size 1 on all of them)."""
+    got, shape = mask.shape.as_list(), x.shape.as_list()
+    if any(g not in (None, 1) and s is not None and g != s for g, s in zip(got, shape)):
+        raise ValueError(
+            "A `mask` of the rank of the inputs must broadcast to their shape. "
+            f"Received: mask.shape={got}, inputs.shape={shape}"
+        )
+    per_feature = any(got[a] != 1 for a in axes)
+    target = tf.shape(x)
+    if None in got or None in shape:
+        sizes = tf.shape(mask)
+        fits = tf.reduce_all((sizes == 1) | (sizes == target))
+        check = tf.debugging.assert_equal(
+            fits, True, message="`mask` must broadcast to the shape of the inputs"
+        )
+        with tf.control_dependencies([check]):
+            mask = tf.identity(mask)
+    if not per_feature:
+        target = tf.tensor_scatter_nd_update(
+            target, [[a] for a in axes], tf.ones([len(axes)], target.dtype)
+        )
+    return tf.broadcast_to(mask, target), per_feature
 
 
 def _reshape_params(params, shape, dtype):
@@ -277,6 +309,7 @@ class _Layout(NamedTuple):
     red: list  # the reduced axes of the view
     shape: object  # the broadcast shape of a per-feature tensor on the view
     mask: object  # boolean, broadcastable to the view, or None
+    per_feature: bool  # whether the mask (so the count) differs by feature
     names: tuple  # the parameters given, of ("gamma", "beta")
     dtype: tf.DType  # the compute dtype
     epsilon: float
@@ -306,19 +339,20 @@ def train(
         return fused_batch_norm_train(
             x, params.get("gamma"), params.get("beta"), axes[0], epsilon
         )
-    mask = _prepare_mask(mask, x, axes)
+    mask, per_feature = _prepare_mask(mask, x, axes)
     dtype = compute_dtype(x.dtype)
     # Computed on a view of `x` with adjacent reduced axes merged (and
     # adjacent feature axes): [N, H, W, C] is viewed as [N * H * W, C].
     groups = merge_adjacent_axes(rank, axes)
     view = merged_shape(x, groups)
     if mask is not None:
-        mask = tf.reshape(mask, merged_shape(x, groups, features=False))
+        mask = tf.reshape(mask, merged_shape(x, groups, features=per_feature))
     layout = _Layout(
         view=view,
         red=[i for i, (is_feature, _) in enumerate(groups) if not is_feature],
         shape=merged_shape(x, groups, reduced=False),
         mask=mask,
+        per_feature=per_feature,
         names=tuple(params),
         dtype=dtype,
         epsilon=epsilon,
@@ -381,7 +415,8 @@ def _train_forward(layout, renorm, features, x, values):
         tf.reshape(tf.cast(y, x.dtype), tf.shape(x)),
         tf.reshape(mean, features),
         tf.reshape(variance, features),
-        tf.reduce_max(count),  # equal for every feature; a scalar
+        # Equal for every feature (a scalar) unless the mask varies by feature.
+        tf.reshape(count, features) if layout.per_feature else tf.reduce_max(count),
     )
     return outputs, (centred,), (count, correction)
 
@@ -389,10 +424,11 @@ def _train_forward(layout, renorm, features, x, values):
 def _train_backward(layout, context, upstream, hidden_upstream):
     r"""The training backward pass, built to be differentiated again.
 
-    With `S1 = sum(dy)`, `S2 = sum(dy * (x - mean))` over the `N` (unmasked)
-    positions and `scale = gamma * inv` (times renorm's `r`):
+    With `S1 = sum(dy)`, `S2 = sum(dy * (x - mean))` over every position
+    (a masked output depends on the statistics too), `N` the number of
+    unmasked positions and `scale = gamma * inv` (times renorm's `r`):
 
-        dx     = dy * scale + (x - mean) * b + c
+        dx     = dy * scale + (x - mean) * b + c   (b, c: unmasked only)
         b      = -scale * inv^2 * S2 / N + 2 * dvariance / N
         c      = -scale * S1 / N + dmean / N
         dgamma = inv * S2                (renorm: r * inv * S2 + d * S1)
@@ -419,7 +455,7 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     scale = inv if gamma is None else inv * gamma
     if correction is not None:
         scale = scale * correction[0]
-    dy = _kept(tf.cast(tf.reshape(dy, layout.view), dtype), mask)
+    dy = tf.cast(tf.reshape(dy, layout.view), dtype)
     s1 = _sum(dy, red)
     s2 = _sum(dy * centred, red)  # sum(dy * (x - mean))
     sums = {"s1": s1, "s2": s2}
@@ -439,7 +475,8 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     if "dmean" in total:
         b += 2.0 * total["dvariance"] / safe_count
         c += total["dmean"] / safe_count
-    dx = _kept(dy * scale + (centred * b + c), mask)
+    # Only the unmasked positions move the statistics.
+    dx = dy * scale + _kept(centred * b + c, mask)
     if "dcentred" in total:
         dx += dcentred - _kept(total["dcentred"] / safe_count, mask)
     # Per-replica contributions: the strategy sums them across replicas.
@@ -489,11 +526,13 @@ def batch_norm_train(
         axis: The feature axis, or a list/tuple of them: the axes that are
             kept. Statistics are reduced over all the others.
         epsilon: Positive float added to the variance.
-        mask: Optional boolean tensor shaped as `x` without its feature axes.
-            False positions are left out of the statistics and receive no
-            gradient (their outputs are treated as padding), though their
-            outputs are normalized like all others. A fully masked batch
-            gives mean 0 and variance 0, not NaN.
+        mask: Optional boolean tensor shaped as `x` without its feature
+            axes, or of the rank of `x` with a shape that broadcasts to it
+            (which may then differ between features). False positions are
+            left out of the statistics; their outputs are normalized like all
+            others, and differentiated as such (their gradient does not pass
+            through the statistics). A fully masked batch, or feature, gives
+            mean 0 and variance 0, not NaN.
         fused: None (automatic), True or False. True computes on
             TensorFlow's fused kernels (`FusedBatchNormV3` and its gradient,
             cuDNN on GPUs), which apply to float16/bfloat16/float32 inputs
@@ -514,8 +553,9 @@ def batch_norm_train(
             `dgamma`/`dbeta` are this replica's contributions, which the
             strategy sums. Elsewhere it has no effect.
         return_count: If True, also return the number of positions `N` the
-            statistics were taken over (global when synchronized), a scalar
-            in the statistics' dtype.
+            statistics were taken over (global when synchronized), in the
+            statistics' dtype: a scalar, or shaped as `gamma` for a mask that
+            differs between features.
 
     Returns:
         A tuple `(y, batch_mean, batch_variance)`, and `count` last with
@@ -734,7 +774,9 @@ def batch_norm_apply(
     `batch_norm_inference` for `x`, `gamma` and `beta` (`dx = gamma * inv *
     dy`, `dgamma = inv * S2`, `dbeta = S1`); `mean` and `variance` are
     constants here. Differentiate with respect to them with
-    `batch_norm_inference`.
+    `batch_norm_inference`. With `fused=None` the kernel is used for 4-D
+    inputs only, so that exported graphs of every rank hold the same ops as
+    those of Keras's layer.
 
     Args:
         x, mean, variance, gamma, beta, axis, epsilon, fused: As in
@@ -770,4 +812,9 @@ def apply(x, mean, variance, gamma, beta, axes, epsilon, fused):
     params = _inference_params(x, axes, mean, variance, gamma, beta)
     for name in ("mean", "variance"):
         params[name] = tf.stop_gradient(params[name])
+    if fused is None and x.shape.rank != 4:
+        # The kernel would view other ranks as 4-D (ExpandDims/Squeeze), which
+        # export converters keep; the multiply-add folds into the layer before
+        # as Keras's does, and costs one pass over `x` as the kernel does.
+        fused = False
     return _normalize_with(x, params, axes, epsilon, use_fused(fused, x, axes, epsilon))

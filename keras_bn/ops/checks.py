@@ -214,9 +214,10 @@ def check_renorm_clipping(renorm_clipping):
     unknown = set(renorm_clipping) - set(RENORM_CLIPPING_KEYS)
     if unknown:
         raise ValueError(
-            f"Argument `renorm_clipping` has unsupported keys {sorted(unknown)}. "
-            f"Supported keys: {list(RENORM_CLIPPING_KEYS)}. Received: "
-            f"renorm_clipping={renorm_clipping}"
+            # Keras's wording, which its own test suite pins.
+            f"Received invalid keys for `renorm_clipping` argument: "
+            f"{sorted(unknown)}. Supported keys: {list(RENORM_CLIPPING_KEYS)}. "
+            f"Got: renorm_clipping={renorm_clipping}"
         )
     clip = {}
     for key, value in renorm_clipping.items():
@@ -237,13 +238,16 @@ def check_renorm_clipping(renorm_clipping):
             )
     rmin, rmax, dmax = (clip.get(k) for k in ("rmin", "rmax", "dmax"))
     for broken, needs in (
-        (rmin is not None and rmin < 0, "rmin >= 0"),
-        (rmin is not None and rmax is not None and rmax < rmin, "rmax >= rmin"),
-        (dmax is not None and dmax < 0, "dmax >= 0"),
+        (rmin is not None and rmin < 0, "rmin should be non-negative"),
+        (
+            rmin is not None and rmax is not None and rmax < rmin,
+            "rmax should be >= rmin",
+        ),
+        (dmax is not None and dmax < 0, "dmax should be non-negative"),
     ):
         if broken:
             raise ValueError(
-                f"Argument `renorm_clipping` needs {needs}. "
+                f"Argument `renorm_clipping`: {needs}. "
                 f"Received: renorm_clipping={renorm_clipping}"
             )
     return clip

@@ -1,9 +1,15 @@
 """Ghost Batch Normalization (Hoffer et al., 2017): virtual sub-batches.
 
 A batch of `B` examples is viewed as `B / v` virtual batches of `v` examples,
-`[B, ...] -> [B / v, v, ...]`, and the new leading axis joins the feature
-axes, so every virtual batch gets its own statistics from the same ops. The
-reshapes and the broadcast of per-feature parameters are linear bookkeeping
+and the axis that numbers them joins the feature axes, so every virtual batch
+gets its own statistics from the same ops. Two groupings:
+
+- `"interleaved"` (tf-keras's): `[B, ...] -> [v, B / v, ...]`, so virtual
+  batch `j` holds examples `j, j + B/v, j + 2B/v, ...` (batch 6, `v = 3`:
+  examples 0, 2, 4 and 1, 3, 5);
+- `"consecutive"`: `[B, ...] -> [B / v, v, ...]` (0, 1, 2 and 3, 4, 5).
+
+The reshapes and the broadcast of per-feature parameters are linear bookkeeping
 around the hand-written batch-norm gradient.
 """
 
@@ -11,8 +17,10 @@ import tensorflow as tf
 
 from keras_bn.ops.checks import divisible_at_run_time
 
+GROUPINGS = ("interleaved", "consecutive")
 
-def to_virtual_batches(x, axes, virtual_batch_size, params):
+
+def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleaved"):
     """The layer's training input as virtual batches, for the batch-norm ops.
 
     Args:
@@ -21,11 +29,13 @@ def to_virtual_batches(x, axes, virtual_batch_size, params):
         virtual_batch_size: `v`, which must divide `B`.
         params: Per-feature tensors (or None), broadcast to one copy per
             virtual batch.
+        grouping: `"interleaved"` or `"consecutive"` (module docstring).
 
     Returns:
-        `(x_split, axes, params)`: `x` viewed as `[B / v, v, ...]`, the
-        feature axes shifted by one with the new leading axis joined to
-        them, and the broadcast parameters.
+        `(x_split, axes, params)`: `x` viewed as `[v, B / v, ...]`
+        (interleaved) or `[B / v, v, ...]` (consecutive), the feature axes
+        shifted by one with the axis numbering the virtual batches joined to
+        them, and the parameters broadcast to `[B / v, ...]`.
 
     Raises:
         ValueError: If the batch size is known and not a multiple of
@@ -46,15 +56,21 @@ def to_virtual_batches(x, axes, virtual_batch_size, params):
             f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
             "the batch size",
         )
-    x_split = tf.reshape(x, tf.concat([[-1, virtual_batch_size], shape[1:]], axis=0))
-    per_batch = tf.shape(x_split)[:1]
+    split = (
+        [virtual_batch_size, -1]
+        if grouping == "interleaved"
+        else [-1, virtual_batch_size]
+    )
+    x_split = tf.reshape(x, tf.concat([split, shape[1:]], axis=0))
+    numbering = 1 if grouping == "interleaved" else 0  # the virtual batches' axis
+    per_batch = tf.shape(x_split)[numbering : numbering + 1]
     params = [
         None
         if v is None
         else tf.broadcast_to(v, tf.concat([per_batch, tf.shape(v)], 0))
         for v in params
     ]
-    return x_split, (0,) + tuple(a + 1 for a in axes), params
+    return x_split, (numbering,) + tuple(a + 1 for a in axes), params
 
 
 def from_virtual_batches(outputs, mean, variance, inputs):
