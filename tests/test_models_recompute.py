@@ -85,14 +85,19 @@ def numpy_bn_train(h, layer, mask=None):
     axes = canonical_axes(layer.axis, h.ndim)
     gamma, beta = np.asarray(layer.gamma, "float64"), np.asarray(layer.beta, "float64")
     size = getattr(layer, "virtual_batch_size", None) or len(h)
-    outputs, statistics = [], []
-    for start in range(0, len(h), size):
-        part = h[start : start + size]
+    groups = len(h) // size
+    if getattr(layer, "virtual_batch_grouping", None) == "consecutive":
+        members = [np.arange(j * size, (j + 1) * size) for j in range(groups)]
+    else:  # interleaved (tf-keras's): examples j, j + groups, j + 2 * groups, ...
+        members = [np.arange(j, len(h), groups) for j in range(groups)]
+    outputs, statistics = np.zeros_like(h), []
+    for index in members:
+        part = h[index]
         reduced = tuple(i for i in range(h.ndim) if i not in axes)
         weights = np.ones_like(part)
         if mask is not None:
             weights = np.broadcast_to(
-                expand_mask(mask[start : start + size], h.ndim, axes), part.shape
+                expand_mask(mask[index], h.ndim, axes), part.shape
             )
         count = weights.sum(reduced, keepdims=True)
         mean = (weights * part).sum(reduced, keepdims=True) / count
@@ -100,8 +105,8 @@ def numpy_bn_train(h, layer, mask=None):
         y = (part - mean) / np.sqrt(variance + layer.epsilon)
         if layer.renorm:
             y = y * _renorm_r(layer, variance) + _renorm_d(layer, mean)
-        outputs.append(
-            y * expand_param(gamma, h.ndim, axes) + expand_param(beta, h.ndim, axes)
+        outputs[index] = y * expand_param(gamma, h.ndim, axes) + expand_param(
+            beta, h.ndim, axes
         )
         if getattr(layer, "moving_variance_estimator", "biased") == "unbiased":
             variance = variance * count / np.maximum(count - 1, 1)
@@ -109,7 +114,7 @@ def numpy_bn_train(h, layer, mask=None):
         statistics.append(
             (count.reshape(shape), mean.reshape(shape), variance.reshape(shape))
         )
-    return np.concatenate(outputs), statistics
+    return outputs, statistics
 
 
 def _renorm_stddev(layer, ndim=None):
@@ -179,6 +184,7 @@ CONFIGS = [
     ("keras_bn", {}),
     ("keras_bn", {"moving_variance_estimator": "unbiased"}),
     ("keras_bn", {"virtual_batch_size": 2}),
+    ("keras_bn", {"virtual_batch_size": 2, "virtual_batch_grouping": "consecutive"}),
     ("keras_bn", {"axis": [1, 2]}),
     ("keras_bn", {"fused": False, "momentum": None}),
 ]

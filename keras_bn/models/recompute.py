@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.layers import BatchNormalization
 from keras_bn.models._data import Batches
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import copy_model
@@ -210,6 +209,7 @@ class _Recorder(keras.layers.Layer):
         self.supports_masking = True
         self.unbiased = getattr(layer, "moving_variance_estimator", None) == "unbiased"
         self.virtual_batch_size = getattr(layer, "virtual_batch_size", None)
+        self.grouping = getattr(layer, "virtual_batch_grouping", "interleaved")
         self.renorm = bool(getattr(layer, "renorm", False))
 
     def build(self, input_shape):
@@ -245,14 +245,17 @@ class _Recorder(keras.layers.Layer):
             self.renorm_stddev.assign(self.layer.renorm_stddev)
 
     def call(self, inputs, training=None, mask=None):
-        if mask is not None and not isinstance(self.layer, BatchNormalization):
-            _check_keras_mask(self.layer, self.feature_axes, inputs)
         outputs = self.layer(inputs, training=training, mask=mask)
         if self.renorm:  # the next batch is normalized with the same ones
             self.layer.renorm_mean.assign(self.renorm_mean)
             self.layer.renorm_stddev.assign(self.renorm_stddev)
         count, mean, variance = batch_statistics(
-            inputs, self.feature_axes, mask, self.virtual_batch_size, self.unbiased
+            inputs,
+            self.feature_axes,
+            mask,
+            self.virtual_batch_size,
+            self.unbiased,
+            self.grouping,
         )
         total, mean, variance = merge_statistics(
             self.count, self.mean, self.variance, count, mean, variance
@@ -277,19 +280,29 @@ class _Recorder(keras.layers.Layer):
 
 
 def batch_statistics(
-    x, feature_axes, mask=None, virtual_batch_size=None, unbiased=False
+    x,
+    feature_axes,
+    mask=None,
+    virtual_batch_size=None,
+    unbiased=False,
+    grouping="interleaved",
 ):
     """Count, mean and variance of `x` per feature, over all other axes.
 
     Args:
         x: a float tensor.
         feature_axes: sorted non-negative axes that are kept.
-        mask: None, or a boolean tensor shaped as `x` without the feature
-            axes; False positions are left out.
+        mask: None, or a boolean tensor read as the layer reads it: of
+            rank one less than `x`'s, broadcast over a new last axis
+            (Keras's rule); of `x`'s rank, broadcast as it is; or shaped as
+            `x` without its (several) feature axes. False positions are
+            left out.
         virtual_batch_size: None, or statistics per virtual batch of this
             many examples, averaged with their counts as weights.
         unbiased: divide the sum of squares by `count - 1` (at least 1)
             instead of `count`.
+        grouping: how examples form virtual batches, `"interleaved"` or
+            `"consecutive"` (`keras_bn.ops.virtual_batch`).
 
     Returns:
         `(count, mean, variance)`, float64 tensors of the feature shape. The
@@ -299,9 +312,11 @@ def batch_statistics(
     x = tf.cast(x, "float32")
     weights = None if mask is None else _broadcast_mask(mask, feature_axes, x)
     if virtual_batch_size is not None:
-        x = _split_batch(x, virtual_batch_size)
-        weights = None if weights is None else _split_batch(weights, virtual_batch_size)
-        feature_axes = (0,) + tuple(axis + 1 for axis in feature_axes)
+        x = _split_batch(x, virtual_batch_size, grouping)
+        if weights is not None:
+            weights = _split_batch(weights, virtual_batch_size, grouping)
+        numbering = 1 if grouping == "interleaved" else 0  # the virtual batches
+        feature_axes = (numbering,) + tuple(axis + 1 for axis in feature_axes)
     reduced = [axis for axis in range(x.shape.rank) if axis not in feature_axes]
     if weights is None:
         mean = tf.reduce_mean(x, reduced, keepdims=True)
@@ -319,7 +334,7 @@ def batch_statistics(
         tf.squeeze(tf.cast(t, "float64"), reduced) for t in (count, mean, variance)
     )
     if virtual_batch_size is not None:  # weighted mean over the virtual batches
-        total = tf.reduce_sum(count, 0)
+        total = tf.reduce_sum(count, 0)  # the squeeze put their axis first
         share = tf.math.divide_no_nan(count, total)
         mean = tf.reduce_sum(share * mean, 0)
         return total, mean, tf.reduce_sum(share * variance, 0)
@@ -327,15 +342,23 @@ def batch_statistics(
 
 
 def _broadcast_mask(mask, feature_axes, x):
+    """The mask as float weights of `x`'s shape, read as the layers read it."""
     weights = tf.cast(mask, "float32")
-    for axis in feature_axes:
-        weights = tf.expand_dims(weights, axis)
+    if weights.shape.rank == x.shape.rank - 1:  # Keras's rule
+        weights = tf.expand_dims(weights, -1)
+    elif weights.shape.rank < x.shape.rank:  # without the feature axes
+        for axis in feature_axes:
+            weights = tf.expand_dims(weights, axis)
     return tf.broadcast_to(weights, tf.shape(x))
 
 
-def _split_batch(t, virtual_batch_size):
-    shape = tf.concat([[-1, virtual_batch_size], tf.shape(t)[1:]], axis=0)
-    return tf.reshape(t, shape)
+def _split_batch(t, virtual_batch_size, grouping):
+    split = (
+        [virtual_batch_size, -1]
+        if grouping == "interleaved"
+        else [-1, virtual_batch_size]
+    )
+    return tf.reshape(t, tf.concat([split, tf.shape(t)[1:]], axis=0))
 
 
 def merge_statistics(total, mean, variance, count, batch_mean, batch_variance):
@@ -397,15 +420,4 @@ def _check_results(recorders, results):
             f"`{FUNCTION_NAME}`: non-finite statistics for the layers {bad}: "
             "their inputs held NaN or Inf (or overflowed). The model is "
             "unchanged."
-        )
-
-
-def _check_keras_mask(layer, feature_axes, inputs):
-    if feature_axes != (inputs.shape.rank - 1,):
-        raise ValueError(
-            f"`{FUNCTION_NAME}`: layer {layer.name!r} "
-            "(keras.layers.BatchNormalization) receives a mask with a feature "
-            f"axis {layer.axis} other than the last, whose masked statistics "
-            "Keras does not define. Convert the layer with "
-            "keras_bn.models.convert_batch_normalization(model, 'keras_bn')."
         )
