@@ -230,6 +230,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         virtual_batch_grouping="interleaved",
         **kwargs,
     ):
+        if self.__dict__.pop("_built_by_scope", False):
+            return  # `batch_normalization_scope` built it with other arguments
         super().__init__(**kwargs)
         self.axis = check_axis(axis)
         self.momentum = (

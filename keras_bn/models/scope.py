@@ -1,0 +1,236 @@
+"""Building models with one class of batch normalization, wherever it is made."""
+
+import contextlib
+import inspect
+import threading
+
+import keras
+
+from keras_bn.layers import BatchNormalization
+
+TARGETS = {"keras_bn": BatchNormalization, "keras": keras.layers.BatchNormalization}
+_ACTIVE = threading.local()
+BASE_LAYER_ARGUMENTS = ("name", "dtype", "trainable")
+# keras_bn arguments that Keras's layer does not take. The first two change
+# no result Keras defines (a kernel choice, and what NaN batches do to the
+# moving statistics); the others must be at their Keras value to convert.
+KERAS_BN_ONLY = (
+    "fused",
+    "skip_nonfinite_updates",
+    "virtual_batch_size",
+    "virtual_batch_grouping",
+    "moving_variance_estimator",
+)
+
+
+def check_target(to):
+    """The class `to` names; raises a ValueError naming `to` otherwise."""
+    if to not in TARGETS:
+        raise ValueError(
+            f"Argument `to` must be one of {list(TARGETS)}. Received: to={to!r}"
+        )
+    return TARGETS[to]
+
+
+@contextlib.contextmanager
+def batch_normalization_scope(to="keras_bn", **overrides):
+    """Builds every batch-normalization layer made inside it as one class.
+
+    Inside the scope, constructing a `keras.layers.BatchNormalization` (with
+    `to="keras_bn"`) or a `keras_bn.BatchNormalization` (with `to="keras"`)
+    gives a layer of the class `to` names instead, with the same arguments
+    updated with `overrides`. It applies wherever the layer is made: in a
+    model's Python code (subclassed models, custom blocks, keras-hub
+    backbones and tasks built from their constructors or presets), in
+    `from_config`, and in `keras.saving.load_model`. Subclasses of either
+    class are left as they are.
+
+    The weight names and order of the two classes match, so weights saved
+    from a model built with one class load into the same model built with
+    the other (`load_weights`, `set_weights`, a keras-hub preset), unless an
+    override adds weights (`renorm=True`, `momentum=None`).
+
+    The scope acts on the thread that entered it. Layers made inside it keep
+    their class afterwards; models rebuilt from their config later (as
+    `load_model` does for a keras-hub backbone) need the scope again.
+
+    Args:
+        to: `"keras_bn"` (the default) or `"keras"`: the class to build.
+        **overrides: constructor arguments set on every layer it builds,
+            e.g. `synchronized=True`.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        ValueError: for an unknown `to` or override (at once), or, with
+            `to="keras"`, for a layer that Keras's class cannot express
+            (when that layer is made).
+
+    Example:
+
+    ```python
+    with keras_bn.models.batch_normalization_scope("keras_bn"):
+        backbone = keras_hub.models.MobileNetBackbone(...)  # keras_bn's layers
+    backbone.load_weights("mobilenet.weights.h5")  # saved with Keras's layers
+    ```
+    """
+    target = check_target(to)
+    check_overrides(target, overrides, "batch_normalization_scope")
+    with _scope(target, overrides, "batch_normalization_scope"):
+        yield
+
+
+@contextlib.contextmanager
+def _scope(target, overrides, function_name):
+    """The scope with `target` as a class, for `convert_batch_normalization`.
+
+    The other class's `__new__` makes a layer of `target` instead; with
+    overrides, `target.__init__` applies them too. Both are restored on exit
+    (an enclosing scope's patches included).
+    """
+    source = TARGETS["keras" if target is BatchNormalization else "keras_bn"]
+    previous = getattr(_ACTIVE, "scope", None)
+    saved = {
+        (cls, name): vars(cls).get(name)
+        for cls, name in ((source, "__new__"), (target, "__init__"))
+    }
+    _ACTIVE.scope = (source, target, overrides, function_name)
+    source.__new__ = _new
+    if overrides:
+        target.__init__ = _init_with_overrides(saved[target, "__init__"], target)
+    try:
+        yield
+    finally:
+        _ACTIVE.scope = previous
+        for (cls, name), value in saved.items():
+            if value is None:
+                if name in vars(cls):
+                    delattr(cls, name)
+            else:
+                setattr(cls, name, value)
+
+
+def _active(cls, role):
+    """The active scope if `cls` is exactly its class in `role` on this thread."""
+    scope = getattr(_ACTIVE, "scope", None)
+    if scope is None or cls is not scope[role]:  # a subclass, or another thread
+        return None
+    return scope
+
+
+def _new(cls, *args, **kwargs):
+    scope = _active(cls, 0)
+    if scope is None:
+        return keras.layers.Layer.__new__(cls, *args, **kwargs)
+    source, target, overrides, function_name = scope
+    config = _arguments(source, args, kwargs)
+    config = target_arguments(
+        config, target, overrides, config.get("name") or "(unnamed)", function_name
+    )
+    layer = keras.layers.Layer.__new__(target, **config)
+    target.__init__(layer, **config)
+    if isinstance(layer, cls):  # Python calls __init__ again, with `args`
+        layer._built_by_scope = True  # which returns at once
+    return layer
+
+
+def _init_with_overrides(original, target):
+    def __init__(self, *args, **kwargs):
+        scope = _active(type(self), 1)
+        if scope is None or self.__dict__.get("_built_by_scope"):
+            return original(self, *args, **kwargs)
+        _, _, overrides, function_name = scope
+        config = _arguments(target, args, kwargs)
+        config = target_arguments(
+            config, target, overrides, config.get("name") or "(unnamed)", function_name
+        )
+        return original(self, **config)
+
+    # Keras reads the constructor's signature (auto-config): the original's.
+    __init__.__signature__ = inspect.signature(original)
+    return __init__
+
+
+def _arguments(cls, args, kwargs):
+    """The constructor arguments of `cls` by name, defaults included."""
+    arguments = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+    arguments.apply_defaults()
+    config = dict(arguments.arguments)
+    config.pop("self")
+    config.update(config.pop("kwargs", {}))
+    return config
+
+
+def check_overrides(target, overrides, function_name):
+    """Raises a ValueError naming the overrides that `target` does not take."""
+    accepted = _accepted_arguments(target)
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"`{function_name}`: {unknown} are not arguments of "
+            f"{_class_name(target)}. Accepted: {accepted}"
+        )
+
+
+def _class_name(target):
+    if target is BatchNormalization:
+        return "keras_bn.BatchNormalization"
+    return "keras.layers.BatchNormalization"
+
+
+def _accepted_arguments(target):
+    parameters = inspect.signature(target.__init__).parameters
+    named = [name for name in parameters if name not in ("self", "kwargs")]
+    if target is not BatchNormalization:  # to set them to Keras's values
+        named += list(KERAS_BN_ONLY)
+    return named + list(BASE_LAYER_ARGUMENTS)
+
+
+def target_arguments(config, target, overrides, layer_name, function_name):
+    """Constructor arguments for `target` from a BN layer's `config`.
+
+    Args:
+        config: the layer's config (or constructor arguments), either class.
+        target: the class to build.
+        overrides: arguments set on top of `config`.
+        layer_name: for the message.
+        function_name: for the message.
+
+    Raises:
+        ValueError: if `target` is Keras's layer and the arguments hold an
+            option it cannot express.
+    """
+    config = {**config, **overrides}
+    if not config.get("renorm"):
+        config["renorm_clipping"] = None
+    if target is BatchNormalization:
+        return config
+    problems = []
+    axis = config["axis"]
+    if isinstance(axis, list | tuple):
+        if len(axis) == 1:
+            config["axis"] = int(axis[0])
+        else:
+            problems.append(f"axis={axis} (Keras takes one feature axis)")
+    if config["momentum"] is None:
+        problems.append("momentum=None (a cumulative average)")
+    if config.get("virtual_batch_size") is not None:
+        problems.append(
+            f"virtual_batch_size={config['virtual_batch_size']} (ghost batches)"
+        )
+    if config.get("moving_variance_estimator", "biased") != "biased":
+        problems.append(
+            f"moving_variance_estimator={config['moving_variance_estimator']!r}"
+        )
+    if problems:
+        raise ValueError(
+            f"`{function_name}`: layer {layer_name!r} cannot become a "
+            "keras.layers.BatchNormalization, which has no "
+            f"{'; no '.join(problems)}. Keep keras_bn's layer, or pass "
+            "overrides with Keras's values (e.g. momentum=0.99, "
+            "virtual_batch_size=None, moving_variance_estimator='biased')."
+        )
+    for name in KERAS_BN_ONLY:
+        config.pop(name, None)
+    return config
