@@ -24,6 +24,11 @@ from keras_bn.models import batch_normalization_layers
 from keras_bn.models import convert_batch_normalization
 from keras_bn.models import is_batch_normalization
 
+TARGETS = {
+    "keras": keras.layers.BatchNormalization,
+    "keras_bn": keras_bn.BatchNormalization,
+}
+
 L = keras.layers
 KERAS_ARGUMENTS = {
     "axis": 1,
@@ -200,10 +205,28 @@ def test_bad_arguments_raise_before_anything_is_built():
     subclassed(data())
     with pytest.raises(ValueError, match="subclassed model of class Subclassed"):
         convert_batch_normalization(subclassed)
+
+
+@pytest.mark.parametrize("to", ["keras", "keras_bn"])
+def test_batch_normalization_inside_a_custom_layer_converts_with_its_state(to):
+    """The custom layer is rebuilt from its config inside the scope, so the
+    layer its constructor makes is of the target class, with the state."""
     inputs = keras.Input((3, 5))
-    hidden = Block(name="block")(inputs)
-    with pytest.raises(ValueError, match=r"custom layer.*'block/batch_norm"):
-        convert_batch_normalization(keras.Model(inputs, hidden))
+    model = keras.Model(inputs, Block(name="block")(inputs))
+    bn = model.get_layer("block").bn
+    rng = np.random.default_rng(0)
+    for variable in bn.weights:
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    model.get_layer("block").trainable = False
+    converted = convert_batch_normalization(model, to, momentum=0.5)
+    new = converted.get_layer("block").bn
+    assert type(new) is TARGETS[to]
+    assert new.momentum == 0.5  # the overrides reach it, whatever its class
+    assert not converted.get_layer("block").trainable
+    for old_weight, new_weight in zip(bn.weights, new.weights, strict=True):
+        np.testing.assert_array_equal(old_weight, new_weight)
+    x = data()
+    np.testing.assert_allclose(converted(x), model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_the_copy_shares_nothing_with_the_original_and_is_compiled_alike():

@@ -7,6 +7,7 @@ with its `clone_function` and `call_function` hooks, and `keras.Sequential`.
 
 import collections
 import functools
+import warnings
 
 import keras
 
@@ -94,7 +95,7 @@ HIDDEN_ADVICE = (
 
 
 def reachable_batch_normalization(
-    model, function_name, instead=HIDDEN_ADVICE, descend=is_graph_model
+    model, function_name, instead=HIDDEN_ADVICE, descend=is_graph_model, hidden=None
 ):
     """The batch-normalization layers of a model; raises if some are hidden.
 
@@ -107,6 +108,8 @@ def reachable_batch_normalization(
         function_name: for the message.
         instead: what to do about a hidden layer, for the message.
         descend: which nested models to walk into (see `iter_layers`).
+        hidden: None to raise for a hidden layer, or `fn(paths)` called
+            with the paths of the hidden layers' `moving_variance`.
 
     Returns:
         The layers of either class (subclasses included), each once.
@@ -117,16 +120,18 @@ def reachable_batch_normalization(
         if isinstance(layer, BATCH_NORMALIZATION_CLASSES)
     ]
     known = {id(variable) for layer in found for variable in layer.weights}
-    hidden = [
+    paths = [
         variable.path
         for variable in model.weights
         if variable.name == "moving_variance" and id(variable) not in known
     ]
-    if hidden:
+    if paths and hidden is not None:
+        hidden(paths)
+    elif paths:
         raise ValueError(
             f"`{function_name}` reaches the layers of Sequential and Functional "
             "models only, but the model holds batch-normalization statistics "
-            f"inside a custom layer or a subclassed model: {hidden}. {instead}"
+            f"inside a custom layer or a subclassed model: {paths}. {instead}"
         )
     return found
 
@@ -137,27 +142,33 @@ def graph_batch_normalization(model, function_name, subclassed_advice):
     return reachable_batch_normalization(model, function_name)
 
 
-def copy_model(model, clone_layer, skip=(), compile=False):
+def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
     """A copy of a graph model, with nested graph models copied recursively.
 
     Args:
         model: a built Sequential or Functional model.
-        clone_layer: `fn(layer) -> layer`, called once per layer that is not a
-            graph model (a layer shared by several nodes is cloned once). It
-            may return `layer` itself to share it.
+        clone_layer: `fn(layer) -> layer`, called once per operation of the
+            graph that is not a graph model (a layer or a `keras.ops` call;
+            one shared by several nodes is cloned once). It may return the
+            operation itself to share it.
         skip: layers to cut out of the copy. Each must be called on one
             tensor, which then takes the place of the layer's output.
         compile: whether the copy is compiled from the original's compile
             config (loss, metrics, optimizer settings; a fresh optimizer), as
             `keras.models.clone_model` does, when the original is compiled.
+        rebuild: None, or `fn(graph_model) -> model or None`, tried first on
+            each graph model of a subclass (a keras-hub `Backbone`): a model
+            of its class, whose state the function has set, or None to copy
+            the graph instead, as a plain Functional or Sequential model.
 
     Returns:
-        `(copy, pairs)`: the copy (built, of the original's kind) and the list
-        of `(original_layer, new_layer)` for every call of `clone_layer`, so
-        that the caller can set the new layers' weights.
+        `(copy, pairs, models)`: the copy (built); the list of `(original,
+        new)` for every call of `clone_layer`, so that the caller can set
+        the new layers' state; and `(original, new, rebuilt)` for every graph
+        model, outer models first.
     """
     skip_ids = {id(layer) for layer in skip}
-    cache, pairs = {}, []
+    cache, pairs, models = {}, [], []
 
     def clone(layer):
         if id(layer) not in cache:
@@ -176,19 +187,47 @@ def copy_model(model, clone_layer, skip=(), compile=False):
         return layer(*args, **kwargs)
 
     def copy(graph_model):
+        entry = len(models)
+        models.append(None)  # outer models first
+        if rebuild is not None and is_graph_subclass(graph_model):
+            rebuilt = rebuild(graph_model)
+            if rebuilt is not None:
+                models[entry] = (graph_model, rebuilt, True)
+                return rebuilt
         if isinstance(graph_model, keras.Sequential):
-            return _copy_sequential(graph_model, clone, skip_ids)
-        copied = keras.models.clone_model(
-            graph_model, clone_function=clone, call_function=call
-        )
-        if copied.compiled:  # clone_model compiles; a new Functional does not
-            copied = keras.Model(copied.input, copied.output, name=copied.name)
+            copied = _copy_sequential(graph_model, clone, skip_ids)
+        else:
+            copied = keras.models.clone_model(
+                graph_model, clone_function=clone, call_function=call
+            )
+            if copied.compiled:  # clone_model compiles; a new Functional does not
+                copied = keras.Model(copied.input, copied.output, name=copied.name)
+        models[entry] = (graph_model, copied, False)
         return copied
 
     copied = copy(model)
     if compile and model.compiled:
         copied.compile_from_config(model.get_compile_config())
-    return copied, pairs
+    return copied, pairs, models
+
+
+def is_graph_subclass(model):
+    """A graph model of a subclass of Functional or Sequential (whose
+    constructor may not take a graph, as a keras-hub `Backbone`'s)."""
+    return type(model) not in (_functional_class(), keras.Sequential)
+
+
+def warn_lost_classes(models, function_name, why):
+    """Warns for each graph model whose copy lost its class."""
+    for old, new, _ in models:
+        if type(new) is not type(old):
+            warnings.warn(
+                f"`{function_name}`: the copy of {old.name!r} is a plain "
+                f"{type(new).__name__} model, not a {type(old).__name__}: "
+                f"{why} Its predictions are the original's; class attributes "
+                "(such as a keras-hub Backbone's `pyramid_outputs`) are lost.",
+                stacklevel=3,
+            )
 
 
 def _copy_sequential(model, clone, skip_ids):
@@ -206,19 +245,18 @@ def clone_from_config(layer, **changes):
 
 
 def sole_input_producers(model):
-    """Maps a layer to the layer that alone feeds it, in one graph model.
+    """The `(producer, consumer)` pairs of one graph model where the consumer
+    is called once on a single tensor that comes from a call of the
+    producer and goes nowhere else (no other layer, no model output), and
+    the producer is called once in this graph. In a Sequential model, each
+    layer and the one before it.
 
-    Returns:
-        A dict from a layer's name to the name of its producer, for every
-        layer that is called once on a single tensor, when that tensor comes
-        from a layer called once and goes nowhere else (no other layer, no
-        model output). In a Sequential model, each layer and the one before
-        it.
+    Calls in other graph models are not counted here: see `operation_uses`.
     """
     if isinstance(model, keras.Sequential):
-        names = [layer.name for layer in model.layers]
-        return dict(zip(names[1:], names[:-1]))
-    config = model.get_config()
+        layers = model.layers
+        return list(zip(layers[:-1], layers[1:]))
+    config, operations = _plain_config(model)
     nodes = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
     uses = collections.Counter()
     inputs = {}
@@ -228,14 +266,40 @@ def sole_input_producers(model):
             uses.update(histories)
             inputs.setdefault(name, []).append(histories)
     uses.update(_output_histories(config["output_layers"]))
-    producers = {}
+    pairs = []
     for name, calls in inputs.items():
         if len(calls) != 1 or len(calls[0]) != 1:
             continue
         producer, node_index, tensor_index = calls[0][0]
         if len(nodes.get(producer, ())) == 1 and uses[calls[0][0]] == 1:
-            producers[name] = producer
-    return producers
+            pairs.append((operations[producer], operations[name]))
+    return pairs
+
+
+def operation_uses(model):
+    """`{id(operation): calls}` over every graph model in `model`.
+
+    A layer called in a nested model and in the outer graph, or twice in a
+    Sequential model, counts each call. A nested model called several times
+    counts once for the layers in it (each call runs the same graph).
+    """
+    uses = collections.Counter()
+    for graph in graph_models(model):
+        if isinstance(graph, keras.Sequential):
+            uses.update(id(layer) for layer in graph.layers)
+            continue
+        config, operations = _plain_config(graph)
+        for entry in config["layers"]:
+            uses[id(operations[entry["name"]])] += len(entry["inbound_nodes"])
+    return uses
+
+
+def _plain_config(model):
+    """The graph config of a Functional model (of a subclass too, whose own
+    `get_config` may hold its constructor's arguments instead), and its
+    operations by name."""
+    view = keras.Model(model.inputs, model.outputs, name=model.name)
+    return view.get_config(), {op.name: op for op in view.operations}
 
 
 def _keras_histories(node):

@@ -9,11 +9,11 @@ from keras_bn.models._graph import reachable_batch_normalization
 def is_batch_normalization(layer):
     """Whether `layer` is a batch-normalization layer of Keras or of keras_bn.
 
-    `keras_bn.BatchNormalization` is not a subclass of
+    `keras_bn.BatchNormalization` subclasses
     `keras.layers.BatchNormalization`, so `isinstance(layer,
-    keras.layers.BatchNormalization)` misses it. Use this test where code
-    looks for batch normalization, as the fine-tuning guides do to keep it
-    frozen.
+    keras.layers.BatchNormalization)` finds both; this test says the same
+    in words, where code looks for batch normalization (as the fine-tuning
+    guides do to keep it frozen).
 
     Args:
         layer: any object.

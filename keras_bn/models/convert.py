@@ -1,32 +1,25 @@
 """A copy of a model with every batch-normalization layer of one class."""
 
-import inspect
-
-import keras
 import numpy as np
 
-from keras_bn.layers import BatchNormalization
 from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
+from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
-from keras_bn.models._graph import graph_batch_normalization
+from keras_bn.models._graph import reachable_batch_normalization
+from keras_bn.models._graph import warn_lost_classes
+from keras_bn.models._state import copy_state
+from keras_bn.models._state import copy_trainable_everywhere
+from keras_bn.models.scope import _scope
+from keras_bn.models.scope import check_overrides
+from keras_bn.models.scope import check_target
+from keras_bn.models.scope import target_arguments
 
 FUNCTION_NAME = "convert_batch_normalization"
-TARGETS = {"keras_bn": BatchNormalization, "keras": keras.layers.BatchNormalization}
-BASE_LAYER_ARGUMENTS = ("name", "dtype", "trainable")
-# keras_bn arguments that Keras's layer does not take. The first two change
-# no result Keras defines (a kernel choice, and what NaN batches do to the
-# moving statistics); the others must be at their Keras value to convert.
-KERAS_BN_ONLY = (
-    "fused",
-    "skip_nonfinite_updates",
-    "virtual_batch_size",
-    "moving_variance_estimator",
-)
 SUBCLASSED_ADVICE = (
-    "For a subclassed model, create it with the other class, then copy the "
-    "weights with `set_weights(get_weights())` (the weight names and order "
-    "match)."
+    "For a subclassed model, build it inside "
+    "`keras_bn.models.batch_normalization_scope(to)`, then load the weights "
+    "(the weight names and order match)."
 )
 
 
@@ -90,94 +83,54 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     )
     ```
     """
-    if to not in TARGETS:
-        raise ValueError(
-            f"Argument `to` must be one of {list(TARGETS)}. Received: to={to!r}"
-        )
-    target = TARGETS[to]
-    _check_overrides(target, overrides)
-    found = graph_batch_normalization(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
+    target = check_target(to)
+    check_overrides(target, overrides, FUNCTION_NAME)
+    check_graph_model(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
+    found = reachable_batch_normalization(model, FUNCTION_NAME, hidden=lambda _: None)
     configs = {
-        id(layer): target_config(layer, target, overrides)
+        id(layer): target_arguments(
+            layer.get_config(), target, overrides, layer.name, FUNCTION_NAME
+        )
         for layer in found
         if type(layer) in BATCH_NORMALIZATION_CLASSES
     }
+    reasons = {}
 
     def clone(layer):
         if id(layer) in configs:
             return target.from_config(configs[id(layer)])
         return clone_from_config(layer)
 
-    converted, pairs = copy_model(model, clone, compile=True)
-    for old, new in pairs:
-        if id(old) in configs:
-            copy_batch_normalization_weights(old, new)
-        else:
-            new.set_weights(old.get_weights())
+    def rebuild(graph_model):
+        try:
+            rebuilt = type(graph_model).from_config(graph_model.get_config())
+            copy_state(graph_model, rebuilt, copy_batch_normalization_weights)
+        except Exception as error:  # a config that does not rebuild the model
+            reasons[id(graph_model)] = (
+                f"its config does not rebuild it ({type(error).__name__}: "
+                f"{error}), so its graph was copied instead."
+            )
+            return None
+        return rebuilt
+
+    # Inside the scope, batch normalization made by any code (a layer's
+    # `from_config`, a Backbone's constructor) is of the target class.
+    with _scope(target, overrides, FUNCTION_NAME):
+        converted, pairs, models = copy_model(
+            model, clone, compile=True, rebuild=rebuild
+        )
+        visited = set()
+        for old, new in pairs:
+            copy_state(old, new, copy_batch_normalization_weights, visited)
+    for old, new, _ in models:
+        if type(new) is not type(old):
+            warn_lost_classes(
+                [(old, new, False)],
+                FUNCTION_NAME,
+                reasons.get(id(old), "its class cannot be rebuilt from a graph."),
+            )
+    copy_trainable_everywhere(models, pairs)
     return converted
-
-
-def _accepted_arguments(target):
-    parameters = inspect.signature(target.__init__).parameters
-    named = [name for name in parameters if name not in ("self", "kwargs")]
-    if target is not BatchNormalization:  # to set them to Keras's values
-        named += list(KERAS_BN_ONLY)
-    return named + list(BASE_LAYER_ARGUMENTS)
-
-
-def _check_overrides(target, overrides):
-    accepted = _accepted_arguments(target)
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        name = {BatchNormalization: "keras_bn.BatchNormalization"}.get(
-            target, "keras.layers.BatchNormalization"
-        )
-        raise ValueError(
-            f"`{FUNCTION_NAME}`: {unknown} are not arguments of {name}. "
-            f"Accepted: {accepted}"
-        )
-
-
-def target_config(layer, target, overrides):
-    """The config of `layer` for the class `target`, with `overrides`.
-
-    Raises:
-        ValueError: if `target` is Keras's layer and the config holds an
-            option it cannot express.
-    """
-    config = {**layer.get_config(), **overrides}
-    if not config.get("renorm"):
-        config["renorm_clipping"] = None
-    if target is BatchNormalization:
-        return config
-    problems = []
-    axis = config["axis"]
-    if isinstance(axis, list | tuple):
-        if len(axis) == 1:
-            config["axis"] = int(axis[0])
-        else:
-            problems.append(f"axis={axis} (Keras takes one feature axis)")
-    if config["momentum"] is None:
-        problems.append("momentum=None (a cumulative average)")
-    if config.get("virtual_batch_size") is not None:
-        problems.append(
-            f"virtual_batch_size={config['virtual_batch_size']} (ghost batches)"
-        )
-    if config.get("moving_variance_estimator", "biased") != "biased":
-        problems.append(
-            f"moving_variance_estimator={config['moving_variance_estimator']!r}"
-        )
-    if problems:
-        raise ValueError(
-            f"`{FUNCTION_NAME}`: layer {layer.name!r} cannot become a "
-            "keras.layers.BatchNormalization, which has no "
-            f"{'; no '.join(problems)}. Keep keras_bn's layer, or pass "
-            "overrides with Keras's values (e.g. momentum=0.99, "
-            "virtual_batch_size=None, moving_variance_estimator='biased')."
-        )
-    for name in KERAS_BN_ONLY:
-        config.pop(name, None)
-    return config
 
 
 def copy_batch_normalization_weights(old, new):

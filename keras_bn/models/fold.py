@@ -7,13 +7,18 @@ import numpy as np
 
 from keras_bn.layers import BatchNormalization
 from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
+from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
-from keras_bn.models._graph import graph_batch_normalization
 from keras_bn.models._graph import graph_models
+from keras_bn.models._graph import operation_uses
+from keras_bn.models._graph import reachable_batch_normalization
 from keras_bn.models._graph import sole_input_producers
+from keras_bn.models._graph import warn_lost_classes
+from keras_bn.models._state import copy_state
+from keras_bn.models._state import copy_trainable_everywhere
 from keras_bn.models.convert import copy_batch_normalization_weights
-from keras_bn.models.convert import target_config
+from keras_bn.models.scope import target_arguments
 from keras_bn.ops import canonicalize_axes
 
 FUNCTION_NAME = "fold_batch_normalization"
@@ -108,7 +113,8 @@ def fold_batch_normalization(model):
     folded.save("deploy.keras")  # loads without keras_bn
     ```
     """
-    found = graph_batch_normalization(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
+    check_graph_model(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
+    found = reachable_batch_normalization(model, FUNCTION_NAME, hidden=_warn_hidden)
     folds = foldable_pairs(model)  # id(linear layer) -> its batch normalization
     kept = {
         id(layer): _keras_inference_config(layer)
@@ -124,26 +130,52 @@ def fold_batch_normalization(model):
             return keras.layers.BatchNormalization.from_config(kept[id(layer)])
         return clone_from_config(layer)
 
-    folded, pairs = copy_model(model, clone, skip=list(folds.values()))
+    folded, pairs, models = copy_model(model, clone, skip=list(folds.values()))
+    warn_lost_classes(
+        models,
+        FUNCTION_NAME,
+        "a folded model holds other layers than its class builds.",
+    )
+    visited = set()
     for old, new in pairs:
         if id(old) in folds:
             set_folded_weights(new, old, folds[id(old)])
+            visited.add(id(old))
         elif kept.get(id(old)) is not None:
             copy_batch_normalization_weights(old, new)
+            visited.add(id(old))
         else:
-            new.set_weights(old.get_weights())
+            copy_state(old, new, copy_batch_normalization_weights, visited)
+    copy_trainable_everywhere(models, pairs)
     return folded
+
+
+def _warn_hidden(paths):
+    warnings.warn(
+        f"`{FUNCTION_NAME}`: batch normalization inside custom layers or "
+        f"subclassed models stays unfolded, as it is: {paths}.",
+        stacklevel=4,
+    )
 
 
 def foldable_pairs(model):
     """`{id(linear layer): batch-normalization layer}` for every pair to fold."""
-    pairs = {}
+    pairs, uses = {}, operation_uses(model)
     for graph in graph_models(model):
-        layers = {layer.name: layer for layer in graph.layers}
-        for name, producer in sole_input_producers(graph).items():
-            bn, linear = layers[name], layers[producer]
-            if type(bn) in BATCH_NORMALIZATION_CLASSES and _can_fold(linear, bn):
-                pairs[id(linear)] = bn
+        for linear, bn in sole_input_producers(graph):
+            if type(bn) not in BATCH_NORMALIZATION_CLASSES or not _can_fold(linear, bn):
+                continue
+            shared = [layer.name for layer in (linear, bn) if uses[id(layer)] > 1]
+            if shared:
+                warnings.warn(
+                    f"`{FUNCTION_NAME}`: layer {bn.name!r} stays unfolded: "
+                    f"{shared} {'is' if len(shared) == 1 else 'are'} called "
+                    "more than once (shared between models or repeated), and "
+                    "a fold must hold at every call.",
+                    stacklevel=3,
+                )
+                continue
+            pairs[id(linear)] = bn
     return pairs
 
 
@@ -222,7 +254,13 @@ def _keras_inference_config(layer):
         "momentum": 0.99 if layer.momentum is None else layer.momentum,
     }
     try:
-        return target_config(layer, keras.layers.BatchNormalization, training_only)
+        return target_arguments(
+            layer.get_config(),
+            keras.layers.BatchNormalization,
+            training_only,
+            layer.name,
+            FUNCTION_NAME,
+        )
     except ValueError:
         warnings.warn(
             f"`{FUNCTION_NAME}`: layer {layer.name!r} (axis={layer.axis}) does "

@@ -137,11 +137,11 @@ class Recomputation:
         self.strategy = model.distribute_strategy
         with self.strategy.scope():
             ids = {id(layer) for layer in self.layers}
-            self.graph, pairs = copy_model(
+            self.graph, pairs, _ = copy_model(
                 model,
                 lambda layer: _Recorder(layer) if id(layer) in ids else layer,
             )
-        self.recorders = [new for old, new in pairs if new is not old]
+        self.recorders = [new for _, new in pairs if isinstance(new, _Recorder)]
         # Static shapes: a layer's checks (a virtual batch size that must
         # divide the batch) then raise while tracing, with their messages.
         self.step = tf.function(self._step)
