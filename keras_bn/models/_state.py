@@ -84,13 +84,8 @@ def copy_state(old, new, copy_batch_normalization, visited=None):
             )
         copy_own_state(old, new)
     old_children, new_children = child_layers(old), child_layers(new)
-    # A model's layers keep the names in its config; a layer's sublayers
-    # may be named anew (automatic names count instances).
-    describe = _kind
-    if isinstance(old, keras.Model):  # inputs may be named anew
-        describe = lambda c: (
-            _kind(c) if isinstance(c, keras.layers.InputLayer) else c.name
-        )  # noqa: E731
+    # A layer's sublayers may be named anew (automatic names count instances).
+    describe = _kind if not isinstance(old, keras.Model) else _model_layer_kind
     if [describe(c) for c in old_children] != [describe(c) for c in new_children]:
         raise StructureMismatch(
             f"layer {old.name!r} holds {[describe(c) for c in old_children]}, "
@@ -135,6 +130,11 @@ def copy_trainable_everywhere(models, pairs):
 
 def _config(layer):
     return {k: v for k, v in layer.get_config().items() if k != "name"}
+
+
+def _model_layer_kind(layer):
+    """A model's layers keep their config's names; inputs may be named anew."""
+    return _kind(layer) if isinstance(layer, keras.layers.InputLayer) else layer.name
 
 
 def _kind(layer):
