@@ -30,7 +30,16 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     layer (of exactly those classes; subclasses are copied as they are) is
     rebuilt as the class `to` names, from its own config updated with
     `overrides`, and receives the original's weights. Every other layer is
-    rebuilt from its config with its weights. The copy shares nothing with
+    rebuilt from its config with its whole state, copied through Keras's
+    saving hooks (`save_own_variables`, `save_assets`: an adapted
+    `Normalization`'s statistics, a lookup layer's vocabulary), and
+    `trainable` at every level. The copy runs inside
+    `batch_normalization_scope(to, **overrides)`, so batch normalization
+    made inside custom layers converts too. A Functional subclass (a
+    keras-hub `Backbone` or task) is rebuilt from its own config and keeps
+    its class and attributes; where that config does not rebuild the same
+    layers, its graph is copied as a plain Functional model, with a
+    warning. The copy shares nothing with
     the original; if the original is compiled, so is the copy, from the same
     compile config (loss, metrics, optimizer settings, with a fresh
     optimizer), as `keras.models.clone_model` does. As PyTorch's
@@ -50,16 +59,22 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     `momentum=None`, `virtual_batch_size`, and
     `moving_variance_estimator="unbiased"` (an override can set them to
     Keras's values). It drops `fused` (Keras picks its own kernels; the
-    math is the same) and `skip_nonfinite_updates` (Keras's layer always
+    math is the same), `virtual_batch_grouping` (without virtual batches)
+    and `skip_nonfinite_updates` (Keras's layer always
     updates, so a NaN batch then poisons its moving statistics).
 
     Inference outputs equal the original's up to float32 rounding (the two
     classes reach the same formula through different kernels); so do
     training outputs with the same batch.
 
+    A keras-hub `Backbone`'s `.keras` file records its constructor's
+    arguments, so loading the converted copy gives keras_bn's layers back
+    only inside `batch_normalization_scope()` (outside it, Keras's layers
+    with the same weights).
+
     Args:
-        model: a built Sequential or Functional model (nested models
-            included).
+        model: a built Sequential or Functional model (nested models,
+            Functional subclasses and `keras.ops` calls included).
         to: `"keras_bn"` (`keras_bn.BatchNormalization`) or `"keras"`
             (`keras.layers.BatchNormalization`).
         **overrides: constructor arguments of the target class, set on every
@@ -71,8 +86,8 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
 
     Raises:
         ValueError: for a subclassed or unbuilt model, an unknown `to` or
-            override, or a layer Keras cannot express (converting to
-            `"keras"`), before anything is built.
+            override (before anything is built), or a layer Keras cannot
+            express (converting to `"keras"`; the original is unchanged).
 
     Example:
 

@@ -76,6 +76,9 @@ def fold_batch_normalization(model):
     classes) folds when
     - the layer before it is one of those (of exactly that class), called
       once, with a linear activation (a `Dense` without LoRA or quantization);
+    - neither layer is called anywhere else (shared between a nested model
+      and the outer graph, or repeated in a Sequential model: such a pair
+      stays, with a warning naming the layer);
     - it is that layer's only consumer, is called once, and normalizes its
       channel axis (the last one, or axis 1 for `channels_first`);
     - for `channels_first`, the output's last axis has a known size other
@@ -95,16 +98,22 @@ def fold_batch_normalization(model):
     train. It shares nothing with the original and is not compiled (a
     compiled copy would record the original's loss, perhaps keras_bn's).
 
+    Every other layer is copied with its whole state, through Keras's saving
+    hooks (an adapted `Normalization`, a lookup layer's vocabulary), and
+    `trainable` at every level. A Functional subclass (a keras-hub
+    `Backbone`) comes back as a plain Functional model, with a warning: its
+    class would build the unfolded layers. Batch normalization inside
+    custom layers stays as it is, with a warning.
+
     Args:
-        model: a built Sequential or Functional model (nested models
-            included).
+        model: a built Sequential or Functional model (nested models,
+            Functional subclasses and `keras.ops` calls included).
 
     Returns:
         The folded copy, a `keras.Model` of the original's kind.
 
     Raises:
-        ValueError: for a subclassed or unbuilt model, or batch normalization
-            inside a custom layer.
+        ValueError: for a subclassed or unbuilt model.
 
     Example:
 

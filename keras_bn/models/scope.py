@@ -36,13 +36,13 @@ def check_target(to):
 def batch_normalization_scope(to="keras_bn", **overrides):
     """Builds every batch-normalization layer made inside it as one class.
 
-    Inside the scope, constructing a `keras.layers.BatchNormalization` (with
-    `to="keras_bn"`) or a `keras_bn.BatchNormalization` (with `to="keras"`)
-    gives a layer of the class `to` names instead, with the same arguments
-    updated with `overrides`. It applies wherever the layer is made: in a
-    model's Python code (subclassed models, custom blocks, keras-hub
-    backbones and tasks built from their constructors or presets), in
-    `from_config`, and in `keras.saving.load_model`. Subclasses of either
+    Inside the scope, constructing a `keras.layers.BatchNormalization` or a
+    `keras_bn.BatchNormalization` gives a layer of the class `to` names,
+    with the arguments passed updated with `overrides`. It applies
+    wherever the layer is made: in a model's Python code (subclassed
+    models, custom blocks, keras-hub backbones and tasks built from their
+    constructors or presets), in `from_config`, and in
+    `keras.saving.load_model`. Subclasses of either
     class are left as they are.
 
     The weight names and order of the two classes match, so weights saved
