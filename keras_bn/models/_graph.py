@@ -136,12 +136,6 @@ def reachable_batch_normalization(
     return found
 
 
-def graph_batch_normalization(model, function_name, subclassed_advice):
-    """Checks a graph model (`check_graph_model`) and returns its BN layers."""
-    check_graph_model(model, function_name, subclassed_advice)
-    return reachable_batch_normalization(model, function_name)
-
-
 def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
     """A copy of a graph model, with nested graph models copied recursively.
 
