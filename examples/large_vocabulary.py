@@ -255,7 +255,6 @@ def main(args):
         head, vocabulary = args.measure
         print(json.dumps(measure(head, int(vocabulary), args.tokens, args.features)))
         return
-    clock = _common.Stopwatch()
     _common.start_run(args)
     train(args)
     rows = memory_sweep(args)
@@ -267,12 +266,14 @@ def main(args):
         for h in ("dense", "fused")
     )
     held = fused["peak_mib"] < dense["peak_mib"] / 2
-    print(
-        f"verdict: at V={largest} the fused head peaks at {fused['peak_mib']:.0f} "
-        f"MiB, the dense head at {dense['peak_mib']:.0f} MiB: the claim "
-        f"{'holds' if held else 'does not hold'}"
-    )
-    print(f"wall time: {clock.seconds():.0f} s; figure and CSV in {args.out}")
+    with _common.verdicts(args):
+        print(
+            f"verdict: at V={largest} the fused head peaks at "
+            f"{fused['peak_mib']:.0f} MiB, the dense head at "
+            f"{dense['peak_mib']:.0f} MiB: the claim "
+            f"{'holds' if held else 'does not hold'}"
+        )
+    _common.print_wall_time(args)
 
 
 if __name__ == "__main__":

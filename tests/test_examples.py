@@ -306,6 +306,7 @@ VERDICT_PHRASES = {
     "gamma_beta": "Test accuracy with gamma and beta",
     "bn_regularization": "The claim",
     "softmax_classifier": "rule: ",
+    "large_vocabulary": "the fused head peaks at",
 }
 
 

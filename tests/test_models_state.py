@@ -297,7 +297,7 @@ class Net(keras.Model):
         return self.head(self.block(x, training=training), training=training)
 
 
-def test_the_scope_builds_keras_bn_layers_that_load_keras_weights(tmp_path):
+def test_a_subclassed_model_built_in_the_scope_loads_weights_saved_with_keras(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
     reference = Net()
     reference(x)
