@@ -206,6 +206,6 @@ def test_distributed_example_runs_and_reports_agreement(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "moving statistics are identical" in result.stdout
-    rows = (tmp_path / "distributed_fit.csv").read_text().splitlines()
+    rows = (tmp_path / "quick" / "distributed_fit.csv").read_text().splitlines()
     assert rows[0] == "synchronized,test_accuracy,replica_disagreement"
     assert len(rows) == 3
