@@ -27,6 +27,15 @@ DEVICE, REFERENCE = "CPU:1", "CPU:0"
 NO_GPU = not tf.config.list_physical_devices("GPU")
 
 
+@pytest.fixture(autouse=True)
+def one_strategy_per_process(monkeypatch, strategy):
+    """The script's synchronized checks run on the suite's two-CPU strategy:
+    a second MirroredStrategy over the same devices in one process would
+    break the first's collectives (and the order of tests decides which)."""
+    key = tuple(gpu_check.replica_devices("CPU:0"))
+    monkeypatch.setitem(gpu_check._STRATEGIES, key, strategy)
+
+
 def small_cases(monkeypatch, cases):
     monkeypatch.setattr(gpu_check, "numeric_cases", lambda quick: iter(cases))
 
