@@ -188,6 +188,17 @@ def penalty_gradients(loss, inputs):
     return outer.gradient(penalty, inputs, unconnected_gradients="zero")
 
 
+def random_batch_norm_weights(rng, features):
+    """`[gamma, beta, moving_mean, moving_variance]`, random, far from the
+    identity (scales and variances in [0.5, 2])."""
+    return [
+        rng.uniform(0.5, 2.0, features),
+        rng.normal(size=features),
+        rng.normal(size=features),
+        rng.uniform(0.5, 2.0, features),
+    ]
+
+
 def twin_batch_norm_layers(rng, shape, **kwargs):
     """A keras_bn and a Keras BatchNormalization, built, with equal random weights."""
     ours = keras_bn.BatchNormalization(**kwargs)

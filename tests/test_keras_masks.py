@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import random_batch_norm_weights
 
 import keras_bn
 
@@ -25,12 +26,7 @@ def _pair(axis, shape, rng):
     for layer in (ours, theirs):
         layer.build(shape)
     features = ours.gamma.shape
-    weights = [
-        rng.uniform(0.5, 2.0, features),
-        rng.normal(size=features),
-        rng.normal(size=features),
-        rng.uniform(0.5, 2.0, features),
-    ]
+    weights = random_batch_norm_weights(rng, features)
     for layer in (ours, theirs):
         layer.set_weights(weights)
     return ours, theirs

@@ -5,6 +5,7 @@ the `synchronized`/`fused` checks."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import random_batch_norm_weights
 
 import keras_bn
 
@@ -19,12 +20,7 @@ def _ghost_pair(rng, shape, axis, v):
     ours.build(shape)
     theirs.build(shape)
     features = ours.gamma.shape
-    weights = [
-        rng.uniform(0.5, 2.0, features),
-        rng.normal(size=features),
-        rng.normal(size=features),
-        rng.uniform(0.5, 2.0, features),
-    ]
+    weights = random_batch_norm_weights(rng, features)
     ours.set_weights(weights)
     # tf-keras keeps ghost-BN weights at broadcast shape ([1, 1, C] here).
     theirs.set_weights([w.reshape(v.shape) for w, v in zip(weights, theirs.weights)])
