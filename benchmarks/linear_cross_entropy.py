@@ -12,7 +12,9 @@ per-token weights `w`; then the gradients to `h`, `W` and `b`, all in one
 - `keras_bn_dense`: the same logits, then `keras_bn.ops.
   sparse_softmax_cross_entropy` (hand-written backward pass, full logits).
 - `fused`: `keras_bn.ops.linear_softmax_cross_entropy`, which never builds
-  the logits.
+  the logits (per-token loss, reduced outside the op).
+- `fused_reduced`: the same op with `reduction="mean"` (and
+  `sample_weight`), which forms the gradients in its forward pass.
 
 Memory. Each configuration runs in its own process: it creates the inputs
 (in TensorFlow), runs `gc` and `malloc_trim`, resets the resident-set
@@ -55,7 +57,7 @@ import subprocess
 import sys
 import time
 
-HEADS = ("keras", "keras_bn_dense", "fused")
+HEADS = ("keras", "keras_bn_dense", "fused", "fused_reduced")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -103,6 +105,16 @@ def _step_function(head, weighted, chunk_size):
     )
 
     def per_token_loss(labels, h, w, b, weights):
+        if head == "fused_reduced":
+            return keras_bn.ops.linear_softmax_cross_entropy(
+                labels,
+                h,
+                w,
+                b,
+                chunk_size=chunk_size,
+                sample_weight=weights if weighted else None,
+                reduction="mean",
+            )
         if head == "fused":
             return keras_bn.ops.linear_softmax_cross_entropy(
                 labels, h, w, b, chunk_size=chunk_size
@@ -120,6 +132,8 @@ def _step_function(head, weighted, chunk_size):
             result = per_token_loss(labels, h, w, b, weights)
             if head == "keras":
                 loss = keras_loss(labels, result[1], sample_weight=weights) / count
+            elif head == "fused_reduced":
+                loss = result
             elif weighted:
                 loss = tf.reduce_sum(result * weights) / count
             else:
@@ -142,6 +156,7 @@ def worker(args):
     labels = tf.random.stateless_uniform([n], [0, 3], maxval=v, dtype=tf.int32)
     weights = tf.random.stateless_uniform([n], seed=[0, 4])
     step = _step_function(args.head, args.weighted, args.chunk_size)
+    load_before = os.getloadavg()[0]
     gc.collect()
     _malloc_trim()
     # The high-water mark reset to the resident set now, where Linux allows;
@@ -168,6 +183,9 @@ def worker(args):
                 "first_step_seconds": first,
                 "step_seconds": times,
                 "median_step_seconds": statistics.median(times) if times else None,
+                # The 1-minute load average of the shared machine around it.
+                "load_average": [load_before, os.getloadavg()[0]],
+                "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
             }
         )
     )
@@ -218,7 +236,7 @@ def sweep(args):
                 }
                 # The dense heads hold about three logits-sized tensors.
                 if (
-                    head != "fused"
+                    not head.startswith("fused")
                     and 3 * _dense_logits_gib(args.tokens, vocab) > args.max_gib
                 ):
                     config["error"] = f"not run: estimated over {args.max_gib} GiB"
@@ -246,7 +264,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for head, style in zip(HEADS, ("o-", "s--", "^-")):
+    for head, style in zip(HEADS, ("o-", "s--", "^-", "v-")):
         points = [
             (r["vocab"], r["peak_above_inputs_bytes"] / 2**30)
             for r in results
