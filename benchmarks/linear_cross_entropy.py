@@ -224,6 +224,38 @@ def run_one(head, tokens, features, vocab, weighted, repeats, chunk_size):
 
 def sweep(args):
     results = []
+    for round_index in range(args.rounds):
+        results += _one_round(args, round_index)
+    return results
+
+
+def ratios(results, head, baseline="keras_bn_dense"):
+    """Per (vocab, weighted): the median over rounds of `head`'s median step
+    time over `baseline`'s in the same round, and the single ratios."""
+    table = {}
+    for r in results:
+        if r["head"] != head or "error" in r:
+            continue
+        for b in results:
+            if (
+                b["head"] == baseline
+                and "error" not in b
+                and (b["vocab"], b["weighted"], b["round"])
+                == (r["vocab"], r["weighted"], r["round"])
+            ):
+                ratio = r["median_step_seconds"] / b["median_step_seconds"]
+                table.setdefault((r["vocab"], r["weighted"]), []).append(ratio)
+    return {
+        f"V={v} {'weighted' if w else 'mean'}": {
+            "median": statistics.median(rs),
+            "rounds": rs,
+        }
+        for (v, w), rs in table.items()
+    }
+
+
+def _one_round(args, round_index):
+    results = []
     for vocab in args.vocab:
         for weighted in args.weightings:
             for head in args.heads:
@@ -233,6 +265,7 @@ def sweep(args):
                     "features": args.features,
                     "vocab": vocab,
                     "weighted": weighted,
+                    "round": round_index,
                 }
                 # The dense heads hold about three logits-sized tensors.
                 if (
@@ -298,6 +331,12 @@ def main():
         "--weightings", default="mean,weighted", help="mean, weighted or both"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="sweeps, one after the other (heads interleaved against load)",
+    )
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--max-gib", type=float, default=18.0)
     parser.add_argument("--output", default=None)
@@ -312,8 +351,16 @@ def main():
     date = datetime.date.today().isoformat()
     output = args.output or ROOT / f"docs/benchmarks/linear-cross-entropy-{date}.json"
     meta = {"date": date, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    summary = {
+        head: ratios(results, head) for head in args.heads if head != "keras_bn_dense"
+    }
+    print(json.dumps({"ratios_to_keras_bn_dense": summary}, indent=1))
     pathlib.Path(output).write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+        json.dumps(
+            {"meta": meta, "ratios_to_keras_bn_dense": summary, "results": results},
+            indent=1,
+        )
+        + "\n"
     )
     plot(results, args.figure)
 

@@ -14,18 +14,26 @@ vocabulary, so the chunks here are chunks of tokens, with every class:
     g_t  = w (exp(x_t - lse) - s / V - (1 - s) onehot(y))
     dh_t = g_t W^T,  db += sum_n g_t,  dW += h_t^T g_t
 
-with `w` the per-token weights (1 by default, 0 for `ignore_class`). `dW`
-is accumulated a block of classes at a time (`dW[:, k] += h_t^T g_t[:, k]`)
-so that no kernel-sized temporary exists: a step holds `dW`, `dh` and about
-three `[n, V]` blocks, and costs three products. `n` is chosen so that a
-block holds as many logits as a chunk of the per-token path (`N c / V`
-tokens, a power of two); the tokens are padded with zero-weight rows to a
-multiple of `n` (a copy of `h`, not of the logits).
+with `w` the per-token weights (1 by default, 0 for `ignore_class`). A
+block of `n` tokens is one product `h_t W` into one `[n, V]` buffer; its
+logsumexp and then its gradient are formed a chunk of columns at a time,
+each chunk of `g_t` written over the logits it came from (in place) and
+added to its columns of `dW` and `db` (`dW[:, k] += h_t^T g_t[:, k]`, no
+kernel-sized temporary); then `dh_t = g_t W^T`. So a step holds `dW`, `dh`,
+the block and a few chunks, and costs three products of the size of `h W`,
+plus one pass over `dW` per block. `n` is the power of two for which a
+block holds about four times the logits of a chunk of the per-token path
+(2^26 by default, 256 MiB in float32: 512 tokens for 131,072 classes), at
+most the tokens; the tokens are padded with zero-weight rows to a multiple
+of `n` (a copy of `h`, not of the logits). Chunks of columns hold about
+2^23 entries (or `chunk_size` columns).
 
 The op returns the weighted per-token loss `w loss`. Its backward pass reads
 the upstream gradient `u`: if `u` takes one value `c` on every token that is
 not `ignore_class` (Keras's mean and sum, `reduce_sum`, `reduce_mean`), the
-gradients are `c` times the saved ones. Any other upstream, or one whose
+gradients are `c` times the saved ones (for `c = 1`, the gradient of a
+reduced loss itself, the saved ones: otherwise the product is a second
+kernel-sized tensor for a moment). Any other upstream, or one whose
 backward pass is itself differentiated (a tape or forward accumulator
 records it), gets the exact per-token backward pass of
 `linear_cross_entropy` (four products, differentiable to any order) with
@@ -37,6 +45,8 @@ a second order that would miss their dependence on the inputs.
 The forward pass forms the gradients only where a gradient can be asked
 for (eagerly: a tape watches the inputs; in a graph: a tape records), so
 evaluation and prediction cost one product, as the per-token path.
+float16 and bfloat16 are computed in float32 as there (the kernel is cast
+once, a float32 copy of it), the gradients kept in float32 until scaled.
 """
 
 import tensorflow as tf
