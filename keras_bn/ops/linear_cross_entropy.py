@@ -159,6 +159,10 @@ def linear_softmax_cross_entropy(
     """
     reduction = check_choice(reduction, "reduction", (None, "sum", "mean"))
     ignore_class = check_optional_int(ignore_class, "ignore_class")
+    if reduction == "mean":
+        # The division goes into the weights: the sum's gradient is then
+        # exactly 1 per token, and the saved gradients pass through unscaled.
+        sample_weight = _mean_weights(labels, sample_weight, hidden, ignore_class)
     loss = linear_sparse(
         labels,
         hidden,
@@ -170,17 +174,22 @@ def linear_softmax_cross_entropy(
         sample_weight,
         uniform=reduction is not None,
     )
-    if reduction is None:
-        return loss
-    total = tf.reduce_sum(loss)
-    if reduction == "sum":
-        return total
+    return loss if reduction is None else tf.reduce_sum(loss)
+
+
+def _mean_weights(labels, sample_weight, hidden, ignore_class):
+    """`sample_weight` (or ones) over the number of tokens not labelled
+    `ignore_class` (0 weights if there are none)."""
     labels = tf.convert_to_tensor(labels)
+    dtype = compute_dtype(float_tensor(hidden, "hidden").dtype)
     if ignore_class is None:
         count = tf.size(labels)
     else:
         count = tf.math.count_nonzero(labels != ignore_class, dtype=tf.int32)
-    return tf.math.divide_no_nan(total, tf.cast(count, total.dtype))
+    if sample_weight is None:
+        sample_weight = tf.ones(tf.shape(labels), dtype)
+    weights = tf.cast(float_tensor(sample_weight, "sample_weight"), dtype)
+    return tf.math.divide_no_nan(weights, tf.cast(count, dtype))
 
 
 def linear_sparse(
