@@ -31,9 +31,13 @@ configuration that fails (out of memory, or over `--max-gib` by the dense
 logits' estimate) is reported as not run.
 
 Time. After that first step (tracing included, not timed), `--repeats`
-more steps are timed one by one; the median is reported. The machine is
-shared, so times vary from run to run: the ratios of heads measured in one
-sweep are the comparison.
+more steps are timed one by one; the median is reported, with the
+1-minute load average before and after. The machine is shared, so times
+vary from run to run: the ratios of heads measured in one sweep are the
+comparison. `--rounds R` runs the sweep R times, one after the other (so
+that each round's heads see about the same load), and reports each head's
+ratio to `keras_bn_dense` per round and the median over rounds
+(`ratios_to_keras_bn_dense`).
 
 Usage:
 
@@ -41,7 +45,10 @@ Usage:
         --vocab 8192 16384 32768 65536 131072 --repeats 3
 
 writes `docs/benchmarks/linear-cross-entropy-<date>.json` and
-`docs/linear_cross_entropy_memory.png`.
+`docs/linear_cross_entropy.png`. The step-time comparison of the fast path:
+
+    python benchmarks/linear_cross_entropy.py --vocab 32768 --rounds 3 \
+        --heads keras_bn_dense fused fused_reduced
 """
 
 import argparse
