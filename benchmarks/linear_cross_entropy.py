@@ -12,7 +12,9 @@ per-token weights `w`; then the gradients to `h`, `W` and `b`, all in one
 - `keras_bn_dense`: the same logits, then `keras_bn.ops.
   sparse_softmax_cross_entropy` (hand-written backward pass, full logits).
 - `fused`: `keras_bn.ops.linear_softmax_cross_entropy`, which never builds
-  the logits.
+  the logits (per-token loss, reduced outside the op).
+- `fused_reduced`: the same op with `reduction="mean"` (and
+  `sample_weight`), which forms the gradients in its forward pass.
 
 Memory. Each configuration runs in its own process: it creates the inputs
 (in TensorFlow), runs `gc` and `malloc_trim`, resets the resident-set
@@ -29,9 +31,13 @@ configuration that fails (out of memory, or over `--max-gib` by the dense
 logits' estimate) is reported as not run.
 
 Time. After that first step (tracing included, not timed), `--repeats`
-more steps are timed one by one; the median is reported. The machine is
-shared, so times vary from run to run: the ratios of heads measured in one
-sweep are the comparison.
+more steps are timed one by one; the median is reported, with the
+1-minute load average before and after. The machine is shared, so times
+vary from run to run: the ratios of heads measured in one sweep are the
+comparison. `--rounds R` runs the sweep R times, one after the other (so
+that each round's heads see about the same load), and reports each head's
+ratio to `keras_bn_dense` per round and the median over rounds
+(`ratios_to_keras_bn_dense`).
 
 Usage:
 
@@ -39,7 +45,10 @@ Usage:
         --vocab 8192 16384 32768 65536 131072 --repeats 3
 
 writes `docs/benchmarks/linear-cross-entropy-<date>.json` and
-`docs/linear_cross_entropy_memory.png`.
+`docs/linear_cross_entropy.png`. The step-time comparison of the fast path:
+
+    python benchmarks/linear_cross_entropy.py --vocab 32768 --rounds 3 \
+        --heads keras_bn_dense fused fused_reduced
 """
 
 import argparse
@@ -55,7 +64,7 @@ import subprocess
 import sys
 import time
 
-HEADS = ("keras", "keras_bn_dense", "fused")
+HEADS = ("keras", "keras_bn_dense", "fused", "fused_reduced")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -103,6 +112,16 @@ def _step_function(head, weighted, chunk_size):
     )
 
     def per_token_loss(labels, h, w, b, weights):
+        if head == "fused_reduced":
+            return keras_bn.ops.linear_softmax_cross_entropy(
+                labels,
+                h,
+                w,
+                b,
+                chunk_size=chunk_size,
+                sample_weight=weights if weighted else None,
+                reduction="mean",
+            )
         if head == "fused":
             return keras_bn.ops.linear_softmax_cross_entropy(
                 labels, h, w, b, chunk_size=chunk_size
@@ -120,6 +139,8 @@ def _step_function(head, weighted, chunk_size):
             result = per_token_loss(labels, h, w, b, weights)
             if head == "keras":
                 loss = keras_loss(labels, result[1], sample_weight=weights) / count
+            elif head == "fused_reduced":
+                loss = result
             elif weighted:
                 loss = tf.reduce_sum(result * weights) / count
             else:
@@ -142,6 +163,7 @@ def worker(args):
     labels = tf.random.stateless_uniform([n], [0, 3], maxval=v, dtype=tf.int32)
     weights = tf.random.stateless_uniform([n], seed=[0, 4])
     step = _step_function(args.head, args.weighted, args.chunk_size)
+    load_before = os.getloadavg()[0]
     gc.collect()
     _malloc_trim()
     # The high-water mark reset to the resident set now, where Linux allows;
@@ -168,6 +190,9 @@ def worker(args):
                 "first_step_seconds": first,
                 "step_seconds": times,
                 "median_step_seconds": statistics.median(times) if times else None,
+                # The 1-minute load average of the shared machine around it.
+                "load_average": [load_before, os.getloadavg()[0]],
+                "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
             }
         )
     )
@@ -206,6 +231,38 @@ def run_one(head, tokens, features, vocab, weighted, repeats, chunk_size):
 
 def sweep(args):
     results = []
+    for round_index in range(args.rounds):
+        results += _one_round(args, round_index)
+    return results
+
+
+def ratios(results, head, baseline="keras_bn_dense"):
+    """Per (vocab, weighted): the median over rounds of `head`'s median step
+    time over `baseline`'s in the same round, and the single ratios."""
+    table = {}
+    for r in results:
+        if r["head"] != head or "error" in r:
+            continue
+        for b in results:
+            if (
+                b["head"] == baseline
+                and "error" not in b
+                and (b["vocab"], b["weighted"], b["round"])
+                == (r["vocab"], r["weighted"], r["round"])
+            ):
+                ratio = r["median_step_seconds"] / b["median_step_seconds"]
+                table.setdefault((r["vocab"], r["weighted"]), []).append(ratio)
+    return {
+        f"V={v} {'weighted' if w else 'mean'}": {
+            "median": statistics.median(rs),
+            "rounds": rs,
+        }
+        for (v, w), rs in table.items()
+    }
+
+
+def _one_round(args, round_index):
+    results = []
     for vocab in args.vocab:
         for weighted in args.weightings:
             for head in args.heads:
@@ -215,10 +272,11 @@ def sweep(args):
                     "features": args.features,
                     "vocab": vocab,
                     "weighted": weighted,
+                    "round": round_index,
                 }
                 # The dense heads hold about three logits-sized tensors.
                 if (
-                    head != "fused"
+                    not head.startswith("fused")
                     and 3 * _dense_logits_gib(args.tokens, vocab) > args.max_gib
                 ):
                     config["error"] = f"not run: estimated over {args.max_gib} GiB"
@@ -246,7 +304,7 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for head, style in zip(HEADS, ("o-", "s--", "^-")):
+    for head, style in zip(HEADS, ("o-", "s--", "^-", "v-")):
         points = [
             (r["vocab"], r["peak_above_inputs_bytes"] / 2**30)
             for r in results
@@ -280,6 +338,12 @@ def main():
         "--weightings", default="mean,weighted", help="mean, weighted or both"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="sweeps, one after the other (heads interleaved against load)",
+    )
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--max-gib", type=float, default=18.0)
     parser.add_argument("--output", default=None)
@@ -294,8 +358,16 @@ def main():
     date = datetime.date.today().isoformat()
     output = args.output or ROOT / f"docs/benchmarks/linear-cross-entropy-{date}.json"
     meta = {"date": date, "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+    summary = {
+        head: ratios(results, head) for head in args.heads if head != "keras_bn_dense"
+    }
+    print(json.dumps({"ratios_to_keras_bn_dense": summary}, indent=1))
     pathlib.Path(output).write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+        json.dumps(
+            {"meta": meta, "ratios_to_keras_bn_dense": summary, "results": results},
+            indent=1,
+        )
+        + "\n"
     )
     plot(results, args.figure)
 

@@ -22,13 +22,15 @@ def data(rng, batch=8, pad=None):
     return x, y, w
 
 
-def fused_model(head, seed=0):
+def fused_model(head, seed=0, weighted=False):
     tokens = keras.Input((TOKENS,), dtype="int32")
     labels = keras.Input((TOKENS,), dtype="int32")
     embed = keras.layers.Embedding(VOCAB, FEATURES, name="embed")
     hidden = keras.layers.Dense(FEATURES, activation="tanh", name="mix")(embed(tokens))
-    loss = head([hidden, labels])
-    return keras.Model([tokens, labels], loss)
+    if not weighted:
+        return keras.Model([tokens, labels], head([hidden, labels]))
+    weights = keras.Input((TOKENS,), dtype="float32")
+    return keras.Model([tokens, labels, weights], head([hidden, labels, weights]))
 
 
 def dense_twin(fused):
@@ -66,6 +68,61 @@ def test_fit_steps_equal_keras_dense_head(rng, jit_compile, options):
     np.testing.assert_allclose(got.history["loss"], want.history["loss"], rtol=1e-5)
     for a, b in zip(fused.get_weights(), dense.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _nan_backward(labels, hidden, kernel, bias, *args):
+    """Stands for the per-token backward pass: NaN gradients if it runs."""
+    return tuple(tf.fill(tf.shape(x), float("nan")) for x in (hidden, kernel, bias))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"ignore_class": 0}])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fit_takes_the_fast_gradient(rng, jit_compile, options, weighted, monkeypatch):
+    """`fit` without `sample_weight` (weights, if any, as the head's third
+    input) averages with one weight per token: the gradient formed in the
+    forward pass serves it (the per-token backward pass is replaced by NaNs
+    here), and the steps equal Keras's dense head with `sample_weight`."""
+    from keras_bn.ops import linear_cross_entropy_uniform
+
+    monkeypatch.setattr(linear_cross_entropy_uniform, "_backward_loop", _nan_backward)
+    x, y, w = data(rng, pad=options.get("ignore_class"))
+    if not weighted:
+        w = np.ones_like(w)
+    head = LinearCrossEntropyHead(VOCAB, name="head", chunk_size=4, **options)
+    fused = fused_model(head, weighted=weighted)
+    dense = dense_twin(fused)
+    if options.get("label_smoothing"):
+        keras_loss = _smoothed_sparse(options["label_smoothing"])
+    else:
+        keras_loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, **options
+        )
+    fused.compile(keras.optimizers.SGD(0.5), per_token_loss, jit_compile=jit_compile)
+    dense.compile(keras.optimizers.SGD(0.5), keras_loss, jit_compile=jit_compile)
+    inputs = [x, y, w] if weighted else [x, y]
+    got = fused.fit(inputs, y, batch_size=4, shuffle=False, verbose=0)
+    want = dense.fit(x, y, sample_weight=w, batch_size=4, shuffle=False, verbose=0)
+    np.testing.assert_allclose(got.history["loss"], want.history["loss"], rtol=1e-5)
+    for a, b in zip(fused.get_weights(), dense.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_without_the_fast_gradient_no_gradient_is_formed_forward(rng, monkeypatch):
+    from keras_bn.ops import linear_cross_entropy_uniform
+
+    def refuse(*args):
+        raise AssertionError("the gradient was formed in the forward pass")
+
+    monkeypatch.setattr(linear_cross_entropy_uniform, "_forward_with_gradient", refuse)
+    x, y, w = data(rng)
+    head = LinearCrossEntropyHead(VOCAB, gradient_in_forward=False)
+    model = fused_model(head)
+    model.compile(keras.optimizers.SGD(0.1), per_token_loss)
+    model.fit([x, y], y, sample_weight=w, verbose=0)
+    config = head.get_config()
+    assert config["gradient_in_forward"] is False
+    assert LinearCrossEntropyHead.from_config(config).gradient_in_forward is False
 
 
 def _smoothed_sparse(smoothing):
@@ -190,6 +247,8 @@ def test_arguments_are_checked():
         LinearCrossEntropyHead(5, label_smoothing=-1)
     with pytest.raises(TypeError, match="tied_embedding"):
         LinearCrossEntropyHead(5, tied_embedding="embed")
+    with pytest.raises(TypeError, match="gradient_in_forward"):
+        LinearCrossEntropyHead(5, gradient_in_forward="yes")
     with pytest.raises(ValueError, match="tied_embedding"):
         LinearCrossEntropyHead(5, tied_embedding=keras.layers.Embedding(4, 3))(
             tf.zeros([2, 3])

@@ -72,6 +72,7 @@ import math
 import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
 from keras_bn.ops.checks import check_optional_positive_int
@@ -95,6 +96,8 @@ def linear_softmax_cross_entropy(
     label_smoothing=0.0,
     ignore_class=None,
     chunk_size=None,
+    sample_weight=None,
+    reduction=None,
 ):
     r"""Sparse softmax cross-entropy of `hidden @ kernel + bias`, in chunks.
 
@@ -105,6 +108,13 @@ def linear_softmax_cross_entropy(
     forward and a backward pass that recomputes each chunk's logits
     (derivation in this module's docstring). Peak memory beyond the inputs
     is the kernel's gradient plus one chunk.
+
+    With `reduction="sum"` or `"mean"` the loss is reduced to a scalar and
+    the gradients are formed in the forward pass, where the logits are at
+    hand (three products of the size of `hidden @ kernel` instead of four;
+    `keras_bn/ops/linear_cross_entropy_uniform.py`); the backward pass
+    scales them by the upstream gradient. Gradients of gradients are exact
+    there too (they take the per-token backward pass).
 
     Args:
         labels: int32 or int64 class ids in `[0, V)`, shaped as `hidden`
@@ -120,11 +130,18 @@ def linear_softmax_cross_entropy(
             gradient 0 (padding).
         chunk_size: Optional int, the number of classes per chunk. Default:
             about 2^24 logits per chunk (a power of two), at most `V`.
+        sample_weight: Optional float tensor shaped as `labels`: per-token
+            weights that multiply the loss (not differentiated).
+        reduction: None (the per-token loss), `"sum"` (the sum of the
+            weighted per-token losses) or `"mean"` (that sum over the number
+            of tokens not labelled `ignore_class`: Keras's
+            `"sum_over_batch_size"` with its mask; 0 if there are none).
 
     Returns:
-        The per-token loss, shaped as `labels`: float32 for float16/bfloat16
-        inputs, else their dtype. Eagerly, an out-of-range label raises; in
-        a graph that token's loss is NaN.
+        The per-token loss, shaped as `labels` (times `sample_weight`), or
+        its reduction, a scalar: float32 for float16/bfloat16 inputs, else
+        their dtype. Eagerly, an out-of-range label raises; in a graph that
+        token's loss is NaN.
 
     Raises:
         TypeError: If `labels` is not an int tensor, or `hidden`, `kernel`,
@@ -140,21 +157,59 @@ def linear_softmax_cross_entropy(
     >>> loss.numpy().round(5)  # logits [1, 2, 3] and [0, 0, 1]
     array([0.40761, 1.55144], dtype=float32)
     """
-    return linear_sparse(
+    reduction = check_choice(reduction, "reduction", (None, "sum", "mean"))
+    ignore_class = check_optional_int(ignore_class, "ignore_class")
+    if reduction == "mean":
+        # The division goes into the weights: the sum's gradient is then
+        # exactly 1 per token, and the saved gradients pass through unscaled.
+        sample_weight = _mean_weights(labels, sample_weight, hidden, ignore_class)
+    loss = linear_sparse(
         labels,
         hidden,
         kernel,
         bias,
         check_label_smoothing(label_smoothing),
-        check_optional_int(ignore_class, "ignore_class"),
+        ignore_class,
         check_optional_positive_int(chunk_size, "chunk_size"),
+        sample_weight,
+        uniform=reduction is not None,
     )
+    return loss if reduction is None else tf.reduce_sum(loss)
 
 
-def linear_sparse(labels, hidden, kernel, bias, smoothing, ignore_class, chunk_size):
-    """`linear_softmax_cross_entropy` on checked Python arguments."""
+def _mean_weights(labels, sample_weight, hidden, ignore_class):
+    """`sample_weight` (or ones) over the number of tokens not labelled
+    `ignore_class` (0 weights if there are none)."""
+    labels = tf.convert_to_tensor(labels)
+    dtype = compute_dtype(float_tensor(hidden, "hidden").dtype)
+    if ignore_class is None:
+        count = tf.size(labels)
+    else:
+        count = tf.math.count_nonzero(labels != ignore_class, dtype=tf.int32)
+    if sample_weight is None:
+        sample_weight = tf.ones(tf.shape(labels), dtype)
+    weights = tf.cast(float_tensor(sample_weight, "sample_weight"), dtype)
+    return tf.math.divide_no_nan(weights, tf.cast(count, dtype))
+
+
+def linear_sparse(
+    labels,
+    hidden,
+    kernel,
+    bias,
+    smoothing,
+    ignore_class,
+    chunk_size,
+    sample_weight=None,
+    uniform=False,
+):
+    """`linear_softmax_cross_entropy` on checked Python arguments: the
+    per-token loss times `sample_weight`. With `uniform`, the gradients are
+    formed in the forward pass for an upstream gradient that is one value on
+    every token (exact, and slower, for any other)."""
     hidden, kernel, bias = _checked_parameters(hidden, kernel, bias)
     labels = _checked_labels(labels, hidden)
+    weights = _checked_weights(sample_weight, labels, hidden)
     num_classes = kernel.shape[1]
     if tf.executing_eagerly():
         labels, in_range, ignored = _checked_eager_labels(
@@ -168,16 +223,48 @@ def linear_sparse(labels, hidden, kernel, bias, smoothing, ignore_class, chunk_s
     flat = [-1]
     masks = [None if t is None else tf.reshape(t, flat) for t in (in_range, ignored)]
     flat_hidden = tf.reshape(hidden, [-1, kernel.shape[0]])
+    size = _chunk_columns(chunk_size, flat_hidden.shape[0], num_classes)
+    if uniform:
+        # Imported here: that module builds on this one's loops.
+        from keras_bn.ops.linear_cross_entropy_uniform import uniform_fused_loss
+
+        flat_weights = None if weights is None else tf.reshape(weights, flat)
+        loss = uniform_fused_loss(
+            tf.reshape(labels, flat),
+            masks,
+            flat_hidden,
+            kernel,
+            bias,
+            flat_weights,
+            smoothing,
+            size,
+            chunk_size,
+        )
+        return tf.reshape(loss, tf.shape(labels))
     loss = _fused_loss(
-        tf.reshape(labels, flat),
-        masks,
-        flat_hidden,
-        kernel,
-        bias,
-        smoothing,
-        _chunk_columns(chunk_size, flat_hidden.shape[0], num_classes),
+        tf.reshape(labels, flat), masks, flat_hidden, kernel, bias, smoothing, size
     )
-    return tf.reshape(loss, tf.shape(labels))
+    loss = tf.reshape(loss, tf.shape(labels))
+    if weights is not None:
+        loss *= tf.cast(tf.stop_gradient(weights), loss.dtype)
+    return loss
+
+
+def _checked_weights(sample_weight, labels, hidden):
+    """`sample_weight` as a float tensor shaped as `labels` (or None)."""
+    if sample_weight is None:
+        return None
+    weights = float_tensor(sample_weight, "sample_weight")
+    if weights.shape.rank is not None and not (
+        weights.shape.rank == labels.shape.rank
+        and weights.shape.is_compatible_with(labels.shape)
+    ):
+        raise ValueError(
+            "`sample_weight` must have the shape of `labels`, "
+            f"{labels.shape.as_list()}. Received: sample_weight.shape="
+            f"{weights.shape.as_list()}"
+        )
+    return tf.cast(weights, compute_dtype(hidden.dtype))
 
 
 def _checked_parameters(hidden, kernel, bias):

@@ -1,0 +1,350 @@
+r"""The linear cross-entropy with its gradient formed in the forward pass.
+
+`linear_softmax_cross_entropy` computes each chunk's logits twice, once for
+the logsumexp and once for the gradient: four products of the size of
+`h W` where the dense path has three. When the per-token loss is summed or
+averaged (a uniform upstream gradient `c` per token, as Keras's `fit`
+averages without `sample_weight`), the gradient is `c` times one that the
+forward pass can form while it has the logits at hand, as Liger-Kernel
+does. The softmax of a token needs its logsumexp over the whole
+vocabulary, so the chunks here are chunks of tokens, with every class:
+
+    x_t  = h_t W + b                          ([n, V], n tokens)
+    lse  = logsumexp(x_t),  loss_t = lse - (1 - s) x_y - s mean(x_t)
+    g_t  = w (exp(x_t - lse) - s / V - (1 - s) onehot(y))
+    dh_t = g_t W^T,  db += sum_n g_t,  dW += h_t^T g_t
+
+with `w` the per-token weights (1 by default, 0 for `ignore_class`). A
+block of `n` tokens is one product `h_t W` into one `[n, V]` buffer; its
+logsumexp and then its gradient are formed a chunk of columns at a time,
+each chunk of `g_t` written over the logits it came from (in place) and
+added to its columns of `dW` and `db` (`dW[:, k] += h_t^T g_t[:, k]`, no
+kernel-sized temporary); then `dh_t = g_t W^T`. So a step holds `dW`, `dh`,
+the block and a few chunks, and costs three products of the size of `h W`,
+plus one pass over `dW` per block. `n` is the power of two for which a
+block holds about four times the logits of a chunk of the per-token path
+(2^26 by default, 256 MiB in float32: 512 tokens for 131,072 classes), at
+most the tokens; the tokens are padded with zero-weight rows to a multiple
+of `n` (a copy of `h`, not of the logits). Chunks of columns hold about
+2^23 entries (or `chunk_size` columns).
+
+The op returns the weighted per-token loss `w loss`. Its backward pass reads
+the upstream gradient `u`: if `u` takes one value `c` on every token that is
+not `ignore_class` (Keras's mean and sum, `reduce_sum`, `reduce_mean`), the
+gradients are `c` times the saved ones (for `c = 1`, the gradient of a
+reduced loss itself, the saved ones: otherwise the product is a second
+kernel-sized tensor for a moment). Any other upstream, or one whose
+backward pass is itself differentiated (a tape or forward accumulator
+records it), gets the exact per-token backward pass of
+`linear_cross_entropy` (four products, differentiable to any order) with
+upstream `u w`: never a wrong result, only a slower one. Where a graph's
+first-order gradient is differentiated without a tape (`tf.gradients` of
+`tf.gradients`), the saved gradients raise a ValueError rather than return
+a second order that would miss their dependence on the inputs.
+
+The forward pass forms the gradients only where a gradient can be asked
+for (eagerly: a tape watches the inputs; in a graph: a tape records), so
+evaluation and prediction cost one product, as the per-token path.
+float16 and bfloat16 are computed in float32 as there (the kernel is cast
+once, a float32 copy of it), the gradients kept in float32 until scaled.
+"""
+
+import tensorflow as tf
+
+from keras_bn.ops.custom_op import NO_GRADIENT
+from keras_bn.ops.custom_op import custom_op
+from keras_bn.ops.custom_op import gradient_order
+from keras_bn.ops.custom_op import tape_could_record
+from keras_bn.ops.dtypes import compute_dtype
+from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
+from keras_bn.ops.linear_cross_entropy import _backward_loop
+from keras_bn.ops.linear_cross_entropy import _Chunks
+from keras_bn.ops.linear_cross_entropy import _forward_loop
+from keras_bn.ops.linear_cross_entropy import _mask
+from keras_bn.ops.linear_cross_entropy import _write_columns
+
+# Entries of one chunk of columns within a block of tokens (32 MiB).
+_BLOCK_CHUNK_ENTRIES = 2**23
+
+
+def uniform_fused_loss(
+    labels, masks, hidden, kernel, bias, weights, smoothing, size, chunk_size
+):
+    """`weights * loss` per token on a flat `[N, D]` `hidden`, with the
+    gradient formed in the forward pass for a uniform upstream gradient.
+
+    `weights` is None or a float `[N]` tensor, not differentiated; `masks`
+    and `size` (classes per chunk of the per-token backward pass) as in
+    `linear_cross_entropy`; `chunk_size` the caller's (None: automatic).
+    """
+    in_range, ignored = masks
+    dtype = compute_dtype(hidden.dtype)
+    num_classes = kernel.shape[1]
+    chunks = _Chunks(num_classes, size)
+    labels = tf.cast(labels, tf.int32)
+    if in_range is not None:
+        labels = tf.where(in_range, labels, tf.zeros([], tf.int32))
+    weights = tf.ones(tf.shape(labels), dtype) if weights is None else weights
+    weights = _mask(tf.cast(tf.stop_gradient(weights), dtype), in_range, ignored)
+    has_bias = bias is not None
+    inputs = (hidden, kernel) + ((bias,) if has_bias else ())
+    if tf.executing_eagerly():
+        wanted = gradient_order(inputs) != NO_GRADIENT
+    else:
+        wanted = tape_could_record()
+    tokens = _token_rows(hidden.shape[0], size, num_classes)
+    # Within a block of tokens, chunks of about 2^23 entries (32 MiB).
+    columns = chunk_size or 2 ** max(
+        7, (_BLOCK_CHUNK_ENTRIES // tokens).bit_length() - 1
+    )
+    block_chunks = _Chunks(num_classes, min(columns, num_classes))
+
+    def forward(hidden, kernel, *maybe_bias):
+        bias = maybe_bias[0] if has_bias else None
+        if not wanted:
+            lse, picked, row_sum = _forward_loop(
+                labels, hidden, kernel, bias, chunks, dtype
+            )
+            loss = lse - (1.0 - smoothing) * picked
+            if smoothing:
+                loss -= (smoothing / num_classes) * row_sum
+            return (weights * _mask(loss, in_range, ignored),), (lse,), None
+        loss, lse, grads = _forward_with_gradient(
+            labels, hidden, kernel, bias, weights, smoothing, block_chunks, tokens
+        )
+        return (_mask(loss, in_range, ignored),), (lse,), grads
+
+    def backward(context, upstream, hidden_upstream):
+        hidden, kernel = context.inputs[:2]
+        (lse,) = context.hidden
+        u = tf.cast(upstream[0], dtype)
+        v = hidden_upstream[0]
+
+        def exact():
+            on_p = u * weights
+            on_p_and_lse = on_p + tf.cast(v, dtype) if context.live(v) else on_p
+            return _backward_loop(
+                labels,
+                hidden,
+                kernel,
+                context.inputs[2] if has_bias else None,
+                lse,
+                (
+                    on_p_and_lse,
+                    (1.0 - smoothing) * on_p,
+                    (smoothing / num_classes) * on_p,
+                ),
+                chunks,
+            )
+
+        saved = context.saved
+        if saved is None or context.live(v) or context.recording:
+            return exact()
+        scale, uniform = _uniform_value(u, ignored)
+        if tf.executing_eagerly():
+            if not bool(uniform):
+                return exact()
+            return _scaled(scale, saved, context.inputs)
+        # Scaled outside the branch: the product can take over the saved
+        # gradient's buffer (one kernel-sized tensor, not two), and the
+        # branch passes it through.
+        fast = _scaled(
+            scale, _refuse_differentiation(saved, context.inputs), context.inputs
+        )
+        return tf.cond(uniform, lambda: fast, exact)
+
+    return custom_op(forward, backward, *inputs)[0]
+
+
+def _scaled(scale, saved, inputs):
+    """`scale * saved`, in the inputs' dtypes. A scale of exactly 1 (the
+    gradient of a reduced loss itself) passes the saved gradients through,
+    so that no second kernel-sized tensor exists."""
+
+    def scaled():
+        return tuple(tf.cast(scale * g, x.dtype) for g, x in zip(saved, inputs))
+
+    def same():
+        return tuple(tf.cast(g, x.dtype) for g, x in zip(saved, inputs))
+
+    if tf.executing_eagerly():
+        return same() if bool(scale == 1) else scaled()
+    return tf.cond(tf.equal(scale, 1), same, scaled)
+
+
+def _token_rows(tokens, size, num_classes):
+    """Tokens per block: about `4 * tokens * size` logits (2^26 by default,
+    256 MiB in float32), a power of two, at most `tokens`."""
+    rows = tokens or _DYNAMIC_TOKENS_CHUNK
+    wanted = max(1, -(-4 * rows * size // num_classes))
+    rows_per_block = 1 << (wanted - 1).bit_length()
+    return min(rows_per_block, tokens) if tokens else rows_per_block
+
+
+def _uniform_value(u, ignored):
+    """`(c, whether u == c on every token not ignored)`; c = 0 if none is."""
+    valid = tf.ones(tf.shape(u), tf.bool) if ignored is None else ~ignored
+    first = tf.argmax(tf.cast(valid, tf.int32), output_type=tf.int32)
+    any_valid = tf.reduce_any(valid)
+    scale = tf.where(any_valid, tf.gather(u, first), tf.zeros([], u.dtype))
+    uniform = tf.reduce_all(tf.logical_or(~valid, tf.equal(u, scale)))
+    return scale, uniform
+
+
+def _refuse_differentiation(saved, inputs):
+    """`saved`, linked to `inputs` by an op whose gradient raises: the saved
+    gradients do not carry their dependence on the inputs."""
+    count = len(saved)
+
+    @tf.custom_gradient
+    def guard(*args):
+        def grad(*upstream):
+            raise ValueError(
+                "The gradient of `linear_softmax_cross_entropy` with "
+                "`reduction` (or of a LinearCrossEntropyHead in training) was "
+                "formed in its forward pass and cannot be differentiated "
+                "again without a tape. Differentiate under a "
+                "tf.GradientTape (persistent or nested), which takes the exact "
+                "path, or use `reduction=None`."
+            )
+
+        return tuple(tf.identity(a) for a in args[:count]), grad
+
+    return guard(*saved, *inputs)
+
+
+def _forward_with_gradient(
+    labels, hidden, kernel, bias, weights, smoothing, chunks, rows
+):
+    """`(loss, lse, (dh, dW[, db]))` per token, over blocks of `rows` tokens
+    with all classes (module docstring); the gradients in the compute dtype."""
+    dtype = weights.dtype
+    features, num_classes = kernel.shape
+    h = tf.cast(hidden, dtype)
+    w = tf.cast(kernel, dtype)  # a copy only for float16/bfloat16
+    b = None if bias is None else tf.cast(bias, dtype)
+    tokens = tf.shape(h)[0]
+    pad = tf.math.floormod(-tokens, rows)
+    h_padded = tf.pad(h, [[0, pad], [0, 0]])
+    labels_padded = tf.pad(labels, [[0, pad]])
+    weights_padded = tf.pad(weights, [[0, pad]])
+    blocks = (tokens + pad) // rows
+
+    def body(t, loss, lse, dh, dkernel, dbias):
+        start = t * rows
+        h_t = tf.slice(h_padded, [start, 0], [rows, features])
+        y_t = tf.slice(labels_padded, [start], [rows])
+        w_t = tf.slice(weights_padded, [start], [rows])
+        logits = tf.matmul(h_t, w)
+        if b is not None:
+            logits += b
+        picked = tf.gather(logits, y_t[:, None], batch_dims=1)[:, 0]
+        loss_t = -(1.0 - smoothing) * picked
+        if smoothing:
+            loss_t -= (smoothing / num_classes) * tf.reduce_sum(logits, axis=1)
+        top = tf.reduce_max(logits, axis=1)
+        lse_t = top + tf.math.log(_sum_exp(logits, top, chunks))
+        coefficients = (w_t, y_t, lse_t, smoothing)
+        g, dkernel, dbias = _gradient_columns(
+            logits, h_t, coefficients, dkernel, dbias, chunks
+        )
+        dh = dh.write(t, tf.matmul(g, w, transpose_b=True))
+        loss = loss.write(t, (loss_t + lse_t) * w_t)
+        lse = lse.write(t, lse_t)
+        return t + 1, loss, lse, dh, dkernel, dbias
+
+    def arrays(shape):
+        return tf.TensorArray(dtype, size=blocks, element_shape=shape)
+
+    state = (
+        tf.constant(0),
+        arrays([rows]),
+        arrays([rows]),
+        arrays([rows, features]),
+        tf.zeros([features, num_classes], dtype),
+        None if b is None else tf.zeros([num_classes], dtype),
+    )
+    if b is None:
+        state = state[:5]
+        loop_body = lambda *s: body(*s, None)[:5]  # noqa: E731
+    else:
+        loop_body = body
+    result = _loop(blocks, loop_body, state)
+    loss, lse, dh = (
+        tf.reshape(a.stack(), [-1] + s)
+        for a, s in zip(result[1:4], ([], [], [features]))
+    )
+    grads = (dh[:tokens],) + tuple(result[4:])
+    return loss[:tokens], lse[:tokens], grads
+
+
+def _loop(count, body, state):
+    return tf.while_loop(
+        lambda k, *_: k < count,
+        body,
+        state,
+        maximum_iterations=count,
+        parallel_iterations=1,  # one chunk alive at a time
+    )
+
+
+def _sum_exp(logits, top, chunks):
+    """`sum_j exp(logits_j - top)` per row, a chunk of columns at a time (no
+    second block-sized tensor)."""
+
+    def body(k, total):
+        start = chunks.start(k)
+        x = tf.slice(logits, [0, start], [tf.shape(logits)[0], chunks.size])
+        e = tf.exp(x - top[:, None])
+        fresh = chunks.fresh(k, start)
+        if fresh is not None:
+            e = tf.where(fresh, e, tf.zeros([], e.dtype))
+        return k + 1, total + tf.reduce_sum(e, axis=1)
+
+    zeros = tf.zeros_like(top)
+    return _loop(chunks.count, body, (tf.constant(0), zeros))[1]
+
+
+def _gradient_columns(logits, h_t, coefficients, dkernel, dbias, chunks):
+    """`(g, dkernel + h_t^T g, dbias + sum_n g)` for the block's logits, a
+    chunk of columns at a time: `g` overwrites `logits` in place, and no
+    kernel-sized temporary exists. Columns an earlier chunk covered keep
+    their `g` and add nothing again."""
+    w_t, y_t, lse_t, smoothing = coefficients
+    rows, num_classes = logits.shape[0], dkernel.shape[1]
+
+    def body(k, g_all, dkernel, dbias):
+        start = chunks.start(k)
+        x = tf.slice(g_all, [0, start], [rows, chunks.size])
+        g = tf.exp(x - lse_t[:, None]) * w_t[:, None]
+        if smoothing:
+            g -= (w_t * (smoothing / num_classes))[:, None]
+        # The label's column, where this chunk holds it: one entry per row.
+        local = y_t - start
+        hit = tf.logical_and(local >= 0, local < chunks.size)
+        on_label = tf.where(hit, w_t * (1.0 - smoothing), tf.zeros([], g.dtype))
+        at = tf.stack([tf.range(rows), tf.clip_by_value(local, 0, chunks.size - 1)], 1)
+        g = tf.tensor_scatter_nd_sub(g, at, on_label)
+        fresh = chunks.fresh(k, start)
+        if fresh is not None:
+            g_all = _write_columns(g_all, tf.where(fresh, g, x), start)
+            g = tf.where(fresh, g, tf.zeros([], g.dtype))
+        else:
+            g_all = _write_columns(g_all, g, start)
+        old = tf.slice(dkernel, [0, start], [dkernel.shape[0], chunks.size])
+        dkernel = _write_columns(
+            dkernel, old + tf.matmul(h_t, g, transpose_a=True), start
+        )
+        if dbias is not None:
+            old = tf.slice(dbias, [start], [chunks.size])
+            dbias = _write_columns(dbias, old + tf.reduce_sum(g, axis=0), start)
+        return k + 1, g_all, dkernel, dbias
+
+    state = (tf.constant(0), logits, dkernel, dbias)
+    if dbias is None:
+        state = state[:3]
+        loop_body = lambda *s: body(*s, None)[:3]  # noqa: E731
+    else:
+        loop_body = body
+    result = _loop(chunks.count, loop_body, state)
+    return result[1], result[2], result[3] if dbias is not None else None
