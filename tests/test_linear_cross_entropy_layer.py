@@ -89,7 +89,9 @@ def test_fit_takes_the_fast_gradient(rng, jit_compile, options, weighted, monkey
     x, y, w = data(rng, pad=options.get("ignore_class"))
     if not weighted:
         w = np.ones_like(w)
-    head = LinearCrossEntropyHead(VOCAB, name="head", chunk_size=4, **options)
+    head = LinearCrossEntropyHead(
+        VOCAB, name="head", chunk_size=4, gradient_in_forward=True, **options
+    )
     fused = fused_model(head, weighted=weighted)
     dense = dense_twin(fused)
     if options.get("label_smoothing"):
@@ -116,7 +118,7 @@ def test_without_the_fast_gradient_no_gradient_is_formed_forward(rng, monkeypatc
 
     monkeypatch.setattr(linear_cross_entropy_uniform, "_forward_with_gradient", refuse)
     x, y, w = data(rng)
-    head = LinearCrossEntropyHead(VOCAB, gradient_in_forward=False)
+    head = LinearCrossEntropyHead(VOCAB)  # the default: False
     model = fused_model(head)
     model.compile(keras.optimizers.SGD(0.1), per_token_loss)
     model.fit([x, y], y, sample_weight=w, verbose=0)

@@ -164,7 +164,7 @@ def test_any_other_upstream_gets_the_exact_gradient(mode, upstream):
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_second_order_is_exact(mode, reduction):
+def test_reduced_second_order_is_exact(mode, reduction):
     """A gradient penalty on `dhidden`, differentiated to the kernel and
     bias under nested tapes, equals autodiff's (the per-token backward pass
     serves it)."""
@@ -237,7 +237,7 @@ def test_no_gradient_work_without_a_tape(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
-def test_low_precision_accumulates_in_float32(dtype):
+def test_reduced_low_precision_accumulates_in_float32(dtype):
     labels, hidden, kernel, bias, _ = problem([16], 8, 40, tf.float32)
     weights = tf.cast(weights_for([16]), tf.float32)
     low = [tf.cast(t, dtype) for t in (hidden, kernel, bias)]
@@ -262,7 +262,7 @@ def test_low_precision_accumulates_in_float32(dtype):
         assert np.all(np.abs(tf.cast(g, tf.float32).numpy() - w) <= tol)
 
 
-def test_errors_name_the_argument():
+def test_reduced_errors_name_the_argument():
     labels, hidden, kernel, bias, _ = problem([4], 3, 5, tf.float32)
     with pytest.raises(ValueError, match="`reduction` must be one of"):
         linear_softmax_cross_entropy(labels, hidden, kernel, reduction="auto")
