@@ -211,14 +211,22 @@ def is_graph_subclass(model):
     return type(model) not in (_functional_class(), keras.Sequential)
 
 
-def warn_lost_classes(models, function_name, why):
-    """Warns for each graph model whose copy lost its class."""
+def warn_lost_classes(models, function_name, why, reasons=None):
+    """Warns for each graph model whose copy lost its class.
+
+    Args:
+        models: `copy_model`'s `(original, new, rebuilt)` triples.
+        function_name: for the message.
+        why: the reason, a sentence.
+        reasons: optional `{id(original): sentence}` that replaces `why`.
+    """
     for old, new, _ in models:
         if type(new) is not type(old):
+            reason = (reasons or {}).get(id(old), why)
             warnings.warn(
                 f"`{function_name}`: the copy of {old.name!r} is a plain "
                 f"{type(new).__name__} model, not a {type(old).__name__}: "
-                f"{why} Its predictions are the original's; class attributes "
+                f"{reason} Its predictions are the original's; class attributes "
                 "(such as a keras-hub Backbone's `pyramid_outputs`) are lost.",
                 stacklevel=3,
             )

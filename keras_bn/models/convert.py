@@ -137,13 +137,9 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
         visited = set()
         for old, new in pairs:
             copy_state(old, new, copy_batch_normalization_weights, visited)
-    for old, new, _ in models:
-        if type(new) is not type(old):
-            warn_lost_classes(
-                [(old, new, False)],
-                FUNCTION_NAME,
-                reasons.get(id(old), "its class cannot be rebuilt from a graph."),
-            )
+    warn_lost_classes(
+        models, FUNCTION_NAME, "its class cannot be rebuilt from a graph.", reasons
+    )
     copy_trainable_everywhere(models, pairs)
     return converted
 
