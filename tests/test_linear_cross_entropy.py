@@ -142,11 +142,16 @@ def test_low_precision_accumulates_in_float32(dtype):
     want = value_and_grads(dense_reference, labels, exact, upstream)
     assert got[0].dtype == tf.float32
     assert [g.dtype for g in got[1:]] == [dtype] * 3
-    # The loss is float32 math on exact inputs; gradients are rounded once
-    # to the input dtype (8 bits of mantissa for bfloat16, 11 for float16).
+    # The loss is float32 math on exact inputs.
     np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-5, atol=1e-4)
+    assert_rounded_once(got[1:], want[1:], dtype)
+
+
+def assert_rounded_once(got, want, dtype):
+    """Gradients in float32 math, each rounded once to `dtype` (8 bits of
+    mantissa for bfloat16, 11 for float16), against float32 `want`."""
     eps = 2.0**-8 if dtype == tf.bfloat16 else 2.0**-11
-    for g, w in zip(got[1:], want[1:]):
+    for g, w in zip(got, want, strict=True):
         w = w.numpy()
         tol = eps * np.abs(w) + 1e-3 * np.abs(w).max()
         assert np.all(np.abs(tf.cast(g, tf.float32).numpy() - w) <= tol)

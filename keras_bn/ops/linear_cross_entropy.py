@@ -364,15 +364,21 @@ class _Chunks:
         return start + tf.range(self.size) >= k * self.size
 
 
+def _safe_labels(labels, in_range):
+    """int32 labels, 0 where out of range (those tokens' losses are masked)."""
+    labels = tf.cast(labels, tf.int32)
+    if in_range is None:
+        return labels
+    return tf.where(in_range, labels, tf.zeros([], tf.int32))
+
+
 def _fused_loss(labels, masks, hidden, kernel, bias, smoothing, size):
     """The op on a flat `[N, D]` `hidden` and flat labels and masks."""
     in_range, ignored = masks
     dtype = compute_dtype(hidden.dtype)
     num_classes = kernel.shape[1]
     chunks = _Chunks(num_classes, size)
-    labels = tf.cast(labels, tf.int32)
-    if in_range is not None:
-        labels = tf.where(in_range, labels, tf.zeros([], tf.int32))
+    labels = _safe_labels(labels, in_range)
     has_bias = bias is not None
 
     def forward(hidden, kernel, *maybe_bias):

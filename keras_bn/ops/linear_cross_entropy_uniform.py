@@ -61,6 +61,7 @@ from keras_bn.ops.linear_cross_entropy import _backward_loop
 from keras_bn.ops.linear_cross_entropy import _Chunks
 from keras_bn.ops.linear_cross_entropy import _forward_loop
 from keras_bn.ops.linear_cross_entropy import _mask
+from keras_bn.ops.linear_cross_entropy import _safe_labels
 from keras_bn.ops.linear_cross_entropy import _write_columns
 
 # Entries of one chunk of columns within a block of tokens (32 MiB).
@@ -81,9 +82,7 @@ def uniform_fused_loss(
     dtype = compute_dtype(hidden.dtype)
     num_classes = kernel.shape[1]
     chunks = _Chunks(num_classes, size)
-    labels = tf.cast(labels, tf.int32)
-    if in_range is not None:
-        labels = tf.where(in_range, labels, tf.zeros([], tf.int32))
+    labels = _safe_labels(labels, in_range)
     weights = tf.ones(tf.shape(labels), dtype) if weights is None else weights
     weights = _mask(tf.cast(tf.stop_gradient(weights), dtype), in_range, ignored)
     has_bias = bias is not None
