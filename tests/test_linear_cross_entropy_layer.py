@@ -44,6 +44,21 @@ def dense_twin(fused):
     return model
 
 
+def compiled_twins(fused, options, jit_compile):
+    """Compiles `fused` with the per-token loss and returns its dense twin,
+    compiled with Keras's sparse loss under the same options."""
+    dense = dense_twin(fused)
+    if options.get("label_smoothing"):  # Keras's sparse loss has no smoothing
+        keras_loss = _smoothed_sparse(options["label_smoothing"])
+    else:
+        keras_loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, **options
+        )
+    fused.compile(keras.optimizers.SGD(0.5), per_token_loss, jit_compile=jit_compile)
+    dense.compile(keras.optimizers.SGD(0.5), keras_loss, jit_compile=jit_compile)
+    return dense
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"ignore_class": 0}])
 def test_fit_steps_equal_keras_dense_head(rng, jit_compile, options):
@@ -54,15 +69,7 @@ def test_fit_steps_equal_keras_dense_head(rng, jit_compile, options):
     fused = fused_model(
         LinearCrossEntropyHead(VOCAB, name="head", chunk_size=4, **options)
     )
-    dense = dense_twin(fused)
-    if options.get("label_smoothing"):  # Keras's sparse loss has no smoothing
-        keras_loss = _smoothed_sparse(options["label_smoothing"])
-    else:
-        keras_loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, **options
-        )
-    fused.compile(keras.optimizers.SGD(0.5), per_token_loss, jit_compile=jit_compile)
-    dense.compile(keras.optimizers.SGD(0.5), keras_loss, jit_compile=jit_compile)
+    dense = compiled_twins(fused, options, jit_compile)
     got = fused.fit([x, y], y, sample_weight=w, batch_size=4, shuffle=False, verbose=0)
     want = dense.fit(x, y, sample_weight=w, batch_size=4, shuffle=False, verbose=0)
     np.testing.assert_allclose(got.history["loss"], want.history["loss"], rtol=1e-5)
@@ -93,15 +100,7 @@ def test_fit_takes_the_fast_gradient(rng, jit_compile, options, weighted, monkey
         VOCAB, name="head", chunk_size=4, gradient_in_forward=True, **options
     )
     fused = fused_model(head, weighted=weighted)
-    dense = dense_twin(fused)
-    if options.get("label_smoothing"):
-        keras_loss = _smoothed_sparse(options["label_smoothing"])
-    else:
-        keras_loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, **options
-        )
-    fused.compile(keras.optimizers.SGD(0.5), per_token_loss, jit_compile=jit_compile)
-    dense.compile(keras.optimizers.SGD(0.5), keras_loss, jit_compile=jit_compile)
+    dense = compiled_twins(fused, options, jit_compile)
     inputs = [x, y, w] if weighted else [x, y]
     got = fused.fit(inputs, y, batch_size=4, shuffle=False, verbose=0)
     want = dense.fit(x, y, sample_weight=w, batch_size=4, shuffle=False, verbose=0)
