@@ -492,9 +492,9 @@ def _backward_loop(labels, hidden, kernel, bias, lse, coefficients, chunks):
 
     state = (
         tf.constant(0),
-        tf.zeros(tf.shape(h), dtype),
-        tf.zeros([features, num_classes], kernel.dtype),
-        None if bias is None else tf.zeros([num_classes], bias.dtype),
+        _zeros_after(labels, tf.shape(h), dtype),
+        _zeros_after(labels, [features, num_classes], kernel.dtype),
+        None if bias is None else _zeros_after(labels, [num_classes], bias.dtype),
     )
     if bias is None:
         state = state[:3]
@@ -510,6 +510,19 @@ def _backward_loop(labels, hidden, kernel, bias, lse, coefficients, chunks):
     )
     dh = tf.cast(result[1], hidden.dtype)
     return (dh,) + tuple(result[2:])
+
+
+def _zeros_after(labels, shape, dtype):
+    """Zeros of `shape` made from `labels` (a value, not a constant).
+
+    The per-token backward pass is also the untaken branch of the fast
+    gradient's `tf.cond`. A loop's constant initial state there was built
+    whether or not the branch ran (a second kernel-sized buffer, 512 MiB at
+    131,072 classes); zeros computed from a tensor the branch receives are
+    built only where it runs.
+    """
+    zero = tf.cast(tf.reduce_min(labels[:1]) * 0, dtype)
+    return tf.fill(shape, zero)
 
 
 def _write_columns(target, value, start):
