@@ -4,7 +4,6 @@ import math
 import warnings
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import constraints
 from keras import initializers
@@ -94,8 +93,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
             list, which saves and loads with the model: each feature counts
             the batches it accepted, so a feature that kept its statistics
             through a NaN batch averages only the batches it took in.
-            (A file holding one count for the layer, from earlier versions,
-            loads with that count for every feature.)
         epsilon: Finite float > 0 added to the variance to avoid dividing by
             zero.
         center: True or False: add the learned offset `beta`.
@@ -591,22 +588,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def compute_output_shape(self, input_shape):
         axes_for_rank(self.axis, len(input_shape))
         return input_shape
-
-    def load_own_variables(self, store):
-        """Loads the weights; reads a scalar `num_batches_tracked` as well.
-
-        Files written before the count was kept per feature hold one count
-        for the layer; every feature then starts from that count, which is
-        what the layer used for all of them when the file was written.
-        """
-        counter = self.num_batches_tracked
-        if counter is not None and counter.shape:
-            # The store numbers the weights in `self.weights` order.
-            key = str(next(i for i, v in enumerate(self.weights) if v is counter))
-            if key in store.keys() and np.shape(store[key]) == ():
-                store = {k: store[k] for k in store.keys()}
-                store[key] = np.full(counter.shape, np.asarray(store[key]), "int64")
-        super().load_own_variables(store)
 
     def get_config(self):
         config = {
