@@ -422,7 +422,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             outputs = self._train(inputs, gamma, beta, mask)
         else:
             # No custom gradient here: serving and exported graphs stay plain.
-            outputs = batch_norm.apply(
+            outputs = batch_norm.normalize_with_given_statistics(
                 inputs,
                 self._value(self.moving_mean),
                 self._value(self.moving_variance),
@@ -431,6 +431,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 self._axes,
                 self.epsilon,
                 self.fused,
+                statistics_gradients=False,
             )
         return tf.cast(outputs, self.compute_dtype)
 
@@ -503,7 +504,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             renorm = batch_norm.Renorm(
                 renorm_mean, renorm_stddev, **self.renorm_clipping
             )
-        outputs, mean, variance, count = batch_norm.train(
+        outputs, mean, variance, count = batch_norm.normalize_with_batch_statistics(
             x,
             gamma,
             beta,

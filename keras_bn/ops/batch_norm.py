@@ -54,11 +54,13 @@ Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
 
 Entry points. The public ops (`batch_norm_train`, `batch_renorm_train`,
-`batch_norm_inference`, `batch_norm_apply`) check their Python arguments and
-call the cores `train` and `apply`, which take checked ones: the layer checks
-its arguments once, in its constructor and `build`, and calls the cores.
+`batch_norm_inference`) check their Python arguments and call the cores
+`normalize_with_batch_statistics` and `normalize_with_given_statistics`,
+which take checked ones: the layer checks its arguments once, in its
+constructor and `build`, and calls the cores.
 """
 
+import warnings
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -316,19 +318,19 @@ class _Layout(NamedTuple):
     replica: object  # the replica context to synchronize over, or None
 
 
-def train(
+def normalize_with_batch_statistics(
     x, gamma, beta, axes, epsilon, mask=None, renorm=None, fused=None,
     synchronized=False,
 ):  # fmt: skip
     """The training op on checked arguments: `(y, mean, variance, count)`.
 
     The core of `batch_norm_train` (`renorm=None`) and `batch_renorm_train`,
-    whose arguments these are, except: `axes` are the sorted, non-negative
-    feature axes (`canonicalize_axes`); `epsilon` is a float > 0
-    (`check_epsilon`); `fused` is None, True or False; `renorm` is a
-    `Renorm` with checked bounds, or None. Tensors are checked here.
+    whose arguments these are, except: `x` is a float tensor (`float_tensor`);
+    `axes` are the sorted, non-negative feature axes (`canonicalize_axes`);
+    `epsilon` is a float > 0 (`check_epsilon`); `fused` is None, True or
+    False; `renorm` is a `Renorm` with checked bounds, or None. The other
+    tensors are checked here.
     """
-    x = float_tensor(x, "x")
     rank = static_rank(x, "x")
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
@@ -570,10 +572,13 @@ def batch_norm_train(
     >>> y.shape, mean.shape
     (TensorShape([32, 8]), TensorShape([8]))
     """
-    return _checked_train(
-        x, gamma, beta, axis, epsilon, mask, None,
-        check_optional_bool(fused, "fused"), synchronized, return_count,
+    fused = check_optional_bool(fused, "fused")
+    x, axes, epsilon = _checked(x, axis, epsilon)
+    outputs = normalize_with_batch_statistics(
+        x, gamma, beta, axes, epsilon, mask, fused=fused,
+        synchronized=check_bool(synchronized, "synchronized"),
     )  # fmt: skip
+    return outputs if return_count else outputs[:3]
 
 
 def batch_renorm_train(
@@ -621,43 +626,40 @@ def batch_renorm_train(
     TensorShape([32, 8])
     """
     clip = check_renorm_clipping({"rmin": rmin, "rmax": rmax, "dmax": dmax})
-    renorm = Renorm(renorm_mean, renorm_stddev, **clip)
-    return _checked_train(
-        x, gamma, beta, axis, epsilon, mask, renorm, False, synchronized,
-        return_count,
-    )  # fmt: skip
-
-
-def _checked_train(
-    x, gamma, beta, axis, epsilon, mask, renorm, fused, synchronized, return_count
-):
-    """`train` behind the public training ops: checks `axis`, `epsilon` and
-    `synchronized` (the callers check the rest)."""
-    x = float_tensor(x, "x")
-    outputs = train(
-        x,
-        gamma,
-        beta,
-        canonicalize_axes(axis, static_rank(x, "x")),
-        check_epsilon(epsilon),
-        mask,
-        renorm,
-        fused=fused,
+    x, axes, epsilon = _checked(x, axis, epsilon)
+    outputs = normalize_with_batch_statistics(
+        x, gamma, beta, axes, epsilon, mask,
+        Renorm(renorm_mean, renorm_stddev, **clip), fused=False,
         synchronized=check_bool(synchronized, "synchronized"),
-    )
+    )  # fmt: skip
     return outputs if return_count else outputs[:3]
 
 
+def _checked(x, axis, epsilon):
+    """`(x, axes, epsilon)` of a public op: a float tensor, its sorted
+    non-negative feature axes and a float > 0."""
+    x = float_tensor(x, "x")
+    return x, canonicalize_axes(axis, static_rank(x, "x")), check_epsilon(epsilon)
+
+
 def batch_norm_inference(
-    x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3, fused=None
+    x,
+    mean,
+    variance,
+    gamma=None,
+    beta=None,
+    axis=-1,
+    epsilon=1e-3,
+    fused=None,
+    statistics_gradients=True,
 ):
     r"""Batch normalization with given statistics (inference mode).
 
     `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`, computed as
     `x * scale + offset` with per-feature `scale = gamma / sqrt(variance +
-    epsilon)` and `offset = beta - mean * scale`. Gradients flow to every
-    input: `x`, `mean`, `variance`, `gamma` and `beta` (formulas in this
-    module's docstring).
+    epsilon)` and `offset = beta - mean * scale`. Gradients flow to `x`,
+    `gamma` and `beta`, and with `statistics_gradients=True` to `mean` and
+    `variance` (formulas in this module's docstring).
 
     Args:
         x: Float tensor of known rank.
@@ -670,8 +672,16 @@ def batch_norm_inference(
         fused: None (automatic), True or False: whether the forward pass runs
             on TensorFlow's fused kernel (one pass over `x`), with the same
             conditions and the same automatic choice as in
-            `batch_norm_train`. The backward pass is the closed form either
-            way.
+            `batch_norm_train`; with `statistics_gradients=False`, None takes
+            the kernel for 4-D inputs only.
+        statistics_gradients: True (the default): a hand-written backward
+            pass, in closed form, differentiates with respect to every input.
+            False: `mean` and `variance` are constants, and the op is built
+            only from TensorFlow ops with registered gradients (equal to the
+            hand-written ones for `x`, `gamma` and `beta`), so exported and
+            converted graphs (SavedModel serving functions, TFLite) hold no
+            custom-gradient op, and, with `fused=None`, the same ops as
+            Keras's layer at every rank. The layer infers this way.
 
     Returns:
         `y`, with the shape and dtype of `x`.
@@ -683,11 +693,34 @@ def batch_norm_inference(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x = float_tensor(x, "x")
-    axes = canonicalize_axes(axis, static_rank(x, "x"))
-    epsilon = check_epsilon(epsilon)
+    fused = check_optional_bool(fused, "fused")
+    gradients = check_bool(statistics_gradients, "statistics_gradients")
+    x, axes, epsilon = _checked(x, axis, epsilon)
+    return normalize_with_given_statistics(
+        x, mean, variance, gamma, beta, axes, epsilon, fused, gradients
+    )
+
+
+def normalize_with_given_statistics(
+    x, mean, variance, gamma, beta, axes, epsilon, fused=None,
+    statistics_gradients=True,
+):  # fmt: skip
+    """`batch_norm_inference` on checked arguments (as in
+    `normalize_with_batch_statistics`); the layer's inference path with
+    `statistics_gradients=False`."""
     params = _inference_params(x, axes, mean, variance, gamma, beta)
-    fused = use_fused(check_optional_bool(fused, "fused"), x, axes, epsilon)
+    if not statistics_gradients:
+        for name in ("mean", "variance"):
+            params[name] = tf.stop_gradient(params[name])
+        if fused is None and x.shape.rank != 4:
+            # The kernel would view other ranks as 4-D (ExpandDims/Squeeze),
+            # which export converters keep; the multiply-add folds into the
+            # layer before as Keras's does, and costs one pass as the kernel.
+            fused = False
+        return _normalize_with(
+            x, params, axes, epsilon, use_fused(fused, x, axes, epsilon)
+        )
+    fused = use_fused(fused, x, axes, epsilon)
     names = tuple(params)
 
     def forward(x, *values):
@@ -762,21 +795,7 @@ def _normalize_with(x, params, axes, epsilon, fused):
 def batch_norm_apply(
     x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3, fused=None
 ):
-    r"""Inference-mode batch normalization without a custom gradient.
-
-    The same `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta` as
-    `batch_norm_inference`, built only from TensorFlow ops with registered
-    gradients: the fused kernel where it applies (`fused` as in
-    `batch_norm_inference`), else one multiply-add `x * scale + offset` with
-    per-feature `scale` and `offset`. Exported and converted graphs (SavedModel
-    serving functions, TFLite) then hold no custom-gradient ops; this is the
-    layer's inference path. Its gradients equal the hand-written ones of
-    `batch_norm_inference` for `x`, `gamma` and `beta` (`dx = gamma * inv *
-    dy`, `dgamma = inv * S2`, `dbeta = S1`); `mean` and `variance` are
-    constants here. Differentiate with respect to them with
-    `batch_norm_inference`. With `fused=None` the kernel is used for 4-D
-    inputs only, so that exported graphs of every rank hold the same ops as
-    those of Keras's layer.
+    """Deprecated: `batch_norm_inference(..., statistics_gradients=False)`.
 
     Args:
         x, mean, variance, gamma, beta, axis, epsilon, fused: As in
@@ -784,37 +803,13 @@ def batch_norm_apply(
 
     Returns:
         `y`, with the shape and dtype of `x`.
-
-    Example:
-
-    >>> x = tf.random.normal([4, 3])
-    >>> y = batch_norm_apply(x, tf.zeros([3]), tf.ones([3]))
-    >>> y.shape
-    TensorShape([4, 3])
     """
-    x = float_tensor(x, "x")
-    return apply(
-        x,
-        mean,
-        variance,
-        gamma,
-        beta,
-        canonicalize_axes(axis, static_rank(x, "x")),
-        check_epsilon(epsilon),
-        check_optional_bool(fused, "fused"),
+    warnings.warn(
+        "`batch_norm_apply` is deprecated: use `batch_norm_inference(..., "
+        "statistics_gradients=False)`.",
+        DeprecationWarning,
+        stacklevel=2,
     )
-
-
-def apply(x, mean, variance, gamma, beta, axes, epsilon, fused):
-    """`batch_norm_apply` on checked arguments (`axes`, `epsilon` and `fused`
-    as in `train`): the layer's inference path."""
-    x = float_tensor(x, "x")
-    params = _inference_params(x, axes, mean, variance, gamma, beta)
-    for name in ("mean", "variance"):
-        params[name] = tf.stop_gradient(params[name])
-    if fused is None and x.shape.rank != 4:
-        # The kernel would view other ranks as 4-D (ExpandDims/Squeeze), which
-        # export converters keep; the multiply-add folds into the layer before
-        # as Keras's does, and costs one pass over `x` as the kernel does.
-        fused = False
-    return _normalize_with(x, params, axes, epsilon, use_fused(fused, x, axes, epsilon))
+    return batch_norm_inference(
+        x, mean, variance, gamma, beta, axis, epsilon, fused, False
+    )
