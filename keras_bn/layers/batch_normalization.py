@@ -20,6 +20,7 @@ from keras_bn.ops.checks import check_not_ragged
 from keras_bn.ops.checks import check_optional_bool
 from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_renorm_clipping
+from keras_bn.ops.statistics import unbiased_variance
 from keras_bn.ops.virtual_batch import GROUPINGS
 from keras_bn.ops.virtual_batch import from_virtual_batches
 from keras_bn.ops.virtual_batch import to_virtual_batches
@@ -554,7 +555,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if self.skip_nonfinite_updates:
             accept = accept & tf.math.is_finite(mean) & tf.math.is_finite(variance)
         if self.moving_variance_estimator == "unbiased":
-            variance = variance * count / tf.maximum(count - 1.0, 1.0)  # Bessel
+            variance = unbiased_variance(variance, count)
         momentum = self.momentum
         if momentum is None:
             # Cumulative average: a feature's n-th accepted batch weighs 1/n.

@@ -32,15 +32,9 @@ Backward pass of the inference form (`mean` and `variance` are inputs):
     dgamma    = inv * S2
     dbeta     = S1
 
-Statistics use a shifted two-pass algorithm. With `pivot` the values at the
-first position (per feature; with a mask, the plain mean of the unmasked
-values, as the first position may be padding), the first pass gives
-`mean = pivot + sum(x - pivot) / N`, the second `variance = sum((x - mean)^2)
-/ N`. The shift keeps the partial sums near the spread of `x` rather than its
-offset, so inputs with a large offset (1e4 + N(0, 1) in float32) keep accurate
-statistics; the second pass cannot go negative. The computation runs on a
-view of `x` with adjacent reduced axes merged (`[N, H, W, C]` as
-`[N * H * W, C]`), which compiles to faster loops under XLA.
+Statistics are the shifted two-pass ones of `keras_bn/ops/statistics.py`,
+computed on a view of `x` with adjacent reduced axes merged (`[N, H, W, C]`
+as `[N * H * W, C]`), which compiles to faster loops under XLA.
 
 Higher orders. The backward passes are built from differentiable ops of the
 original `x`, `gamma` and `beta` and of the op's own outputs (`variance`, and
@@ -83,6 +77,9 @@ from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
+from keras_bn.ops.statistics import masked
+from keras_bn.ops.statistics import moments
+from keras_bn.ops.statistics import sum_over
 from keras_bn.ops.sync import combine_moments
 from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
@@ -192,47 +189,6 @@ def _full_rank_mask(mask, x, axes):
 
 def _reshape_params(params, shape, dtype):
     return {k: tf.cast(tf.reshape(v, shape), dtype) for k, v in params.items()}
-
-
-def _sum(x, axes):
-    return tf.reduce_sum(x, axis=axes, keepdims=True)
-
-
-def _moments(xf, red, mask):
-    """Shifted two-pass statistics, kept at broadcast shape.
-
-    Returns `(mean, variance, centred, count)`: `centred` is `x - mean` at
-    every position, masked or not, and `count` the number of (unmasked)
-    positions, possibly 0 (then mean and variance are 0).
-    """
-    dtype = xf.dtype
-    if mask is None:
-        shape = tf.shape(xf, out_type=tf.int64)
-        count = tf.cast(tf.reduce_prod(tf.gather(shape, red)), dtype)
-        count = tf.reshape(count, [1] * xf.shape.rank)
-        safe_count = tf.maximum(count, 1.0)
-        # The values at the first position (0 if there is none): summing
-        # x - pivot keeps the partial sums near the spread of x, not its
-        # offset.
-        first = tuple(
-            slice(0, 1) if a in red else slice(None) for a in range(xf.shape.rank)
-        )
-        pivot = _sum(xf[first], red)
-    else:
-        count = _sum(tf.cast(mask, dtype), red)
-        safe_count = tf.maximum(count, 1.0)
-        # The first position may be masked-out padding far from the data: the
-        # shift is the plain mean of the unmasked values instead (one pass more).
-        pivot = _sum(_kept(xf, mask), red) / safe_count
-    mean = pivot + _sum(_kept(xf - pivot, mask), red) / safe_count
-    centred = xf - mean
-    variance = _sum(tf.square(_kept(centred, mask)), red) / safe_count
-    return mean, variance, centred, count
-
-
-def _kept(t, mask):
-    """`t` with the masked-out positions set to 0 (`t` itself without a mask)."""
-    return t if mask is None else tf.where(mask, t, tf.zeros([], t.dtype))
 
 
 def _renorm_correction(mean, variance, renorm, epsilon):
@@ -398,7 +354,7 @@ def _train_forward(layout, renorm, features, x, values):
     """
     p = _reshape_params(dict(zip(layout.names, values)), layout.shape, layout.dtype)
     xf = tf.cast(tf.reshape(x, layout.view), layout.dtype)
-    mean, variance, centred, count = _moments(xf, layout.red, layout.mask)
+    mean, variance, centred, count = moments(xf, layout.red, layout.mask)
     if layout.replica is not None:
         count, mean, variance = combine_moments(layout.replica, count, mean, variance)
         centred = xf - mean  # from the global mean
@@ -458,8 +414,8 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     if correction is not None:
         scale = scale * correction[0]
     dy = tf.cast(tf.reshape(dy, layout.view), dtype)
-    s1 = _sum(dy, red)
-    s2 = _sum(dy * centred, red)  # sum(dy * (x - mean))
+    s1 = sum_over(dy, red)
+    s2 = sum_over(dy * centred, red)  # sum(dy * (x - mean))
     sums = {"s1": s1, "s2": s2}
     # Gradients reaching the returned statistics, unless no loss uses them
     # (the usual case, known when the graph is built).
@@ -468,7 +424,7 @@ def _train_backward(layout, context, upstream, hidden_upstream):
         sums["dvariance"] = _upstream(dvariance, s1, shape)
     if context.live(dcentred):
         dcentred = tf.cast(dcentred, dtype)
-        sums["dcentred"] = _sum(dcentred, red)
+        sums["dcentred"] = sum_over(dcentred, red)
     total = sums
     if layout.replica is not None:
         total = dict(zip(sums, sum_over_replicas(layout.replica, *sums.values())))
@@ -478,9 +434,9 @@ def _train_backward(layout, context, upstream, hidden_upstream):
         b += 2.0 * total["dvariance"] / safe_count
         c += total["dmean"] / safe_count
     # Only the unmasked positions move the statistics.
-    dx = dy * scale + _kept(centred * b + c, mask)
+    dx = dy * scale + masked(centred * b + c, mask)
     if "dcentred" in total:
-        dx += dcentred - _kept(total["dcentred"] / safe_count, mask)
+        dx += dcentred - masked(total["dcentred"] / safe_count, mask)
     # Per-replica contributions: the strategy sums them across replicas.
     grads = {"beta": s1}
     if correction is None:
@@ -744,8 +700,8 @@ def _inference_backward(context, dy, names, axes, epsilon):
     inv = tf.math.rsqrt(p["variance"] + epsilon)
     scale = inv * p["gamma"] if "gamma" in p else inv
     dy = tf.cast(dy, dtype)
-    s1 = _sum(dy, red)
-    s2 = _sum(dy * (tf.cast(x, dtype) - p["mean"]), red)
+    s1 = sum_over(dy, red)
+    s2 = sum_over(dy * (tf.cast(x, dtype) - p["mean"]), red)
     grads = {
         "mean": -scale * s1,
         "variance": -0.5 * scale * tf.square(inv) * s2,

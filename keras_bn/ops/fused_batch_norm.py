@@ -25,6 +25,8 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.custom_op import custom_op
+from keras_bn.ops.statistics import count_positions
+from keras_bn.ops.statistics import from_unbiased
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 MIN_EPSILON = 1.001e-5
@@ -132,7 +134,8 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             data_format=data_format,
             is_training=True,
         )
-        mean, variance, count = _biased_statistics(out, x, channels)
+        count = count_positions(x, [a for a in range(x.shape.rank) if a != axis])
+        mean, variance, count = from_unbiased(out.batch_mean, out.batch_variance, count)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
         y = _from_4d(out.y, x, axis)
         return (y, mean, variance, count), (), (reserve, data_format, x4)
@@ -187,29 +190,6 @@ def _kernel_backward(saved, x, dy, scale, axis, epsilon):
         is_training=True,
     )
     return _from_4d(dx4, x, axis), dscale, doffset
-
-
-def _biased_statistics(out, x, channels):
-    """`(mean, biased variance, count)` from the kernel's unbiased variance.
-
-    With the shape known when the op is built (always, eagerly), the count
-    is a constant and the rescale one multiply; otherwise the count is
-    computed, and an empty batch gives 0 for both statistics.
-    """
-    size = x.shape.num_elements()
-    if size and isinstance(channels, int):
-        n = size // channels
-        variance = out.batch_variance * ((n - 1) / n)
-        return out.batch_mean, variance, tf.constant(float(n))
-    count = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / tf.cast(
-        channels, tf.float32
-    )
-    has_examples = count > 0
-    mean = tf.where(has_examples, out.batch_mean, 0.0)
-    variance = tf.where(
-        has_examples, out.batch_variance * (tf.maximum(count, 1.0) - 1.0), 0.0
-    ) / tf.maximum(count, 1.0)
-    return mean, variance, count
 
 
 def _closed_form_backward(context, dy, scale, axis, epsilon):
