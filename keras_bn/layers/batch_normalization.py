@@ -44,13 +44,6 @@ _DENSE_HINT = (
 )
 
 
-def _moving_average(variable, value, momentum):
-    """`variable * momentum + value * (1 - momentum)`, in the variable's dtype."""
-    old = tf.convert_to_tensor(variable)
-    value = tf.cast(value, old.dtype)
-    return old * momentum + value * (1.0 - momentum)
-
-
 @keras.saving.register_keras_serializable(package="keras_bn")
 class BatchNormalization(keras.layers.BatchNormalization):
     r"""Batch normalization (Ioffe & Szegedy, 2015) with hand-written gradients.
@@ -154,12 +147,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             statistics; the moving averages take the mean over virtual batches
             of their means and variances (as tf-keras 2 did). Not a Keras 3
             argument.
-        virtual_batch_grouping: `"interleaved"` (the default, tf-keras's
-            grouping: with a batch of `B`, virtual batch `j` holds examples
-            `j, j + B/v, j + 2B/v, ...`, so batch 6 and `v = 3` give
-            examples 0, 2, 4 and 1, 3, 5) or `"consecutive"` (examples 0, 1,
-            2 and 3, 4, 5). Only used with `virtual_batch_size`. Not a Keras
-            argument.
+        virtual_batch_grouping: `"interleaved"` (the default, tf-keras's:
+            batch 6 and `v = 3` give examples 0, 2, 4 and 1, 3, 5) or
+            `"consecutive"` (0, 1, 2 and 3, 4, 5), as
+            `keras_bn.ops.virtual_batch` describes. Only used with
+            `virtual_batch_size`. Not a Keras argument.
         moving_variance_estimator: `"biased"` (the default, as Keras) stores
             the batch variance `sum((x - mean)^2) / N` in the moving average;
             `"unbiased"` stores `sum((x - mean)^2) / (N - 1)` as PyTorch does
@@ -569,7 +561,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             momentum = 1.0 - 1.0 / tf.maximum(tf.cast(tracked, mean.dtype), 1.0)
 
         def update(variable, value, momentum):
-            new = _moving_average(variable, value, momentum)
+            old = tf.convert_to_tensor(variable)
+            new = old * momentum + tf.cast(value, old.dtype) * (1.0 - momentum)
             variable.assign(tf.where(accept, new, variable))
             return new
 

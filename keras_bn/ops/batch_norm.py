@@ -63,7 +63,6 @@ from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import merge_adjacent_axes
 from keras_bn.ops.axes import merged_shape
-from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_epsilon
@@ -95,19 +94,20 @@ def _present_params(**params):
     }
 
 
-def _feature_shape(x, axes):
-    return [x.shape[a] for a in axes]
+def _shapes_differ(expected, got):
+    """Whether two shapes (lists, None for unknown sizes) cannot be equal."""
+    return len(got) != len(expected) or any(
+        e is not None and g is not None and e != g for e, g in zip(expected, got)
+    )
 
 
 def _check_param_shapes(x, axes, params):
-    expected = _feature_shape(x, axes)
+    expected = [x.shape[a] for a in axes]
     for name, value in params.items():
         if value.shape.rank is None:
             continue
         got = value.shape.as_list()
-        if len(got) != len(expected) or any(
-            e is not None and g is not None and e != g for e, g in zip(expected, got)
-        ):
+        if _shapes_differ(expected, got):
             raise ValueError(
                 f"`{name}` must have shape {expected} (the sizes of the "
                 f"feature axes {list(axes)} of `x`). Received: "
@@ -134,13 +134,7 @@ def _prepare_mask(mask, x, axes):
         return _full_rank_mask(mask, x, axes)
     expected = [d for i, d in enumerate(x.shape.as_list()) if i not in axes]
     got = mask.shape.as_list() if mask.shape.rank is not None else None
-    if (
-        got is None
-        or len(got) != len(expected)
-        or any(
-            e is not None and g is not None and e != g for e, g in zip(expected, got)
-        )
-    ):
+    if got is None or _shapes_differ(expected, got):
         raise ValueError(
             "`mask` must have the shape of the inputs with the feature axes "
             f"{list(axes)} removed, i.e. {expected}, or the rank of the inputs "
@@ -219,15 +213,8 @@ FUSED_MIN_ELEMENTS_IN_A_GRAPH = 2**17
 
 
 def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=False):
-    """Resolves the `fused` argument to True or False.
-
-    None (automatic) picks the fused kernels where they apply, except in a
-    function XLA compiles (XLA expands them into plain loops, and the closed
-    form compiles to faster ones) and in a graph for an input of fewer than
-    `FUSED_MIN_ELEMENTS_IN_A_GRAPH` elements, known when the graph is built
-    (`benchmarks/run.py`, docs/performance.md). `fused` is None, True or
-    False (`check_optional_bool`).
-    """
+    """Resolves the `fused` argument (None, True or False) to True or False,
+    as the layer's docstring says (`benchmarks/run.py`, docs/performance.md)."""
     if fused is False:
         return False
     reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized)
@@ -323,7 +310,7 @@ def normalize_with_batch_statistics(
         renorm = renorm._replace(
             mean=stats["renorm_mean"], stddev=stats["renorm_stddev"]
         )
-    features = _feature_shape(x, axes)
+    features = [x.shape[a] for a in axes]
     if any(d is None for d in features):
         features = tf.gather(tf.shape(x), axes)
 
@@ -491,19 +478,10 @@ def batch_norm_train(
             others, and differentiated as such (their gradient does not pass
             through the statistics). A fully masked batch, or feature, gives
             mean 0 and variance 0, not NaN.
-        fused: None (automatic), True or False. True computes on
-            TensorFlow's fused kernels (`FusedBatchNormV3` and its gradient,
-            cuDNN on GPUs), which apply to float16/bfloat16/float32 inputs
-            with one feature axis, the last or axis 1, no mask and
-            `epsilon >= 1.001e-5`; elsewhere True raises a ValueError that
-            says why. False always uses the closed form, whose shifted
-            two-pass statistics are the more accurate for inputs with a large
-            offset. None picks the fused kernels where they apply, except in
-            a function XLA compiles (`jit_compile=True`): XLA expands the
-            fused kernels into plain loops there, and the closed form
-            compiles to faster ones; and except in a graph (`tf.function`,
-            `fit`) for an input of fewer than 2**17 elements, where the
-            closed form runs faster than the kernels' fixed cost per call.
+        fused: None (automatic), True or False: TensorFlow's fused kernels
+            (`keras_bn/ops/fused_batch_norm.py`) or the closed form, as the
+            layer's `fused` argument chooses in training; True raises a
+            ValueError that says why where the kernels cannot apply.
         synchronized: If True and called in a replica context of a
             `tf.distribute` strategy with several replicas, the statistics are
             those of the global batch across replicas (combined as in
@@ -630,14 +608,12 @@ def batch_norm_inference(
             conditions and the same automatic choice as in
             `batch_norm_train`; with `statistics_gradients=False`, None takes
             the kernel for 4-D inputs only.
-        statistics_gradients: True (the default): a hand-written backward
-            pass, in closed form, differentiates with respect to every input.
-            False: `mean` and `variance` are constants, and the op is built
-            only from TensorFlow ops with registered gradients (equal to the
-            hand-written ones for `x`, `gamma` and `beta`), so exported and
-            converted graphs (SavedModel serving functions, TFLite) hold no
-            custom-gradient op, and, with `fused=None`, the same ops as
-            Keras's layer at every rank. The layer infers this way.
+        statistics_gradients: True: a hand-written backward pass
+            differentiates with respect to every input. False (the layer's
+            path): `mean` and `variance` are constants and the op holds only
+            TensorFlow ops with registered gradients (the same for `x`,
+            `gamma`, `beta`), so exported graphs (SavedModel, TFLite) hold
+            no custom-gradient op and, with `fused=None`, Keras's ops.
 
     Returns:
         `y`, with the shape and dtype of `x`.
@@ -664,7 +640,10 @@ def normalize_with_given_statistics(
     """`batch_norm_inference` on checked arguments (as in
     `normalize_with_batch_statistics`); the layer's inference path with
     `statistics_gradients=False`."""
-    params = _inference_params(x, axes, mean, variance, gamma, beta)
+    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
+    if "mean" not in params or "variance" not in params:
+        raise ValueError("`mean` and `variance` are required (got None).")
+    _check_param_shapes(x, axes, params)
     if not statistics_gradients:
         for name in ("mean", "variance"):
             params[name] = tf.stop_gradient(params[name])
@@ -695,7 +674,7 @@ def _inference_backward(context, dy, names, axes, epsilon):
     inputs only, so it differentiates again to every order."""
     x, *values = context.inputs
     dtype = compute_dtype(x.dtype)
-    red = reduction_axes(x.shape.rank, axes)
+    red = [a for a in range(x.shape.rank) if a not in axes]
     p = _reshape_params(dict(zip(names, values)), broadcast_shape(x, axes), dtype)
     inv = tf.math.rsqrt(p["variance"] + epsilon)
     scale = inv * p["gamma"] if "gamma" in p else inv
@@ -712,15 +691,6 @@ def _inference_backward(context, dy, names, axes, epsilon):
         tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
         for name, v in zip(names, values)
     )
-
-
-def _inference_params(x, axes, mean, variance, gamma, beta):
-    """The inference-mode ops' given parameters, by name, shapes checked."""
-    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
-    if "mean" not in params or "variance" not in params:
-        raise ValueError("`mean` and `variance` are required (got None).")
-    _check_param_shapes(x, axes, params)
-    return params
 
 
 def _normalize_with(x, params, axes, epsilon, fused):
