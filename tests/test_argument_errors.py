@@ -267,11 +267,18 @@ OP_ERRORS = [
         "`fused` must be None, True or False",
     ),
     (
-        lambda: ops.batch_norm_apply(
+        lambda: ops.batch_norm_inference(
             tf.ones([4, 3]), tf.zeros([3]), tf.ones([3]), fused=1
         ),
         TypeError,
         "`fused` must be None, True or False",
+    ),
+    (
+        lambda: ops.batch_norm_inference(
+            tf.ones([4, 3]), tf.zeros([3]), tf.ones([3]), statistics_gradients=0
+        ),
+        TypeError,
+        "`statistics_gradients` must be True or False",
     ),
     (
         lambda: ops.batch_norm_train(tf.ones([4, 3]), synchronized="no"),

@@ -419,10 +419,10 @@ def test_rank_too_small_and_integer_inputs_raise():
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape,axis", [((6, 3), -1), ((3, 3, 4, 2), 1)])
-def test_apply_matches_the_hand_written_inference_op(rng, fused, shape, axis):
+def test_inference_without_statistics_gradients_matches_the_hand_written_op(
+    rng, fused, shape, axis
+):
     """The layer's inference path (no custom gradient) equals the op."""
-    from keras_bn.ops import batch_norm_apply
-
     pshape = param_shape(shape, axis)
     x = tf.constant(rng.normal(0.5, 2.0, size=shape), tf.float32)
     mean, var, gamma, beta = (
@@ -436,21 +436,32 @@ def test_apply_matches_the_hand_written_inference_op(rng, fused, shape, axis):
     )
     wy = tf.constant(rng.normal(size=shape), tf.float32)
     results = []
-    for fn in (batch_norm_apply, batch_norm_inference):
-        with tf.GradientTape() as tape:
-            tape.watch([x, gamma, beta])
-            y = fn(x, mean, var, gamma, beta, axis=axis, fused=fused)
-            loss = tf.reduce_sum(wy * y * y)
-        results.append([y, *tape.gradient(loss, [x, gamma, beta])])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    graph = (
-        tf.function(
-            lambda x: batch_norm_apply(
-                x, mean, var, gamma, beta, axis=axis, fused=fused
-            )
+
+    def inference(x, gradients):
+        return batch_norm_inference(
+            x, mean, var, gamma, beta, axis, fused=fused, statistics_gradients=gradients
         )
-        .get_concrete_function(x)
-        .graph
-    )
+
+    for gradients in (False, True):
+        with tf.GradientTape() as tape:
+            tape.watch([x, mean, var, gamma, beta])
+            y = inference(x, gradients)
+            loss = tf.reduce_sum(wy * y * y)
+        results.append([y, *tape.gradient(loss, [x, gamma, beta, mean, var])])
+    for a, b in zip(results[0][:4], results[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert results[0][4:] == [None, None]  # constants
+    assert [g is not None for g in results[1][4:]] == [True, True]
+    graph = tf.function(lambda x: inference(x, False)).get_concrete_function(x).graph
     assert not [op for op in graph.get_operations() if op.type == "IdentityN"]
+
+
+def test_batch_norm_apply_is_a_deprecated_alias(rng):
+    from keras_bn.ops import batch_norm_apply
+
+    x = tf.constant(rng.normal(size=(6, 3)), tf.float32)
+    mean, var = tf.constant([0.1, 0.2, 0.3]), tf.constant([1.0, 2.0, 0.5])
+    with pytest.warns(DeprecationWarning, match="statistics_gradients=False"):
+        y = batch_norm_apply(x, mean, var, epsilon=1e-2)
+    want = batch_norm_inference(x, mean, var, epsilon=1e-2, statistics_gradients=False)
+    np.testing.assert_array_equal(y, want)

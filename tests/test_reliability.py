@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import compiled
-from helpers import cumulative_average_model
 from helpers import expand_param
 from helpers import numpy_batch_norm_train
 from helpers import twin_batch_norm_layers
@@ -408,48 +407,3 @@ def test_cumulative_average_without_skipping_counts_every_batch(rng):
     layer(x, training=True)
     np.testing.assert_array_equal(layer.num_batches_tracked, [1, 1, 1])
     assert np.isnan(layer.moving_mean.numpy()[1])  # as asked: poisoned
-
-
-def _with_one_count(weights_file, count):
-    """The weights file with the counter stored as one scalar, as files
-    written before the count was kept per feature hold it."""
-    import io
-
-    import h5py
-
-    buffer = io.BytesIO(weights_file)
-    with h5py.File(buffer, "r+") as f:
-        keys = []
-        f.visititems(
-            lambda k, v: (
-                keys.append(k) if getattr(v, "dtype", None) == "int64" else None
-            )
-        )
-        (key,) = keys  # the layer's fifth weight, num_batches_tracked
-        assert key.endswith("/vars/4") and f[key].shape == (3,), key
-        del f[key]
-        f[key] = np.int64(count)
-    return buffer.getvalue()
-
-
-def test_a_file_with_one_count_for_the_layer_loads_for_every_feature(rng, tmp_path):
-    import zipfile
-
-    model = cumulative_average_model(rng)
-    model.save(tmp_path / "new.keras")
-    old = tmp_path / "old.keras"
-    with zipfile.ZipFile(tmp_path / "new.keras") as src:
-        with zipfile.ZipFile(old, "w") as dst:
-            for item in src.infolist():
-                data = src.read(item.filename)
-                if item.filename == "model.weights.h5":
-                    data = _with_one_count(data, 3)
-                dst.writestr(item, data)
-    loaded = keras.saving.load_model(old)
-    np.testing.assert_array_equal(loaded.layers[0].num_batches_tracked, [3, 3, 3])
-    # Training goes on as it would have: the 4th batch weighs 1/4 everywhere.
-    x = rng.normal(size=(8, 3)).astype(np.float32)
-    for m in (model, loaded):
-        m(x, training=True)
-    for a, b in zip(model.get_weights(), loaded.get_weights()):
-        np.testing.assert_array_equal(a, b)

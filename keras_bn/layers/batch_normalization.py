@@ -4,7 +4,6 @@ import math
 import warnings
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import constraints
 from keras import initializers
@@ -21,6 +20,7 @@ from keras_bn.ops.checks import check_not_ragged
 from keras_bn.ops.checks import check_optional_bool
 from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_renorm_clipping
+from keras_bn.ops.statistics import unbiased_variance
 from keras_bn.ops.virtual_batch import GROUPINGS
 from keras_bn.ops.virtual_batch import from_virtual_batches
 from keras_bn.ops.virtual_batch import to_virtual_batches
@@ -42,13 +42,6 @@ _DENSE_HINT = (
     "Pad it to a dense tensor (`inputs.to_tensor()`) and pass the padding as "
     "`mask` (e.g. `tf.sequence_mask(inputs.row_lengths())`)."
 )
-
-
-def _moving_average(variable, value, momentum):
-    """`variable * momentum + value * (1 - momentum)`, in the variable's dtype."""
-    old = tf.convert_to_tensor(variable)
-    value = tf.cast(value, old.dtype)
-    return old * momentum + value * (1.0 - momentum)
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -94,8 +87,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
             list, which saves and loads with the model: each feature counts
             the batches it accepted, so a feature that kept its statistics
             through a NaN batch averages only the batches it took in.
-            (A file holding one count for the layer, from earlier versions,
-            loads with that count for every feature.)
         epsilon: Finite float > 0 added to the variance to avoid dividing by
             zero.
         center: True or False: add the learned offset `beta`.
@@ -156,12 +147,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             statistics; the moving averages take the mean over virtual batches
             of their means and variances (as tf-keras 2 did). Not a Keras 3
             argument.
-        virtual_batch_grouping: `"interleaved"` (the default, tf-keras's
-            grouping: with a batch of `B`, virtual batch `j` holds examples
-            `j, j + B/v, j + 2B/v, ...`, so batch 6 and `v = 3` give
-            examples 0, 2, 4 and 1, 3, 5) or `"consecutive"` (examples 0, 1,
-            2 and 3, 4, 5). Only used with `virtual_batch_size`. Not a Keras
-            argument.
+        virtual_batch_grouping: `"interleaved"` (the default, tf-keras's:
+            batch 6 and `v = 3` give examples 0, 2, 4 and 1, 3, 5) or
+            `"consecutive"` (0, 1, 2 and 3, 4, 5), as
+            `keras_bn.ops.virtual_batch` describes. Only used with
+            `virtual_batch_size`. Not a Keras argument.
         moving_variance_estimator: `"biased"` (the default, as Keras) stores
             the batch variance `sum((x - mean)^2) / N` in the moving average;
             `"unbiased"` stores `sum((x - mean)^2) / (N - 1)` as PyTorch does
@@ -425,7 +415,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             outputs = self._train(inputs, gamma, beta, mask)
         else:
             # No custom gradient here: serving and exported graphs stay plain.
-            outputs = batch_norm.apply(
+            outputs = batch_norm.normalize_with_given_statistics(
                 inputs,
                 self._value(self.moving_mean),
                 self._value(self.moving_variance),
@@ -434,6 +424,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 self._axes,
                 self.epsilon,
                 self.fused,
+                statistics_gradients=False,
             )
         return tf.cast(outputs, self.compute_dtype)
 
@@ -506,7 +497,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             renorm = batch_norm.Renorm(
                 renorm_mean, renorm_stddev, **self.renorm_clipping
             )
-        outputs, mean, variance, count = batch_norm.train(
+        outputs, mean, variance, count = batch_norm.normalize_with_batch_statistics(
             x,
             gamma,
             beta,
@@ -556,7 +547,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if self.skip_nonfinite_updates:
             accept = accept & tf.math.is_finite(mean) & tf.math.is_finite(variance)
         if self.moving_variance_estimator == "unbiased":
-            variance = variance * count / tf.maximum(count - 1.0, 1.0)  # Bessel
+            variance = unbiased_variance(variance, count)
         momentum = self.momentum
         if momentum is None:
             # Cumulative average: a feature's n-th accepted batch weighs 1/n.
@@ -570,7 +561,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             momentum = 1.0 - 1.0 / tf.maximum(tf.cast(tracked, mean.dtype), 1.0)
 
         def update(variable, value, momentum):
-            new = _moving_average(variable, value, momentum)
+            old = tf.convert_to_tensor(variable)
+            new = old * momentum + tf.cast(value, old.dtype) * (1.0 - momentum)
             variable.assign(tf.where(accept, new, variable))
             return new
 
@@ -591,22 +583,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def compute_output_shape(self, input_shape):
         axes_for_rank(self.axis, len(input_shape))
         return input_shape
-
-    def load_own_variables(self, store):
-        """Loads the weights; reads a scalar `num_batches_tracked` as well.
-
-        Files written before the count was kept per feature hold one count
-        for the layer; every feature then starts from that count, which is
-        what the layer used for all of them when the file was written.
-        """
-        counter = self.num_batches_tracked
-        if counter is not None and counter.shape:
-            # The store numbers the weights in `self.weights` order.
-            key = str(next(i for i, v in enumerate(self.weights) if v is counter))
-            if key in store.keys() and np.shape(store[key]) == ():
-                store = {k: store[k] for k in store.keys()}
-                store[key] = np.full(counter.shape, np.asarray(store[key]), "int64")
-        super().load_own_variables(store)
 
     def get_config(self):
         config = {

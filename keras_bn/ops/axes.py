@@ -94,11 +94,6 @@ def broadcast_shape(x, axes):
     return tf.stack([dynamic[i] if i in axes else 1 for i in range(rank)])
 
 
-def reduction_axes(rank, axes):
-    """The axes not in `axes`: the ones statistics are computed over."""
-    return [i for i in range(rank) if i not in axes]
-
-
 def merge_adjacent_axes(rank, axes):
     """Groups `range(rank)` into runs of adjacent feature or reduced axes.
 

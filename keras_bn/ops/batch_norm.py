@@ -32,15 +32,9 @@ Backward pass of the inference form (`mean` and `variance` are inputs):
     dgamma    = inv * S2
     dbeta     = S1
 
-Statistics use a shifted two-pass algorithm. With `pivot` the values at the
-first position (per feature; with a mask, the plain mean of the unmasked
-values, as the first position may be padding), the first pass gives
-`mean = pivot + sum(x - pivot) / N`, the second `variance = sum((x - mean)^2)
-/ N`. The shift keeps the partial sums near the spread of `x` rather than its
-offset, so inputs with a large offset (1e4 + N(0, 1) in float32) keep accurate
-statistics; the second pass cannot go negative. The computation runs on a
-view of `x` with adjacent reduced axes merged (`[N, H, W, C]` as
-`[N * H * W, C]`), which compiles to faster loops under XLA.
+Statistics are the shifted two-pass ones of `keras_bn/ops/statistics.py`,
+computed on a view of `x` with adjacent reduced axes merged (`[N, H, W, C]`
+as `[N * H * W, C]`), which compiles to faster loops under XLA.
 
 Higher orders. The backward passes are built from differentiable ops of the
 original `x`, `gamma` and `beta` and of the op's own outputs (`variance`, and
@@ -54,11 +48,13 @@ Low-precision inputs (float16, bfloat16) are computed in float32 and the
 output cast back; statistics are returned in float32. float64 stays float64.
 
 Entry points. The public ops (`batch_norm_train`, `batch_renorm_train`,
-`batch_norm_inference`, `batch_norm_apply`) check their Python arguments and
-call the cores `train` and `apply`, which take checked ones: the layer checks
-its arguments once, in its constructor and `build`, and calls the cores.
+`batch_norm_inference`) check their Python arguments and call the cores
+`normalize_with_batch_statistics` and `normalize_with_given_statistics`,
+which take checked ones: the layer checks its arguments once, in its
+constructor and `build`, and calls the cores.
 """
 
+import warnings
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -67,7 +63,6 @@ from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import merge_adjacent_axes
 from keras_bn.ops.axes import merged_shape
-from keras_bn.ops.axes import reduction_axes
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_epsilon
@@ -81,6 +76,9 @@ from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
+from keras_bn.ops.statistics import masked
+from keras_bn.ops.statistics import moments
+from keras_bn.ops.statistics import sum_over
 from keras_bn.ops.sync import combine_moments
 from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
@@ -96,19 +94,20 @@ def _present_params(**params):
     }
 
 
-def _feature_shape(x, axes):
-    return [x.shape[a] for a in axes]
+def _shapes_differ(expected, got):
+    """Whether two shapes (lists, None for unknown sizes) cannot be equal."""
+    return len(got) != len(expected) or any(
+        e is not None and g is not None and e != g for e, g in zip(expected, got)
+    )
 
 
 def _check_param_shapes(x, axes, params):
-    expected = _feature_shape(x, axes)
+    expected = [x.shape[a] for a in axes]
     for name, value in params.items():
         if value.shape.rank is None:
             continue
         got = value.shape.as_list()
-        if len(got) != len(expected) or any(
-            e is not None and g is not None and e != g for e, g in zip(expected, got)
-        ):
+        if _shapes_differ(expected, got):
             raise ValueError(
                 f"`{name}` must have shape {expected} (the sizes of the "
                 f"feature axes {list(axes)} of `x`). Received: "
@@ -135,13 +134,7 @@ def _prepare_mask(mask, x, axes):
         return _full_rank_mask(mask, x, axes)
     expected = [d for i, d in enumerate(x.shape.as_list()) if i not in axes]
     got = mask.shape.as_list() if mask.shape.rank is not None else None
-    if (
-        got is None
-        or len(got) != len(expected)
-        or any(
-            e is not None and g is not None and e != g for e, g in zip(expected, got)
-        )
-    ):
+    if got is None or _shapes_differ(expected, got):
         raise ValueError(
             "`mask` must have the shape of the inputs with the feature axes "
             f"{list(axes)} removed, i.e. {expected}, or the rank of the inputs "
@@ -192,47 +185,6 @@ def _reshape_params(params, shape, dtype):
     return {k: tf.cast(tf.reshape(v, shape), dtype) for k, v in params.items()}
 
 
-def _sum(x, axes):
-    return tf.reduce_sum(x, axis=axes, keepdims=True)
-
-
-def _moments(xf, red, mask):
-    """Shifted two-pass statistics, kept at broadcast shape.
-
-    Returns `(mean, variance, centred, count)`: `centred` is `x - mean` at
-    every position, masked or not, and `count` the number of (unmasked)
-    positions, possibly 0 (then mean and variance are 0).
-    """
-    dtype = xf.dtype
-    if mask is None:
-        shape = tf.shape(xf, out_type=tf.int64)
-        count = tf.cast(tf.reduce_prod(tf.gather(shape, red)), dtype)
-        count = tf.reshape(count, [1] * xf.shape.rank)
-        safe_count = tf.maximum(count, 1.0)
-        # The values at the first position (0 if there is none): summing
-        # x - pivot keeps the partial sums near the spread of x, not its
-        # offset.
-        first = tuple(
-            slice(0, 1) if a in red else slice(None) for a in range(xf.shape.rank)
-        )
-        pivot = _sum(xf[first], red)
-    else:
-        count = _sum(tf.cast(mask, dtype), red)
-        safe_count = tf.maximum(count, 1.0)
-        # The first position may be masked-out padding far from the data: the
-        # shift is the plain mean of the unmasked values instead (one pass more).
-        pivot = _sum(_kept(xf, mask), red) / safe_count
-    mean = pivot + _sum(_kept(xf - pivot, mask), red) / safe_count
-    centred = xf - mean
-    variance = _sum(tf.square(_kept(centred, mask)), red) / safe_count
-    return mean, variance, centred, count
-
-
-def _kept(t, mask):
-    """`t` with the masked-out positions set to 0 (`t` itself without a mask)."""
-    return t if mask is None else tf.where(mask, t, tf.zeros([], t.dtype))
-
-
 def _renorm_correction(mean, variance, renorm, epsilon):
     """Batch Renormalization's `r` and `d` (Ioffe, 2017), constants by design.
 
@@ -261,15 +213,8 @@ FUSED_MIN_ELEMENTS_IN_A_GRAPH = 2**17
 
 
 def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=False):
-    """Resolves the `fused` argument to True or False.
-
-    None (automatic) picks the fused kernels where they apply, except in a
-    function XLA compiles (XLA expands them into plain loops, and the closed
-    form compiles to faster ones) and in a graph for an input of fewer than
-    `FUSED_MIN_ELEMENTS_IN_A_GRAPH` elements, known when the graph is built
-    (`benchmarks/run.py`, docs/performance.md). `fused` is None, True or
-    False (`check_optional_bool`).
-    """
+    """Resolves the `fused` argument (None, True or False) to True or False,
+    as the layer's docstring says (`benchmarks/run.py`, docs/performance.md)."""
     if fused is False:
         return False
     reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized)
@@ -316,19 +261,19 @@ class _Layout(NamedTuple):
     replica: object  # the replica context to synchronize over, or None
 
 
-def train(
+def normalize_with_batch_statistics(
     x, gamma, beta, axes, epsilon, mask=None, renorm=None, fused=None,
     synchronized=False,
 ):  # fmt: skip
     """The training op on checked arguments: `(y, mean, variance, count)`.
 
     The core of `batch_norm_train` (`renorm=None`) and `batch_renorm_train`,
-    whose arguments these are, except: `axes` are the sorted, non-negative
-    feature axes (`canonicalize_axes`); `epsilon` is a float > 0
-    (`check_epsilon`); `fused` is None, True or False; `renorm` is a
-    `Renorm` with checked bounds, or None. Tensors are checked here.
+    whose arguments these are, except: `x` is a float tensor (`float_tensor`);
+    `axes` are the sorted, non-negative feature axes (`canonicalize_axes`);
+    `epsilon` is a float > 0 (`check_epsilon`); `fused` is None, True or
+    False; `renorm` is a `Renorm` with checked bounds, or None. The other
+    tensors are checked here.
     """
-    x = float_tensor(x, "x")
     rank = static_rank(x, "x")
     params = _present_params(gamma=gamma, beta=beta)
     _check_param_shapes(x, axes, params)
@@ -365,7 +310,7 @@ def train(
         renorm = renorm._replace(
             mean=stats["renorm_mean"], stddev=stats["renorm_stddev"]
         )
-    features = _feature_shape(x, axes)
+    features = [x.shape[a] for a in axes]
     if any(d is None for d in features):
         features = tf.gather(tf.shape(x), axes)
 
@@ -396,7 +341,7 @@ def _train_forward(layout, renorm, features, x, values):
     """
     p = _reshape_params(dict(zip(layout.names, values)), layout.shape, layout.dtype)
     xf = tf.cast(tf.reshape(x, layout.view), layout.dtype)
-    mean, variance, centred, count = _moments(xf, layout.red, layout.mask)
+    mean, variance, centred, count = moments(xf, layout.red, layout.mask)
     if layout.replica is not None:
         count, mean, variance = combine_moments(layout.replica, count, mean, variance)
         centred = xf - mean  # from the global mean
@@ -456,8 +401,8 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     if correction is not None:
         scale = scale * correction[0]
     dy = tf.cast(tf.reshape(dy, layout.view), dtype)
-    s1 = _sum(dy, red)
-    s2 = _sum(dy * centred, red)  # sum(dy * (x - mean))
+    s1 = sum_over(dy, red)
+    s2 = sum_over(dy * centred, red)  # sum(dy * (x - mean))
     sums = {"s1": s1, "s2": s2}
     # Gradients reaching the returned statistics, unless no loss uses them
     # (the usual case, known when the graph is built).
@@ -466,7 +411,7 @@ def _train_backward(layout, context, upstream, hidden_upstream):
         sums["dvariance"] = _upstream(dvariance, s1, shape)
     if context.live(dcentred):
         dcentred = tf.cast(dcentred, dtype)
-        sums["dcentred"] = _sum(dcentred, red)
+        sums["dcentred"] = sum_over(dcentred, red)
     total = sums
     if layout.replica is not None:
         total = dict(zip(sums, sum_over_replicas(layout.replica, *sums.values())))
@@ -476,9 +421,9 @@ def _train_backward(layout, context, upstream, hidden_upstream):
         b += 2.0 * total["dvariance"] / safe_count
         c += total["dmean"] / safe_count
     # Only the unmasked positions move the statistics.
-    dx = dy * scale + _kept(centred * b + c, mask)
+    dx = dy * scale + masked(centred * b + c, mask)
     if "dcentred" in total:
-        dx += dcentred - _kept(total["dcentred"] / safe_count, mask)
+        dx += dcentred - masked(total["dcentred"] / safe_count, mask)
     # Per-replica contributions: the strategy sums them across replicas.
     grads = {"beta": s1}
     if correction is None:
@@ -533,19 +478,10 @@ def batch_norm_train(
             others, and differentiated as such (their gradient does not pass
             through the statistics). A fully masked batch, or feature, gives
             mean 0 and variance 0, not NaN.
-        fused: None (automatic), True or False. True computes on
-            TensorFlow's fused kernels (`FusedBatchNormV3` and its gradient,
-            cuDNN on GPUs), which apply to float16/bfloat16/float32 inputs
-            with one feature axis, the last or axis 1, no mask and
-            `epsilon >= 1.001e-5`; elsewhere True raises a ValueError that
-            says why. False always uses the closed form, whose shifted
-            two-pass statistics are the more accurate for inputs with a large
-            offset. None picks the fused kernels where they apply, except in
-            a function XLA compiles (`jit_compile=True`): XLA expands the
-            fused kernels into plain loops there, and the closed form
-            compiles to faster ones; and except in a graph (`tf.function`,
-            `fit`) for an input of fewer than 2**17 elements, where the
-            closed form runs faster than the kernels' fixed cost per call.
+        fused: None (automatic), True or False: TensorFlow's fused kernels
+            (`keras_bn/ops/fused_batch_norm.py`) or the closed form, as the
+            layer's `fused` argument chooses in training; True raises a
+            ValueError that says why where the kernels cannot apply.
         synchronized: If True and called in a replica context of a
             `tf.distribute` strategy with several replicas, the statistics are
             those of the global batch across replicas (combined as in
@@ -570,10 +506,13 @@ def batch_norm_train(
     >>> y.shape, mean.shape
     (TensorShape([32, 8]), TensorShape([8]))
     """
-    return _checked_train(
-        x, gamma, beta, axis, epsilon, mask, None,
-        check_optional_bool(fused, "fused"), synchronized, return_count,
+    fused = check_optional_bool(fused, "fused")
+    x, axes, epsilon = _checked(x, axis, epsilon)
+    outputs = normalize_with_batch_statistics(
+        x, gamma, beta, axes, epsilon, mask, fused=fused,
+        synchronized=check_bool(synchronized, "synchronized"),
     )  # fmt: skip
+    return outputs if return_count else outputs[:3]
 
 
 def batch_renorm_train(
@@ -621,43 +560,40 @@ def batch_renorm_train(
     TensorShape([32, 8])
     """
     clip = check_renorm_clipping({"rmin": rmin, "rmax": rmax, "dmax": dmax})
-    renorm = Renorm(renorm_mean, renorm_stddev, **clip)
-    return _checked_train(
-        x, gamma, beta, axis, epsilon, mask, renorm, False, synchronized,
-        return_count,
-    )  # fmt: skip
-
-
-def _checked_train(
-    x, gamma, beta, axis, epsilon, mask, renorm, fused, synchronized, return_count
-):
-    """`train` behind the public training ops: checks `axis`, `epsilon` and
-    `synchronized` (the callers check the rest)."""
-    x = float_tensor(x, "x")
-    outputs = train(
-        x,
-        gamma,
-        beta,
-        canonicalize_axes(axis, static_rank(x, "x")),
-        check_epsilon(epsilon),
-        mask,
-        renorm,
-        fused=fused,
+    x, axes, epsilon = _checked(x, axis, epsilon)
+    outputs = normalize_with_batch_statistics(
+        x, gamma, beta, axes, epsilon, mask,
+        Renorm(renorm_mean, renorm_stddev, **clip), fused=False,
         synchronized=check_bool(synchronized, "synchronized"),
-    )
+    )  # fmt: skip
     return outputs if return_count else outputs[:3]
 
 
+def _checked(x, axis, epsilon):
+    """`(x, axes, epsilon)` of a public op: a float tensor, its sorted
+    non-negative feature axes and a float > 0."""
+    x = float_tensor(x, "x")
+    return x, canonicalize_axes(axis, static_rank(x, "x")), check_epsilon(epsilon)
+
+
 def batch_norm_inference(
-    x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3, fused=None
+    x,
+    mean,
+    variance,
+    gamma=None,
+    beta=None,
+    axis=-1,
+    epsilon=1e-3,
+    fused=None,
+    statistics_gradients=True,
 ):
     r"""Batch normalization with given statistics (inference mode).
 
     `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta`, computed as
     `x * scale + offset` with per-feature `scale = gamma / sqrt(variance +
-    epsilon)` and `offset = beta - mean * scale`. Gradients flow to every
-    input: `x`, `mean`, `variance`, `gamma` and `beta` (formulas in this
-    module's docstring).
+    epsilon)` and `offset = beta - mean * scale`. Gradients flow to `x`,
+    `gamma` and `beta`, and with `statistics_gradients=True` to `mean` and
+    `variance` (formulas in this module's docstring).
 
     Args:
         x: Float tensor of known rank.
@@ -670,8 +606,14 @@ def batch_norm_inference(
         fused: None (automatic), True or False: whether the forward pass runs
             on TensorFlow's fused kernel (one pass over `x`), with the same
             conditions and the same automatic choice as in
-            `batch_norm_train`. The backward pass is the closed form either
-            way.
+            `batch_norm_train`; with `statistics_gradients=False`, None takes
+            the kernel for 4-D inputs only.
+        statistics_gradients: True: a hand-written backward pass
+            differentiates with respect to every input. False (the layer's
+            path): `mean` and `variance` are constants and the op holds only
+            TensorFlow ops with registered gradients (the same for `x`,
+            `gamma`, `beta`), so exported graphs (SavedModel, TFLite) hold
+            no custom-gradient op and, with `fused=None`, Keras's ops.
 
     Returns:
         `y`, with the shape and dtype of `x`.
@@ -683,11 +625,37 @@ def batch_norm_inference(
     >>> y.shape
     TensorShape([4, 3])
     """
-    x = float_tensor(x, "x")
-    axes = canonicalize_axes(axis, static_rank(x, "x"))
-    epsilon = check_epsilon(epsilon)
-    params = _inference_params(x, axes, mean, variance, gamma, beta)
-    fused = use_fused(check_optional_bool(fused, "fused"), x, axes, epsilon)
+    fused = check_optional_bool(fused, "fused")
+    gradients = check_bool(statistics_gradients, "statistics_gradients")
+    x, axes, epsilon = _checked(x, axis, epsilon)
+    return normalize_with_given_statistics(
+        x, mean, variance, gamma, beta, axes, epsilon, fused, gradients
+    )
+
+
+def normalize_with_given_statistics(
+    x, mean, variance, gamma, beta, axes, epsilon, fused=None,
+    statistics_gradients=True,
+):  # fmt: skip
+    """`batch_norm_inference` on checked arguments (as in
+    `normalize_with_batch_statistics`); the layer's inference path with
+    `statistics_gradients=False`."""
+    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
+    if "mean" not in params or "variance" not in params:
+        raise ValueError("`mean` and `variance` are required (got None).")
+    _check_param_shapes(x, axes, params)
+    if not statistics_gradients:
+        for name in ("mean", "variance"):
+            params[name] = tf.stop_gradient(params[name])
+        if fused is None and x.shape.rank != 4:
+            # The kernel would view other ranks as 4-D (ExpandDims/Squeeze),
+            # which export converters keep; the multiply-add folds into the
+            # layer before as Keras's does, and costs one pass as the kernel.
+            fused = False
+        return _normalize_with(
+            x, params, axes, epsilon, use_fused(fused, x, axes, epsilon)
+        )
+    fused = use_fused(fused, x, axes, epsilon)
     names = tuple(params)
 
     def forward(x, *values):
@@ -706,13 +674,13 @@ def _inference_backward(context, dy, names, axes, epsilon):
     inputs only, so it differentiates again to every order."""
     x, *values = context.inputs
     dtype = compute_dtype(x.dtype)
-    red = reduction_axes(x.shape.rank, axes)
+    red = [a for a in range(x.shape.rank) if a not in axes]
     p = _reshape_params(dict(zip(names, values)), broadcast_shape(x, axes), dtype)
     inv = tf.math.rsqrt(p["variance"] + epsilon)
     scale = inv * p["gamma"] if "gamma" in p else inv
     dy = tf.cast(dy, dtype)
-    s1 = _sum(dy, red)
-    s2 = _sum(dy * (tf.cast(x, dtype) - p["mean"]), red)
+    s1 = sum_over(dy, red)
+    s2 = sum_over(dy * (tf.cast(x, dtype) - p["mean"]), red)
     grads = {
         "mean": -scale * s1,
         "variance": -0.5 * scale * tf.square(inv) * s2,
@@ -723,15 +691,6 @@ def _inference_backward(context, dy, names, axes, epsilon):
         tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
         for name, v in zip(names, values)
     )
-
-
-def _inference_params(x, axes, mean, variance, gamma, beta):
-    """The inference-mode ops' given parameters, by name, shapes checked."""
-    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
-    if "mean" not in params or "variance" not in params:
-        raise ValueError("`mean` and `variance` are required (got None).")
-    _check_param_shapes(x, axes, params)
-    return params
 
 
 def _normalize_with(x, params, axes, epsilon, fused):
@@ -762,21 +721,7 @@ def _normalize_with(x, params, axes, epsilon, fused):
 def batch_norm_apply(
     x, mean, variance, gamma=None, beta=None, axis=-1, epsilon=1e-3, fused=None
 ):
-    r"""Inference-mode batch normalization without a custom gradient.
-
-    The same `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta` as
-    `batch_norm_inference`, built only from TensorFlow ops with registered
-    gradients: the fused kernel where it applies (`fused` as in
-    `batch_norm_inference`), else one multiply-add `x * scale + offset` with
-    per-feature `scale` and `offset`. Exported and converted graphs (SavedModel
-    serving functions, TFLite) then hold no custom-gradient ops; this is the
-    layer's inference path. Its gradients equal the hand-written ones of
-    `batch_norm_inference` for `x`, `gamma` and `beta` (`dx = gamma * inv *
-    dy`, `dgamma = inv * S2`, `dbeta = S1`); `mean` and `variance` are
-    constants here. Differentiate with respect to them with
-    `batch_norm_inference`. With `fused=None` the kernel is used for 4-D
-    inputs only, so that exported graphs of every rank hold the same ops as
-    those of Keras's layer.
+    """Deprecated: `batch_norm_inference(..., statistics_gradients=False)`.
 
     Args:
         x, mean, variance, gamma, beta, axis, epsilon, fused: As in
@@ -784,37 +729,13 @@ def batch_norm_apply(
 
     Returns:
         `y`, with the shape and dtype of `x`.
-
-    Example:
-
-    >>> x = tf.random.normal([4, 3])
-    >>> y = batch_norm_apply(x, tf.zeros([3]), tf.ones([3]))
-    >>> y.shape
-    TensorShape([4, 3])
     """
-    x = float_tensor(x, "x")
-    return apply(
-        x,
-        mean,
-        variance,
-        gamma,
-        beta,
-        canonicalize_axes(axis, static_rank(x, "x")),
-        check_epsilon(epsilon),
-        check_optional_bool(fused, "fused"),
+    warnings.warn(
+        "`batch_norm_apply` is deprecated: use `batch_norm_inference(..., "
+        "statistics_gradients=False)`.",
+        DeprecationWarning,
+        stacklevel=2,
     )
-
-
-def apply(x, mean, variance, gamma, beta, axes, epsilon, fused):
-    """`batch_norm_apply` on checked arguments (`axes`, `epsilon` and `fused`
-    as in `train`): the layer's inference path."""
-    x = float_tensor(x, "x")
-    params = _inference_params(x, axes, mean, variance, gamma, beta)
-    for name in ("mean", "variance"):
-        params[name] = tf.stop_gradient(params[name])
-    if fused is None and x.shape.rank != 4:
-        # The kernel would view other ranks as 4-D (ExpandDims/Squeeze), which
-        # export converters keep; the multiply-add folds into the layer before
-        # as Keras's does, and costs one pass over `x` as the kernel does.
-        fused = False
-    return _normalize_with(x, params, axes, epsilon, use_fused(fused, x, axes, epsilon))
+    return batch_norm_inference(
+        x, mean, variance, gamma, beta, axis, epsilon, fused, False
+    )

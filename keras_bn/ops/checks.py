@@ -3,11 +3,12 @@ checks of shapes known only when a graph runs.
 
 Every Python argument is checked once, where it is given: a layer's or a
 loss's constructor, or a public op's call. The layers and losses then call
-the ops' cores (`keras_bn.ops.batch_norm.train`, `keras_bn.ops.cross_entropy.
-dense`, ...), which take checked arguments. A wrong type raises a TypeError
-and a wrong value a ValueError, both naming the argument: "Argument `name`
-must be ... Received: name=...". Strings are never read as numbers or
-booleans: `bool("False")` is True and `int("1")` would hide a typo.
+the ops' cores (`keras_bn.ops.batch_norm.normalize_with_batch_statistics`,
+`keras_bn.ops.cross_entropy.dense`, ...), which take checked arguments. A
+wrong type raises a TypeError and a wrong value a ValueError, both naming the
+argument: "Argument `name` must be ... Received: name=...". Strings are
+never read as numbers or booleans: `bool("False")` is True and `int("1")`
+would hide a typo.
 
 Shapes known when the graph is built are checked then, with a ValueError
 that names the argument. What is left for run time gets two checks: an

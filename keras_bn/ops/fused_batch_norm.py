@@ -25,6 +25,8 @@ import tensorflow as tf
 
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.custom_op import custom_op
+from keras_bn.ops.statistics import count_positions
+from keras_bn.ops.statistics import from_unbiased
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 MIN_EPSILON = 1.001e-5
@@ -95,6 +97,15 @@ def _channels(x, axis):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 
+def _per_channel(x, axis):
+    """The shape of a per-channel vector broadcast against `x`."""
+    return [-1 if a == axis else 1 for a in range(x.shape.rank)]
+
+
+def _reduced(x, axis):
+    return [a for a in range(x.shape.rank) if a != axis]
+
+
 def _scale_offset(gamma, beta, channels):
     scale = tf.ones([channels]) if gamma is None else tf.cast(gamma, tf.float32)
     offset = tf.zeros([channels]) if beta is None else tf.cast(beta, tf.float32)
@@ -132,7 +143,8 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             data_format=data_format,
             is_training=True,
         )
-        mean, variance, count = _biased_statistics(out, x, channels)
+        count = count_positions(x, _reduced(x, axis))
+        mean, variance, count = from_unbiased(out.batch_mean, out.batch_variance, count)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
         y = _from_4d(out.y, x, axis)
         return (y, mean, variance, count), (), (reserve, data_format, x4)
@@ -189,46 +201,18 @@ def _kernel_backward(saved, x, dy, scale, axis, epsilon):
     return _from_4d(dx4, x, axis), dscale, doffset
 
 
-def _biased_statistics(out, x, channels):
-    """`(mean, biased variance, count)` from the kernel's unbiased variance.
-
-    With the shape known when the op is built (always, eagerly), the count
-    is a constant and the rescale one multiply; otherwise the count is
-    computed, and an empty batch gives 0 for both statistics.
-    """
-    size = x.shape.num_elements()
-    if size and isinstance(channels, int):
-        n = size // channels
-        variance = out.batch_variance * ((n - 1) / n)
-        return out.batch_mean, variance, tf.constant(float(n))
-    count = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / tf.cast(
-        channels, tf.float32
-    )
-    has_examples = count > 0
-    mean = tf.where(has_examples, out.batch_mean, 0.0)
-    variance = tf.where(
-        has_examples, out.batch_variance * (tf.maximum(count, 1.0) - 1.0), 0.0
-    ) / tf.maximum(count, 1.0)
-    return mean, variance, count
-
-
 def _closed_form_backward(context, dy, scale, axis, epsilon):
-    r"""The fused kernels' backward pass in plain ops, for a backward pass
-    that is itself differentiated.
-
-    `dx = scale * inv * (dy - S1 / N - (x - mean) * inv^2 * S2 / N)`,
-    `dscale = inv * S2`, `doffset = S1`, with `S1 = sum(dy)` and
-    `S2 = sum(dy * (x - mean))`, from the original `x` and the op's `mean`
-    and `variance` outputs: differentiating it runs through this op again.
+    r"""The fused kernels' backward pass in plain ops (`batch_norm.py`'s
+    closed form), for a backward pass that is itself differentiated: from
+    the original `x` and the op's `mean` and `variance` outputs, so
+    differentiating it runs through this op again.
     (TensorFlow's registered gradient of `FusedBatchNormGradV3` holds a
     nested tape that a forward accumulator cannot see through: its JVPs would
     come out None eagerly and zero in a graph.)
     """
     x = context.inputs[0]
     _, mean, variance, count = context.outputs
-    shape = [1] * x.shape.rank
-    shape[axis] = -1
-    red = [a for a in range(x.shape.rank) if a != axis]
+    shape, red = _per_channel(x, axis), _reduced(x, axis)
     centred = tf.cast(x, tf.float32) - tf.reshape(mean, shape)
     inv = tf.math.rsqrt(tf.reshape(variance, shape) + epsilon)
     dy = tf.cast(dy, tf.float32)
@@ -252,8 +236,7 @@ def _add_statistics_gradient(context, dx, x, mean, dmean, dvariance, count, axis
     """
     if not (context.live(dmean, hidden=False) or context.live(dvariance, hidden=False)):
         return dx
-    shape = [1] * x.shape.rank
-    shape[axis] = -1
+    shape = _per_channel(x, axis)
 
     def with_statistics():
         b = tf.reshape(2.0 * dvariance / count, shape)
