@@ -179,6 +179,12 @@ def weights_by_path(model):
     return {variable.path: np.array(variable) for variable in model.variables}
 
 
+def bn_configs(model):
+    """The BN layers' arguments, which the pass changes and must restore."""
+    layers = keras_bn.models.batch_normalization_layers(model)
+    return {layer.name: layer.get_config() for layer in layers}
+
+
 CONFIGS = [
     ("keras", {}),
     ("keras_bn", {}),
@@ -272,7 +278,9 @@ def test_no_other_weight_changes_and_the_optimizer_is_untouched():
         weights_by_path(model),
         [np.array(v) for v in model.optimizer.variables],
     )
+    configs = bn_configs(model)
     recompute_statistics(model, x, batch_size=BATCH_SIZE, verbose=0)
+    assert bn_configs(model) == configs
     after = weights_by_path(model)
     changed = {path for path in before if not np.array_equal(before[path], after[path])}
     assert changed == {"recomputed/moving_mean", "recomputed/moving_variance"}
@@ -344,10 +352,12 @@ def test_progress_bar(capsys):
 
 def test_a_failing_pass_changes_nothing():
     """The third batch (2 examples) does not split into virtual batches of 4."""
-    model = make_mlp(keras_bn.BatchNormalization, {"virtual_batch_size": 4})
-    before = weights_by_path(model)
+    kwargs = {"virtual_batch_size": 4, "renorm": True, "momentum": None}
+    model = make_mlp(keras_bn.BatchNormalization, kwargs)
+    before, configs = weights_by_path(model), bn_configs(model)
     with pytest.raises(ValueError, match="virtual_batch_size"):
         recompute_statistics(model, make_data(), batch_size=BATCH_SIZE, verbose=0)
+    assert bn_configs(model) == configs
     after = weights_by_path(model)
     for path, value in before.items():
         np.testing.assert_array_equal(after[path], value, err_msg=path)

@@ -1,7 +1,5 @@
 """Population statistics of batch normalization, recomputed over data."""
 
-import collections
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -14,7 +12,13 @@ from keras_bn.ops import canonicalize_axes
 from keras_bn.ops.checks import check_verbose
 
 FUNCTION_NAME = "recompute_statistics"
-Statistics = collections.namedtuple("Statistics", "count mean variance batches")
+# Arguments under which a layer's moving statistics are, after each call,
+# that call's batch statistics; the renorm statistics stay fixed.
+PASS_ARGUMENTS = {
+    "momentum": 0.0,
+    "renorm_momentum": 1.0,
+    "skip_nonfinite_updates": False,
+}
 SUBCLASSED_ADVICE = (
     "For a subclassed model, use keras_bn.BatchNormalization(momentum=None) "
     "layers: set their `num_batches_tracked` to 0 and call the model with "
@@ -34,9 +38,13 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     swaps the averaged weights in at the end of `fit`, after weight averaging
     (SWA), or when the averages of a short run have not caught up.
 
-    For each layer, with `x_b` its input on batch `b` and `n_b` the number of
-    its positions per feature (examples times spatial positions; unmasked
-    ones only; per virtual batch with `virtual_batch_size`):
+    Each layer computes its batch statistics itself: during the pass it runs
+    its own training update with `momentum=0` (and `renorm_momentum=1`,
+    `skip_nonfinite_updates=False`), so that after each call its moving
+    statistics are that call's statistics. For each layer, with `x_b` its
+    input on batch `b` and `n_b` the number of its positions per feature
+    (examples times spatial positions; unmasked ones only; per virtual batch
+    with `virtual_batch_size`):
 
         mean_b = sum(x_b) / n_b
         var_b  = sum((x_b - mean_b)^2) / n_b        ("biased", Keras's)
@@ -48,10 +56,11 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     with the layer's own `moving_variance_estimator`. `moving_mean` is the
     mean over every position of every batch; a short last batch weighs less.
     `var_b` is the variance the layer normalizes with in training, within
-    each batch (or virtual batch). Per batch the sums run in
-    float32 in two passes (the mean, then squares of deviations from it);
-    across batches they merge in float64 as running weighted means,
-    `mean += n_b / (n_1 + ... + n_b) * (mean_b - mean)`.
+    each batch (or virtual batch). Per batch the layer computes them in
+    float32; across batches the sums `sum_b n_b * mean_b`, `sum_b n_b *
+    var_b` and `sum_b n_b` run in float64. (A cumulative average,
+    `momentum=None`, would weigh every batch alike, a short last one as
+    much as a full one.)
 
     In training mode every layer behaves as in `fit`: each batch-normalization
     layer normalizes with its batch statistics, so a later layer's inputs are
@@ -63,7 +72,8 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
 
     No other weight changes: every variable of the model (including the
     statistics the layers update themselves during the pass, and seed
-    states) is restored, and only then are the new statistics written. With
+    states) and the layers' arguments are restored, and only then are the
+    new statistics written. With
     `renorm=True`, `moving_stddev` and `renorm_stddev` become
     `sqrt(moving_variance + epsilon)` and `renorm_mean` becomes
     `moving_mean`. With `momentum=None`, `num_batches_tracked` becomes the
@@ -157,8 +167,16 @@ class Recomputation:
     def run(self, batches, verbose):
         """Runs the pass over `batches`; sets the statistics; returns the layers."""
         saved = [(variable, variable.numpy()) for variable in self.model.variables]
+        arguments = [
+            (layer, name, getattr(layer, name))
+            for layer in self.layers
+            for name in PASS_ARGUMENTS
+            if hasattr(layer, name)
+        ]
         progress = keras.utils.Progbar(batches.count, verbose=verbose, unit_name="step")
         try:
+            for layer, name, _ in arguments:
+                setattr(layer, name, PASS_ARGUMENTS[name])
             with self.strategy.scope():
                 for recorder in self.recorders:
                     recorder.reset()
@@ -172,12 +190,14 @@ class Recomputation:
             results = [recorder.result() for recorder in self.recorders]
             _check_results(self.recorders, results)
         finally:
+            for layer, name, value in arguments:
+                setattr(layer, name, value)
             with self.strategy.scope():
                 for variable, value in saved:
                     variable.assign(value)
         with self.strategy.scope():
             for recorder, result in zip(self.recorders, results):
-                set_statistics(recorder.layer, result)
+                set_statistics(recorder.layer, *result)
         return [recorder.layer for recorder in self.recorders]
 
 
@@ -201,186 +221,90 @@ def trainable_batch_normalization_layers(model):
 
 
 class _Recorder(keras.layers.Layer):
-    """Calls a batch-normalization layer and merges its inputs' statistics."""
+    """Calls a batch-normalization layer and adds up its batch statistics.
+
+    Per feature, in float64: the count of positions, the count-weighted sums
+    of the layer's statistics (its moving ones right after its update), and
+    the number of calls that held a position.
+    """
 
     def __init__(self, layer):
         super().__init__(name=f"{layer.name}_statistics", dtype=layer.dtype_policy)
         self.layer = layer
         self.supports_masking = True
-        self.unbiased = getattr(layer, "moving_variance_estimator", None) == "unbiased"
-        self.virtual_batch_size = getattr(layer, "virtual_batch_size", None)
-        self.grouping = getattr(layer, "virtual_batch_grouping", "interleaved")
-        self.renorm = bool(getattr(layer, "renorm", False))
 
     def build(self, input_shape):
         self.feature_axes = canonicalize_axes(self.layer.axis, len(input_shape))
         shape = tuple(input_shape[a] for a in self.feature_axes)
-        self.count = self._state("count", shape)
-        self.mean = self._state("mean", shape)
-        self.variance = self._state("variance", shape)
-        self.batches = self._state("batches", shape)  # per feature: count > 0
-        if self.renorm:  # the values the pass holds fixed
-            self.renorm_mean = self._state(
-                "renorm_mean", shape, self.layer.renorm_mean.dtype
+        self.sums = [
+            self.add_weight(
+                shape=shape,
+                name=name,
+                initializer="zeros",
+                dtype="float64",
+                trainable=False,
+                autocast=False,
             )
-            self.renorm_stddev = self._state(
-                "renorm_stddev", shape, self.layer.renorm_stddev.dtype
-            )
-
-    def _state(self, name, shape, dtype="float64"):
-        return self.add_weight(
-            shape=shape,
-            name=name,
-            initializer="zeros",
-            dtype=dtype,
-            trainable=False,
-            autocast=False,
-        )
+            for name in ("count", "mean_sum", "variance_sum", "batches")
+        ]
 
     def reset(self):
-        for variable in (self.count, self.mean, self.variance, self.batches):
+        for variable in self.sums:
             variable.assign(keras.ops.zeros_like(variable))
-        if self.renorm:
-            self.renorm_mean.assign(self.layer.renorm_mean)
-            self.renorm_stddev.assign(self.layer.renorm_stddev)
 
     def call(self, inputs, training=None, mask=None):
         outputs = self.layer(inputs, training=training, mask=mask)
-        if self.renorm:  # the next batch is normalized with the same ones
-            self.layer.renorm_mean.assign(self.renorm_mean)
-            self.layer.renorm_stddev.assign(self.renorm_stddev)
-        count, mean, variance = batch_statistics(
-            inputs,
-            self.feature_axes,
-            mask,
-            self.virtual_batch_size,
-            self.unbiased,
-            self.grouping,
-        )
-        total, mean, variance = merge_statistics(
-            self.count, self.mean, self.variance, count, mean, variance
-        )
-        self.count.assign(total)
-        self.mean.assign(mean)
-        self.variance.assign(variance)
-        self.batches.assign_add(tf.cast(count > 0, "float64"))
+        count = _count(inputs, mask, self.feature_axes)
+        seen = count > 0  # a feature without a position kept its old values
+        for variable, value in zip(
+            self.sums,
+            (
+                count,
+                tf.where(seen, count * tf.cast(self.layer.moving_mean, "float64"), 0),
+                tf.where(
+                    seen, count * tf.cast(self.layer.moving_variance, "float64"), 0
+                ),
+                tf.cast(seen, "float64"),
+            ),
+        ):
+            variable.assign_add(value)
         return outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def result(self):
-        """The merged statistics so far, as NumPy values."""
-        return Statistics(
-            self.count.numpy(),
-            self.mean.numpy(),
-            self.variance.numpy(),
-            self.batches.numpy(),
-        )
+        """`(count, mean, variance, batches)` so far, as NumPy float64 arrays."""
+        count, mean_sum, variance_sum, batches = (v.numpy() for v in self.sums)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return count, mean_sum / count, variance_sum / count, batches
 
 
-def batch_statistics(
-    x,
-    feature_axes,
-    mask=None,
-    virtual_batch_size=None,
-    unbiased=False,
-    grouping="interleaved",
-):
-    """Count, mean and variance of `x` per feature, over all other axes.
+def _count(x, mask, feature_axes):
+    """The number of (unmasked) positions per feature, in float64.
 
-    Args:
-        x: a float tensor.
-        feature_axes: sorted non-negative axes that are kept.
-        mask: None, or a boolean tensor read as the layer reads it: of
-            rank one less than `x`'s, broadcast over a new last axis
-            (Keras's rule); of `x`'s rank, broadcast as it is; or shaped as
-            `x` without its (several) feature axes. False positions are
-            left out.
-        virtual_batch_size: None, or statistics per virtual batch of this
-            many examples, averaged with their counts as weights.
-        unbiased: divide the sum of squares by `count - 1` (at least 1)
-            instead of `count`.
-        grouping: how examples form virtual batches, `"interleaved"` or
-            `"consecutive"` (`keras_bn.ops.virtual_batch`).
-
-    Returns:
-        `(count, mean, variance)`, float64 tensors of the feature shape. The
-        sums of inputs run in float32, in two passes (the mean, then squares
-        of deviations from it); counts and the division in float64.
+    The mask is read as the layers read it: of rank one less than `x`'s,
+    broadcast over a new last axis (Keras's rule); of `x`'s rank, broadcast
+    as it is; or shaped as `x` without its (several) feature axes.
     """
-    x = tf.cast(x, "float32")
-    weights = None if mask is None else _broadcast_mask(mask, feature_axes, x)
-    if virtual_batch_size is not None:
-        x = _split_batch(x, virtual_batch_size, grouping)
-        if weights is not None:
-            weights = _split_batch(weights, virtual_batch_size, grouping)
-        numbering = 1 if grouping == "interleaved" else 0  # the virtual batches
-        feature_axes = (numbering,) + tuple(axis + 1 for axis in feature_axes)
     reduced = [axis for axis in range(x.shape.rank) if axis not in feature_axes]
-    if weights is None:
-        mean = tf.reduce_mean(x, reduced, keepdims=True)
-        squares = tf.reduce_sum(tf.square(x - mean), reduced, keepdims=True)
-        size = tf.size(x, out_type="int64") // tf.size(mean, out_type="int64")
-        count = tf.cast(size, "float64") + tf.zeros_like(mean, "float64")
-    else:  # counts in float64: exact beyond float32's 2^24
-        count = tf.reduce_sum(tf.cast(weights, "float64"), reduced, keepdims=True)
-        total = tf.reduce_sum(weights * x, reduced, keepdims=True)
-        mean = total / tf.cast(tf.maximum(count, 1.0), "float32")
-        squares = tf.reduce_sum(weights * tf.square(x - mean), reduced, keepdims=True)
-    divisor = tf.maximum(count - 1.0 if unbiased else count, 1.0)
-    variance = tf.cast(squares, "float64") / divisor
-    count, mean, variance = (
-        tf.squeeze(tf.cast(t, "float64"), reduced) for t in (count, mean, variance)
-    )
-    if virtual_batch_size is not None:  # weighted mean over the virtual batches
-        total = tf.reduce_sum(count, 0)  # the squeeze put their axis first
-        share = tf.math.divide_no_nan(count, total)
-        mean = tf.reduce_sum(share * mean, 0)
-        return total, mean, tf.reduce_sum(share * variance, 0)
-    return count, mean, variance
-
-
-def _broadcast_mask(mask, feature_axes, x):
-    """The mask as float weights of `x`'s shape, read as the layers read it."""
-    weights = tf.cast(mask, "float32")
+    if mask is None:
+        shape = tf.shape(x, out_type="int64")
+        size = tf.reduce_prod(tf.gather(shape, reduced))
+        return tf.cast(size, "float64") + tf.zeros(
+            [x.shape[a] for a in feature_axes], "float64"
+        )
+    weights = tf.cast(mask, "float64")
     if weights.shape.rank == x.shape.rank - 1:  # Keras's rule
         weights = tf.expand_dims(weights, -1)
     elif weights.shape.rank < x.shape.rank:  # without the feature axes
         for axis in feature_axes:
             weights = tf.expand_dims(weights, axis)
-    return tf.broadcast_to(weights, tf.shape(x))
+    return tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), reduced)
 
 
-def _split_batch(t, virtual_batch_size, grouping):
-    split = (
-        [virtual_batch_size, -1]
-        if grouping == "interleaved"
-        else [-1, virtual_batch_size]
-    )
-    return tf.reshape(t, tf.concat([split, tf.shape(t)[1:]], axis=0))
-
-
-def merge_statistics(total, mean, variance, count, batch_mean, batch_variance):
-    """Running count-weighted means: `(total, mean, variance)` after a batch.
-
-    `mean += count / (total + count) * (batch_mean - mean)`, and the same for
-    the variance, in float64; a batch with `count = 0` changes nothing.
-    """
-    total = tf.convert_to_tensor(total) + count
-    share = tf.math.divide_no_nan(count, total)
-    mean = tf.convert_to_tensor(mean)
-    variance = tf.convert_to_tensor(variance)
-    return (
-        total,
-        mean + share * (batch_mean - mean),
-        variance + share * (batch_variance - variance),
-    )
-
-
-def set_statistics(layer, statistics):
-    """Writes recomputed `Statistics` into a layer, renorm's consistently."""
-    mean, variance = statistics.mean, statistics.variance
+def set_statistics(layer, count, mean, variance, batches):
+    """Writes recomputed statistics into a layer, renorm's consistently."""
     layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
     layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
     if getattr(layer, "renorm", False):
@@ -393,27 +317,23 @@ def set_statistics(layer, statistics):
             variable.assign(value.astype(variable.dtype))
     if getattr(layer, "num_batches_tracked", None) is not None:
         tracked = layer.num_batches_tracked  # per feature, or one count
-        batches = statistics.batches
         if tuple(tracked.shape) != batches.shape:
             batches = batches.max()
         tracked.assign(np.asarray(batches).astype(tracked.dtype))
 
 
 def _check_results(recorders, results):
-    empty = [
-        r.layer.name
-        for r, result in zip(recorders, results)
-        if np.any(result.count == 0)
-    ]
+    names = [recorder.layer.name for recorder in recorders]
+    empty = [n for n, (count, *_) in zip(names, results) if np.any(count == 0)]
     if empty:
         raise ValueError(
             f"`{FUNCTION_NAME}`: the layers {empty} received no (unmasked) "
             "position in `data`, so they have no statistics to recompute."
         )
     bad = [
-        r.layer.name
-        for r, result in zip(recorders, results)
-        if not np.all(np.isfinite(result.mean) & np.isfinite(result.variance))
+        name
+        for name, (_, mean, variance, _) in zip(names, results)
+        if not np.all(np.isfinite(mean) & np.isfinite(variance))
     ]
     if bad:
         raise ValueError(
