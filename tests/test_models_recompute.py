@@ -588,6 +588,8 @@ def test_callback_at_epoch_end_runs_once_per_epoch_before_validation(validate):
 def test_callback_rejects_bad_arguments():
     with pytest.raises(ValueError, match="`on` must be one of"):
         RecomputeStatistics(make_data(), batch_size=4, on="batch_end")
+    with pytest.raises(ValueError, match="`on` must be one of"):
+        RecomputeStatistics(make_data(), batch_size=4, on=True)
     with pytest.raises(ValueError, match="`batch_size` is required"):
         RecomputeStatistics(make_data())
 
