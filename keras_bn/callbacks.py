@@ -5,7 +5,7 @@ import os
 import keras
 import numpy as np
 
-from keras_bn.models._data import Batches
+from keras_bn.models.recompute import Batches
 from keras_bn.models.recompute import Recomputation
 from keras_bn.ops.checks import check_arrays
 from keras_bn.ops.checks import check_choice

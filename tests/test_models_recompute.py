@@ -340,6 +340,15 @@ def test_steps_stops_early():
     assert_statistics(model, expected)
 
 
+def test_more_steps_than_batches_warns_and_uses_all():
+    x = make_data()
+    model = make_mlp(keras_bn.BatchNormalization)
+    expected = reference_statistics(model, x, BATCH_SIZE)
+    with pytest.warns(UserWarning, match="`steps`=5 exceeds the 3 batches"):
+        recompute_statistics(model, x, steps=5, batch_size=BATCH_SIZE, verbose=0)
+    assert_statistics(model, expected)
+
+
 def test_progress_bar(capsys):
     x = make_data()
     recompute_statistics(make_mlp(keras_bn.BatchNormalization), x, batch_size=4)
@@ -480,6 +489,14 @@ BAD_INPUTS = {
         "`data` must be",
     ),
     "no batch": (_mlp, lambda: _dataset().take(0), {}, ValueError, "no batch"),
+    "arrays of other lengths": (
+        _mlp,
+        lambda: (make_data(), np.zeros(N_EXAMPLES - 1)),
+        ARRAYS,
+        ValueError,
+        "same batch axis",
+    ),
+    "no example": (_mlp, lambda: make_data(n=0), ARRAYS, ValueError, "one example"),
 }
 
 

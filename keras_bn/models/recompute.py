@@ -1,19 +1,28 @@
 """Population statistics of batch normalization, recomputed over data."""
 
+import itertools
+import math
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.models._data import Batches
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import reachable_batch_normalization
 from keras_bn.ops import canonicalize_axes
+from keras_bn.ops.checks import check_arrays
+from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_verbose
 
 FUNCTION_NAME = "recompute_statistics"
 # Arguments under which a layer's moving statistics are, after each call,
 # that call's batch statistics; the renorm statistics stay fixed.
+DATA_FORMS = (
+    "a tf.data.Dataset, a keras.utils.PyDataset, or arrays (x, or a tuple "
+    "(x, y[, sample_weight]) with x an array or a list/dict of arrays)"
+)
 PASS_ARGUMENTS = {
     "momentum": 0.0,
     "renorm_momentum": 1.0,
@@ -130,6 +139,72 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     verbose = check_verbose(verbose)
     recomputation = Recomputation(model)
     return recomputation.run(Batches(data, steps, batch_size), verbose)
+
+
+class Batches:
+    """The inputs `x` of the batches of `data` (labels and sample weights
+    dropped), at most `steps` of them; `count` is their number. Every
+    argument is checked here, before any batch is read."""
+
+    def __init__(self, data, steps=None, batch_size=None):
+        self.steps = check_optional_positive_int(steps, "steps")
+        self.batch_size = check_optional_positive_int(batch_size, "batch_size")
+        if isinstance(data, tf.data.Dataset | keras.utils.PyDataset):
+            if batch_size is not None:
+                raise ValueError(
+                    "Argument `batch_size` is only for arrays: a dataset is "
+                    f"batched already. Received: batch_size={batch_size}"
+                )
+            if isinstance(data, tf.data.Dataset):
+                available = int(data.cardinality())
+            else:
+                available = data.num_batches
+            available = None if available is None or available < 0 else available
+        else:
+            data = check_arrays(data, "data", DATA_FORMS)
+            lengths = {len(array) for array in keras.tree.flatten(data)}
+            if len(lengths) != 1:
+                raise ValueError(
+                    "Argument `data`: every array must have the same batch "
+                    f"axis. Received batch sizes {sorted(lengths)}."
+                )
+            if self.batch_size is None:
+                raise ValueError(
+                    "Argument `batch_size` is required with arrays: the "
+                    "per-batch variances depend on it (use the training batch "
+                    "size)."
+                )
+            available = math.ceil(lengths.pop() / self.batch_size)
+        if available is None and self.steps is None:
+            raise ValueError(
+                "Argument `steps` is required: the data has no known end "
+                "(an infinite dataset, or a PyDataset without `num_batches`)."
+            )
+        self.data = data
+        self.count = min(n for n in (self.steps, available) if n is not None)
+        if self.count < (self.steps or 0):
+            warnings.warn(
+                f"`steps`={self.steps} exceeds the {available} batches of "
+                f"the data; recomputing from {available}.",
+                stacklevel=3,
+            )
+
+    def __iter__(self):
+        if isinstance(self.data, tf.data.Dataset):
+            elements = iter(self.data)
+        elif isinstance(self.data, keras.utils.PyDataset):
+            elements = (self.data[index] for index in range(self.count))
+        else:
+            elements = (
+                keras.tree.map_structure(
+                    lambda a, i=start: a[i : i + self.batch_size], self.data
+                )
+                for start in range(0, self.count * self.batch_size, self.batch_size)
+            )
+        for element in itertools.islice(elements, self.count):
+            # As in `fit`: a tuple is (x, y[, sample_weight]); a list or a
+            # dict is the inputs of a model with several.
+            yield element[0] if isinstance(element, tuple) else element
 
 
 class Recomputation:

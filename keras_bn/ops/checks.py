@@ -180,10 +180,10 @@ def check_list_of(values, arg_name, types, expected):
     return values_
 
 
-def check_arrays(value, arg_name):
+def check_arrays(value, arg_name, expected="an array or a list/dict of arrays"):
     """An array, or a list/tuple/dict of arrays, each with a non-empty batch
-    axis (the examples); returned with NumPy arrays as leaves."""
-    expected = "an array or a list/dict of arrays"
+    axis (the examples); returned with NumPy arrays as leaves. `expected`
+    says what else the argument may be, for the TypeError."""
     try:
         arrays = tf.nest.map_structure(np.asarray, value)
         leaves = tf.nest.flatten(arrays)
