@@ -17,12 +17,12 @@ from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_verbose
 
 FUNCTION_NAME = "recompute_statistics"
-# Arguments under which a layer's moving statistics are, after each call,
-# that call's batch statistics; the renorm statistics stay fixed.
 DATA_FORMS = (
     "a tf.data.Dataset, a keras.utils.PyDataset, or arrays (x, or a tuple "
     "(x, y[, sample_weight]) with x an array or a list/dict of arrays)"
 )
+# Arguments under which a layer's moving statistics are, after each call,
+# that call's batch statistics; the renorm statistics stay fixed.
 PASS_ARGUMENTS = {
     "momentum": 0.0,
     "renorm_momentum": 1.0,
@@ -47,13 +47,9 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     swaps the averaged weights in at the end of `fit`, after weight averaging
     (SWA), or when the averages of a short run have not caught up.
 
-    Each layer computes its batch statistics itself: during the pass it runs
-    its own training update with `momentum=0` (and `renorm_momentum=1`,
-    `skip_nonfinite_updates=False`), so that after each call its moving
-    statistics are that call's statistics. For each layer, with `x_b` its
-    input on batch `b` and `n_b` the number of its positions per feature
-    (examples times spatial positions; unmasked ones only; per virtual batch
-    with `virtual_batch_size`):
+    For each layer, with `x_b` its input on batch `b` and `n_b` the number of
+    its positions per feature (examples times spatial positions; unmasked
+    ones only; per virtual batch with `virtual_batch_size`):
 
         mean_b = sum(x_b) / n_b
         var_b  = sum((x_b - mean_b)^2) / n_b        ("biased", Keras's)
@@ -65,25 +61,25 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     with the layer's own `moving_variance_estimator`. `moving_mean` is the
     mean over every position of every batch; a short last batch weighs less.
     `var_b` is the variance the layer normalizes with in training, within
-    each batch (or virtual batch). Per batch the layer computes them in
-    float32; across batches the sums `sum_b n_b * mean_b`, `sum_b n_b *
-    var_b` and `sum_b n_b` run in float64. (A cumulative average,
-    `momentum=None`, would weigh every batch alike, a short last one as
-    much as a full one.)
+    each batch (or virtual batch). The layer computes them itself, in
+    float32: during the pass it runs its own training update with
+    `momentum=0`, `renorm_momentum=1` (renorm's statistics, on which its
+    training output depends, stay fixed) and `skip_nonfinite_updates=False`,
+    so after each call its moving statistics are that call's. The sums over
+    batches run in float64. (A cumulative average, `momentum=None`, would
+    weigh a short last batch as much as a full one.)
 
     In training mode every layer behaves as in `fit`: each batch-normalization
     layer normalizes with its batch statistics, so a later layer's inputs are
     those of training (Algorithm 2 runs the training network); dropout and
     noise layers are active. Layers with `trainable=False` normalize with
-    their moving statistics, as in `fit`, and keep them. The pass holds the
-    renorm statistics fixed (the training output of `renorm=True` depends on
-    them).
+    their moving statistics, as in `fit`, and keep them.
 
     No other weight changes: every variable of the model (including the
     statistics the layers update themselves during the pass, and seed
     states) and the layers' arguments are restored, and only then are the
-    new statistics written. With
-    `renorm=True`, `moving_stddev` and `renorm_stddev` become
+    new statistics written. With `renorm=True`, `moving_stddev` and
+    `renorm_stddev` become
     `sqrt(moving_variance + epsilon)` and `renorm_mean` becomes
     `moving_mean`. With `momentum=None`, `num_batches_tracked` becomes the
     number of batches the layer saw (per feature), so a cumulative average
@@ -117,6 +113,7 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
         The list of layers whose statistics were set.
 
     Raises:
+        TypeError: for `data`, `steps` or `batch_size` of a wrong type.
         ValueError: for a subclassed or unbuilt model, a model without a
             trainable batch-normalization layer or with one inside a custom
             layer, bad `data`/`steps`/`batch_size`, data that yields no
