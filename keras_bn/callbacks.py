@@ -1,13 +1,18 @@
 """Callbacks for batch normalization: watch its inputs, recompute its statistics."""
 
-import numbers
 import os
 
 import keras
 import numpy as np
 
-from keras_bn.models._data import Batches
+from keras_bn.models.recompute import Batches
 from keras_bn.models.recompute import Recomputation
+from keras_bn.ops.checks import check_arrays
+from keras_bn.ops.checks import check_choice
+from keras_bn.ops.checks import check_float_list
+from keras_bn.ops.checks import check_list_of
+from keras_bn.ops.checks import check_optional_int
+from keras_bn.ops.checks import check_positive_int
 from keras_bn.ops.checks import check_verbose
 
 RECOMPUTE_MOMENTS = ("train_end", "epoch_end")
@@ -47,6 +52,15 @@ class ActivationStatistics(keras.callbacks.Callback):
         percentiles: dict from layer name to a float array
             `[n_records, len(percentiles)]`.
 
+    Raises:
+        TypeError: at construction, for an argument of the wrong type (a
+            percentile given as a string, a float `every_n_steps` or
+            `feature_index`, `probe_data` that is not arrays).
+        ValueError: at construction, for a value out of range (no layer, a
+            repeated layer, a percentile outside [0, 100], `every_n_steps`
+            < 1, `probe_data` without an example); from `fit`, for layers or
+            a `feature_index` that do not fit the model.
+
     Example:
 
     ```python
@@ -68,12 +82,22 @@ class ActivationStatistics(keras.callbacks.Callback):
         feature_index=None,
     ):
         super().__init__()
-        self.layer_refs = _validate_layers(layers)
-        self.probe_data = _validate_probe_data(probe_data)
-        self.percentile_levels = _validate_percentiles(percentiles)
-        self.every_n_steps = _validate_positive_int(every_n_steps, "every_n_steps")
-        self.feature_index = _validate_feature_index(feature_index)
+        self.layer_refs = check_list_of(
+            layers,
+            "layers",
+            (str, keras.layers.Layer),
+            "a non-empty list of layers or layer names",
+        )
         self.layer_names = [_layer_name(ref) for ref in self.layer_refs]
+        if len(set(self.layer_names)) != len(self.layer_names):
+            raise ValueError(
+                "Argument `layers` must not repeat a layer. "
+                f"Received: layers={self.layer_names}"
+            )
+        self.probe_data = check_arrays(probe_data, "probe_data")
+        self.percentile_levels = check_float_list(percentiles, "percentiles", 0, 100)
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        self.feature_index = check_optional_int(feature_index, "feature_index")
         self._step_records = []
         self._value_records = {name: [] for name in self.layer_names}
         self._probe_model = None
@@ -276,8 +300,9 @@ class RecomputeStatistics(keras.callbacks.Callback):
         in `on_test_begin`, `on_epoch_end` and `on_train_end`.
 
     Raises:
-        ValueError: for bad arguments, at construction; from `fit`, for a
-            model `recompute_statistics` refuses.
+        TypeError, ValueError: for bad arguments, at construction (a wrong
+            type, a wrong value).
+        ValueError: from `fit`, for a model `recompute_statistics` refuses.
 
     Example:
 
@@ -295,13 +320,8 @@ class RecomputeStatistics(keras.callbacks.Callback):
 
     def __init__(self, data, steps=None, batch_size=None, on="train_end", verbose=0):
         super().__init__()
-        if on not in RECOMPUTE_MOMENTS:
-            raise ValueError(
-                f"Argument `on` must be one of {list(RECOMPUTE_MOMENTS)}. "
-                f"Received: on={on!r}"
-            )
+        self.on = check_choice(on, "on", RECOMPUTE_MOMENTS)
         self.batches = Batches(data, steps, batch_size)
-        self.on = on
         self.verbose = check_verbose(verbose)
         self._recomputation = None
         self._in_fit = False
@@ -339,81 +359,8 @@ class RecomputeStatistics(keras.callbacks.Callback):
             self.recompute()
 
 
-def _validate_layers(layers):
-    if isinstance(layers, str | keras.layers.Layer):
-        layers = [layers]
-    try:
-        layers = list(layers)
-    except TypeError:
-        layers = None
-    if not layers or not all(
-        isinstance(ref, str | keras.layers.Layer) for ref in layers
-    ):
-        raise ValueError(
-            "`layers` must be a non-empty list of layers or layer names. "
-            f"Received: layers={layers!r}"
-        )
-    names = [_layer_name(ref) for ref in layers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"`layers` must not repeat a layer. Received: {names}")
-    return layers
-
-
 def _layer_name(ref):
     return ref if isinstance(ref, str) else ref.name
-
-
-def _validate_probe_data(probe_data):
-    if probe_data is None:
-        raise ValueError("`probe_data` is required: the fixed inputs to probe.")
-    try:
-        probe_data = keras.tree.map_structure(np.asarray, probe_data)
-    except Exception as error:
-        raise ValueError(
-            f"`probe_data` must be an array or a list/dict of arrays ({error})."
-        ) from error
-    leaves = keras.tree.flatten(probe_data)
-    if not leaves or any(leaf.ndim == 0 or len(leaf) == 0 for leaf in leaves):
-        raise ValueError(
-            "`probe_data` must hold at least one example (arrays with a "
-            "non-empty batch axis)."
-        )
-    return probe_data
-
-
-def _validate_percentiles(percentiles):
-    try:
-        levels = [float(level) for level in percentiles]
-    except (TypeError, ValueError):
-        levels = None
-    if not levels or not all(0.0 <= level <= 100.0 for level in levels):
-        raise ValueError(
-            "`percentiles` must be a non-empty list of numbers in [0, 100]. "
-            f"Received: percentiles={percentiles!r}"
-        )
-    return tuple(levels)
-
-
-def _validate_positive_int(value, arg_name):
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not is_int or value < 1:
-        raise ValueError(
-            f"`{arg_name}` must be a positive integer. Received: {arg_name}={value!r}"
-        )
-    return int(value)
-
-
-def _validate_feature_index(feature_index):
-    if feature_index is None:
-        return None
-    if isinstance(feature_index, bool) or not isinstance(
-        feature_index, numbers.Integral
-    ):
-        raise ValueError(
-            "`feature_index` must be an integer or None. Received: "
-            f"feature_index={feature_index!r}"
-        )
-    return int(feature_index)
 
 
 def _check_feature_index(feature_index, n_features, layer):

@@ -5,6 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_bn
 from keras_bn.callbacks import ActivationStatistics
@@ -141,27 +142,50 @@ def test_probing_leaves_training_unchanged():
 
 
 @pytest.mark.parametrize(
-    "kwargs, argument",
+    "kwargs, error, argument",
     [
-        ({"layers": []}, "layers"),
-        ({"layers": [3]}, "layers"),
-        ({"layers": ["sigmoid", "sigmoid"]}, "layers"),
-        ({"probe_data": None}, "probe_data"),
-        ({"probe_data": np.zeros((0, 5))}, "probe_data"),
-        ({"percentiles": []}, "percentiles"),
-        ({"percentiles": [15, 101]}, "percentiles"),
-        ({"percentiles": ["median"]}, "percentiles"),
-        ({"every_n_steps": 0}, "every_n_steps"),
-        ({"every_n_steps": 2.5}, "every_n_steps"),
-        ({"every_n_steps": True}, "every_n_steps"),
-        ({"feature_index": 1.0}, "feature_index"),
+        ({"layers": []}, ValueError, "layers"),
+        ({"layers": [3]}, TypeError, "layers"),
+        ({"layers": 3}, TypeError, "layers"),
+        ({"layers": ["sigmoid", "sigmoid"]}, ValueError, "layers"),
+        ({"probe_data": None}, TypeError, "probe_data"),
+        ({"probe_data": [[1.0, 2.0], [3.0, 4.0]]}, TypeError, "probe_data"),
+        ({"probe_data": np.float32(1.0)}, TypeError, "probe_data"),
+        ({"probe_data": np.zeros((0, 5))}, ValueError, "probe_data"),
+        ({"probe_data": [np.zeros((4, 5)), np.zeros(0)]}, ValueError, "probe_data"),
+        ({"percentiles": []}, ValueError, "percentiles"),
+        ({"percentiles": [15, 101]}, ValueError, "percentiles"),
+        ({"percentiles": [-1]}, ValueError, "percentiles"),
+        ({"percentiles": ["median"]}, TypeError, "percentiles"),
+        ({"percentiles": ["50"]}, TypeError, "percentiles"),
+        ({"percentiles": 50}, TypeError, "percentiles"),
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"every_n_steps": 2.5}, TypeError, "every_n_steps"),
+        ({"every_n_steps": True}, TypeError, "every_n_steps"),
+        ({"feature_index": 1.0}, TypeError, "feature_index"),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_them(kwargs, argument):
+def test_bad_arguments_raise_errors_naming_them(kwargs, error, argument):
+    """A wrong type raises a TypeError, a wrong value a ValueError."""
     arguments = {"layers": ["sigmoid"], "probe_data": np.zeros((4, 5))}
     arguments.update(kwargs)
-    with pytest.raises(ValueError, match=f"`{argument}`"):
+    with pytest.raises(error, match=f"Argument `{argument}` must"):
         ActivationStatistics(**arguments)
+
+
+def test_good_arguments_are_normalized():
+    stats = ActivationStatistics(
+        "sigmoid",
+        {"x": tf.zeros((2, 5))},
+        percentiles=np.array([50]),
+        every_n_steps=np.int64(3),
+        feature_index=np.int32(-1),
+    )
+    assert stats.layer_refs == ["sigmoid"]
+    assert isinstance(stats.probe_data["x"], np.ndarray)
+    assert stats.percentile_levels == (50.0,)
+    assert type(stats.every_n_steps) is int and stats.every_n_steps == 3
+    assert type(stats.feature_index) is int and stats.feature_index == -1
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,12 @@ def weights_by_path(model):
     return {variable.path: np.array(variable) for variable in model.variables}
 
 
+def bn_configs(model):
+    """The BN layers' arguments, which the pass changes and must restore."""
+    layers = keras_bn.models.batch_normalization_layers(model)
+    return {layer.name: layer.get_config() for layer in layers}
+
+
 CONFIGS = [
     ("keras", {}),
     ("keras_bn", {}),
@@ -272,7 +278,9 @@ def test_no_other_weight_changes_and_the_optimizer_is_untouched():
         weights_by_path(model),
         [np.array(v) for v in model.optimizer.variables],
     )
+    configs = bn_configs(model)
     recompute_statistics(model, x, batch_size=BATCH_SIZE, verbose=0)
+    assert bn_configs(model) == configs
     after = weights_by_path(model)
     changed = {path for path in before if not np.array_equal(before[path], after[path])}
     assert changed == {"recomputed/moving_mean", "recomputed/moving_variance"}
@@ -332,6 +340,15 @@ def test_steps_stops_early():
     assert_statistics(model, expected)
 
 
+def test_more_steps_than_batches_warns_and_uses_all():
+    x = make_data()
+    model = make_mlp(keras_bn.BatchNormalization)
+    expected = reference_statistics(model, x, BATCH_SIZE)
+    with pytest.warns(UserWarning, match="`steps`=5 exceeds the 3 batches"):
+        recompute_statistics(model, x, steps=5, batch_size=BATCH_SIZE, verbose=0)
+    assert_statistics(model, expected)
+
+
 def test_progress_bar(capsys):
     x = make_data()
     recompute_statistics(make_mlp(keras_bn.BatchNormalization), x, batch_size=4)
@@ -344,10 +361,12 @@ def test_progress_bar(capsys):
 
 def test_a_failing_pass_changes_nothing():
     """The third batch (2 examples) does not split into virtual batches of 4."""
-    model = make_mlp(keras_bn.BatchNormalization, {"virtual_batch_size": 4})
-    before = weights_by_path(model)
+    kwargs = {"virtual_batch_size": 4, "renorm": True, "momentum": None}
+    model = make_mlp(keras_bn.BatchNormalization, kwargs)
+    before, configs = weights_by_path(model), bn_configs(model)
     with pytest.raises(ValueError, match="virtual_batch_size"):
         recompute_statistics(model, make_data(), batch_size=BATCH_SIZE, verbose=0)
+    assert bn_configs(model) == configs
     after = weights_by_path(model)
     for path, value in before.items():
         np.testing.assert_array_equal(after[path], value, err_msg=path)
@@ -470,6 +489,14 @@ BAD_INPUTS = {
         "`data` must be",
     ),
     "no batch": (_mlp, lambda: _dataset().take(0), {}, ValueError, "no batch"),
+    "arrays of other lengths": (
+        _mlp,
+        lambda: (make_data(), np.zeros(N_EXAMPLES - 1)),
+        ARRAYS,
+        ValueError,
+        "same batch axis",
+    ),
+    "no example": (_mlp, lambda: make_data(n=0), ARRAYS, ValueError, "one example"),
 }
 
 
@@ -578,6 +605,8 @@ def test_callback_at_epoch_end_runs_once_per_epoch_before_validation(validate):
 def test_callback_rejects_bad_arguments():
     with pytest.raises(ValueError, match="`on` must be one of"):
         RecomputeStatistics(make_data(), batch_size=4, on="batch_end")
+    with pytest.raises(ValueError, match="`on` must be one of"):
+        RecomputeStatistics(make_data(), batch_size=4, on=True)
     with pytest.raises(ValueError, match="`batch_size` is required"):
         RecomputeStatistics(make_data())
 

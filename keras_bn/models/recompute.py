@@ -1,20 +1,33 @@
 """Population statistics of batch normalization, recomputed over data."""
 
-import collections
+import itertools
+import math
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bn.models._data import Batches
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import reachable_batch_normalization
 from keras_bn.ops import canonicalize_axes
+from keras_bn.ops.checks import check_arrays
+from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_verbose
 
 FUNCTION_NAME = "recompute_statistics"
-Statistics = collections.namedtuple("Statistics", "count mean variance batches")
+DATA_FORMS = (
+    "a tf.data.Dataset, a keras.utils.PyDataset, or arrays (x, or a tuple "
+    "(x, y[, sample_weight]) with x an array or a list/dict of arrays)"
+)
+# Arguments under which a layer's moving statistics are, after each call,
+# that call's batch statistics; the renorm statistics stay fixed.
+PASS_ARGUMENTS = {
+    "momentum": 0.0,
+    "renorm_momentum": 1.0,
+    "skip_nonfinite_updates": False,
+}
 SUBCLASSED_ADVICE = (
     "For a subclassed model, use keras_bn.BatchNormalization(momentum=None) "
     "layers: set their `num_batches_tracked` to 0 and call the model with "
@@ -48,23 +61,25 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     with the layer's own `moving_variance_estimator`. `moving_mean` is the
     mean over every position of every batch; a short last batch weighs less.
     `var_b` is the variance the layer normalizes with in training, within
-    each batch (or virtual batch). Per batch the sums run in
-    float32 in two passes (the mean, then squares of deviations from it);
-    across batches they merge in float64 as running weighted means,
-    `mean += n_b / (n_1 + ... + n_b) * (mean_b - mean)`.
+    each batch (or virtual batch). The layer computes them itself, in
+    float32: during the pass it runs its own training update with
+    `momentum=0`, `renorm_momentum=1` (renorm's statistics, on which its
+    training output depends, stay fixed) and `skip_nonfinite_updates=False`,
+    so after each call its moving statistics are that call's. The sums over
+    batches run in float64. (A cumulative average, `momentum=None`, would
+    weigh a short last batch as much as a full one.)
 
     In training mode every layer behaves as in `fit`: each batch-normalization
     layer normalizes with its batch statistics, so a later layer's inputs are
     those of training (Algorithm 2 runs the training network); dropout and
     noise layers are active. Layers with `trainable=False` normalize with
-    their moving statistics, as in `fit`, and keep them. The pass holds the
-    renorm statistics fixed (the training output of `renorm=True` depends on
-    them).
+    their moving statistics, as in `fit`, and keep them.
 
     No other weight changes: every variable of the model (including the
     statistics the layers update themselves during the pass, and seed
-    states) is restored, and only then are the new statistics written. With
-    `renorm=True`, `moving_stddev` and `renorm_stddev` become
+    states) and the layers' arguments are restored, and only then are the
+    new statistics written. With `renorm=True`, `moving_stddev` and
+    `renorm_stddev` become
     `sqrt(moving_variance + epsilon)` and `renorm_mean` becomes
     `moving_mean`. With `momentum=None`, `num_batches_tracked` becomes the
     number of batches the layer saw (per feature), so a cumulative average
@@ -98,6 +113,7 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
         The list of layers whose statistics were set.
 
     Raises:
+        TypeError: for `data`, `steps` or `batch_size` of a wrong type.
         ValueError: for a subclassed or unbuilt model, a model without a
             trainable batch-normalization layer or with one inside a custom
             layer, bad `data`/`steps`/`batch_size`, data that yields no
@@ -120,6 +136,72 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     verbose = check_verbose(verbose)
     recomputation = Recomputation(model)
     return recomputation.run(Batches(data, steps, batch_size), verbose)
+
+
+class Batches:
+    """The inputs `x` of the batches of `data` (labels and sample weights
+    dropped), at most `steps` of them; `count` is their number. Every
+    argument is checked here, before any batch is read."""
+
+    def __init__(self, data, steps=None, batch_size=None):
+        self.steps = check_optional_positive_int(steps, "steps")
+        self.batch_size = check_optional_positive_int(batch_size, "batch_size")
+        if isinstance(data, tf.data.Dataset | keras.utils.PyDataset):
+            if batch_size is not None:
+                raise ValueError(
+                    "Argument `batch_size` is only for arrays: a dataset is "
+                    f"batched already. Received: batch_size={batch_size}"
+                )
+            if isinstance(data, tf.data.Dataset):
+                available = int(data.cardinality())
+            else:
+                available = data.num_batches
+            available = None if available is None or available < 0 else available
+        else:
+            data = check_arrays(data, "data", DATA_FORMS)
+            lengths = {len(array) for array in keras.tree.flatten(data)}
+            if len(lengths) != 1:
+                raise ValueError(
+                    "Argument `data`: every array must have the same batch "
+                    f"axis. Received batch sizes {sorted(lengths)}."
+                )
+            if self.batch_size is None:
+                raise ValueError(
+                    "Argument `batch_size` is required with arrays: the "
+                    "per-batch variances depend on it (use the training batch "
+                    "size)."
+                )
+            available = math.ceil(lengths.pop() / self.batch_size)
+        if available is None and self.steps is None:
+            raise ValueError(
+                "Argument `steps` is required: the data has no known end "
+                "(an infinite dataset, or a PyDataset without `num_batches`)."
+            )
+        self.data = data
+        self.count = min(n for n in (self.steps, available) if n is not None)
+        if self.count < (self.steps or 0):
+            warnings.warn(
+                f"`steps`={self.steps} exceeds the {available} batches of "
+                f"the data; recomputing from {available}.",
+                stacklevel=3,
+            )
+
+    def __iter__(self):
+        if isinstance(self.data, tf.data.Dataset):
+            elements = iter(self.data)
+        elif isinstance(self.data, keras.utils.PyDataset):
+            elements = (self.data[index] for index in range(self.count))
+        else:
+            elements = (
+                keras.tree.map_structure(
+                    lambda a, i=start: a[i : i + self.batch_size], self.data
+                )
+                for start in range(0, self.count * self.batch_size, self.batch_size)
+            )
+        for element in itertools.islice(elements, self.count):
+            # As in `fit`: a tuple is (x, y[, sample_weight]); a list or a
+            # dict is the inputs of a model with several.
+            yield element[0] if isinstance(element, tuple) else element
 
 
 class Recomputation:
@@ -157,8 +239,16 @@ class Recomputation:
     def run(self, batches, verbose):
         """Runs the pass over `batches`; sets the statistics; returns the layers."""
         saved = [(variable, variable.numpy()) for variable in self.model.variables]
+        arguments = [
+            (layer, name, getattr(layer, name))
+            for layer in self.layers
+            for name in PASS_ARGUMENTS
+            if hasattr(layer, name)
+        ]
         progress = keras.utils.Progbar(batches.count, verbose=verbose, unit_name="step")
         try:
+            for layer, name, _ in arguments:
+                setattr(layer, name, PASS_ARGUMENTS[name])
             with self.strategy.scope():
                 for recorder in self.recorders:
                     recorder.reset()
@@ -172,12 +262,14 @@ class Recomputation:
             results = [recorder.result() for recorder in self.recorders]
             _check_results(self.recorders, results)
         finally:
+            for layer, name, value in arguments:
+                setattr(layer, name, value)
             with self.strategy.scope():
                 for variable, value in saved:
                     variable.assign(value)
         with self.strategy.scope():
             for recorder, result in zip(self.recorders, results):
-                set_statistics(recorder.layer, result)
+                set_statistics(recorder.layer, *result)
         return [recorder.layer for recorder in self.recorders]
 
 
@@ -201,186 +293,90 @@ def trainable_batch_normalization_layers(model):
 
 
 class _Recorder(keras.layers.Layer):
-    """Calls a batch-normalization layer and merges its inputs' statistics."""
+    """Calls a batch-normalization layer and adds up its batch statistics.
+
+    Per feature, in float64: the count of positions, the count-weighted sums
+    of the layer's statistics (its moving ones right after its update), and
+    the number of calls that held a position.
+    """
 
     def __init__(self, layer):
         super().__init__(name=f"{layer.name}_statistics", dtype=layer.dtype_policy)
         self.layer = layer
         self.supports_masking = True
-        self.unbiased = getattr(layer, "moving_variance_estimator", None) == "unbiased"
-        self.virtual_batch_size = getattr(layer, "virtual_batch_size", None)
-        self.grouping = getattr(layer, "virtual_batch_grouping", "interleaved")
-        self.renorm = bool(getattr(layer, "renorm", False))
 
     def build(self, input_shape):
         self.feature_axes = canonicalize_axes(self.layer.axis, len(input_shape))
         shape = tuple(input_shape[a] for a in self.feature_axes)
-        self.count = self._state("count", shape)
-        self.mean = self._state("mean", shape)
-        self.variance = self._state("variance", shape)
-        self.batches = self._state("batches", shape)  # per feature: count > 0
-        if self.renorm:  # the values the pass holds fixed
-            self.renorm_mean = self._state(
-                "renorm_mean", shape, self.layer.renorm_mean.dtype
+        self.sums = [
+            self.add_weight(
+                shape=shape,
+                name=name,
+                initializer="zeros",
+                dtype="float64",
+                trainable=False,
+                autocast=False,
             )
-            self.renorm_stddev = self._state(
-                "renorm_stddev", shape, self.layer.renorm_stddev.dtype
-            )
-
-    def _state(self, name, shape, dtype="float64"):
-        return self.add_weight(
-            shape=shape,
-            name=name,
-            initializer="zeros",
-            dtype=dtype,
-            trainable=False,
-            autocast=False,
-        )
+            for name in ("count", "mean_sum", "variance_sum", "batches")
+        ]
 
     def reset(self):
-        for variable in (self.count, self.mean, self.variance, self.batches):
+        for variable in self.sums:
             variable.assign(keras.ops.zeros_like(variable))
-        if self.renorm:
-            self.renorm_mean.assign(self.layer.renorm_mean)
-            self.renorm_stddev.assign(self.layer.renorm_stddev)
 
     def call(self, inputs, training=None, mask=None):
         outputs = self.layer(inputs, training=training, mask=mask)
-        if self.renorm:  # the next batch is normalized with the same ones
-            self.layer.renorm_mean.assign(self.renorm_mean)
-            self.layer.renorm_stddev.assign(self.renorm_stddev)
-        count, mean, variance = batch_statistics(
-            inputs,
-            self.feature_axes,
-            mask,
-            self.virtual_batch_size,
-            self.unbiased,
-            self.grouping,
-        )
-        total, mean, variance = merge_statistics(
-            self.count, self.mean, self.variance, count, mean, variance
-        )
-        self.count.assign(total)
-        self.mean.assign(mean)
-        self.variance.assign(variance)
-        self.batches.assign_add(tf.cast(count > 0, "float64"))
+        count = _count(inputs, mask, self.feature_axes)
+        seen = count > 0  # a feature without a position kept its old values
+        for variable, value in zip(
+            self.sums,
+            (
+                count,
+                tf.where(seen, count * tf.cast(self.layer.moving_mean, "float64"), 0),
+                tf.where(
+                    seen, count * tf.cast(self.layer.moving_variance, "float64"), 0
+                ),
+                tf.cast(seen, "float64"),
+            ),
+        ):
+            variable.assign_add(value)
         return outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def result(self):
-        """The merged statistics so far, as NumPy values."""
-        return Statistics(
-            self.count.numpy(),
-            self.mean.numpy(),
-            self.variance.numpy(),
-            self.batches.numpy(),
-        )
+        """`(count, mean, variance, batches)` so far, as NumPy float64 arrays."""
+        count, mean_sum, variance_sum, batches = (v.numpy() for v in self.sums)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return count, mean_sum / count, variance_sum / count, batches
 
 
-def batch_statistics(
-    x,
-    feature_axes,
-    mask=None,
-    virtual_batch_size=None,
-    unbiased=False,
-    grouping="interleaved",
-):
-    """Count, mean and variance of `x` per feature, over all other axes.
+def _count(x, mask, feature_axes):
+    """The number of (unmasked) positions per feature, in float64.
 
-    Args:
-        x: a float tensor.
-        feature_axes: sorted non-negative axes that are kept.
-        mask: None, or a boolean tensor read as the layer reads it: of
-            rank one less than `x`'s, broadcast over a new last axis
-            (Keras's rule); of `x`'s rank, broadcast as it is; or shaped as
-            `x` without its (several) feature axes. False positions are
-            left out.
-        virtual_batch_size: None, or statistics per virtual batch of this
-            many examples, averaged with their counts as weights.
-        unbiased: divide the sum of squares by `count - 1` (at least 1)
-            instead of `count`.
-        grouping: how examples form virtual batches, `"interleaved"` or
-            `"consecutive"` (`keras_bn.ops.virtual_batch`).
-
-    Returns:
-        `(count, mean, variance)`, float64 tensors of the feature shape. The
-        sums of inputs run in float32, in two passes (the mean, then squares
-        of deviations from it); counts and the division in float64.
+    The mask is read as the layers read it: of rank one less than `x`'s,
+    broadcast over a new last axis (Keras's rule); of `x`'s rank, broadcast
+    as it is; or shaped as `x` without its (several) feature axes.
     """
-    x = tf.cast(x, "float32")
-    weights = None if mask is None else _broadcast_mask(mask, feature_axes, x)
-    if virtual_batch_size is not None:
-        x = _split_batch(x, virtual_batch_size, grouping)
-        if weights is not None:
-            weights = _split_batch(weights, virtual_batch_size, grouping)
-        numbering = 1 if grouping == "interleaved" else 0  # the virtual batches
-        feature_axes = (numbering,) + tuple(axis + 1 for axis in feature_axes)
     reduced = [axis for axis in range(x.shape.rank) if axis not in feature_axes]
-    if weights is None:
-        mean = tf.reduce_mean(x, reduced, keepdims=True)
-        squares = tf.reduce_sum(tf.square(x - mean), reduced, keepdims=True)
-        size = tf.size(x, out_type="int64") // tf.size(mean, out_type="int64")
-        count = tf.cast(size, "float64") + tf.zeros_like(mean, "float64")
-    else:  # counts in float64: exact beyond float32's 2^24
-        count = tf.reduce_sum(tf.cast(weights, "float64"), reduced, keepdims=True)
-        total = tf.reduce_sum(weights * x, reduced, keepdims=True)
-        mean = total / tf.cast(tf.maximum(count, 1.0), "float32")
-        squares = tf.reduce_sum(weights * tf.square(x - mean), reduced, keepdims=True)
-    divisor = tf.maximum(count - 1.0 if unbiased else count, 1.0)
-    variance = tf.cast(squares, "float64") / divisor
-    count, mean, variance = (
-        tf.squeeze(tf.cast(t, "float64"), reduced) for t in (count, mean, variance)
-    )
-    if virtual_batch_size is not None:  # weighted mean over the virtual batches
-        total = tf.reduce_sum(count, 0)  # the squeeze put their axis first
-        share = tf.math.divide_no_nan(count, total)
-        mean = tf.reduce_sum(share * mean, 0)
-        return total, mean, tf.reduce_sum(share * variance, 0)
-    return count, mean, variance
-
-
-def _broadcast_mask(mask, feature_axes, x):
-    """The mask as float weights of `x`'s shape, read as the layers read it."""
-    weights = tf.cast(mask, "float32")
+    if mask is None:
+        shape = tf.shape(x, out_type="int64")
+        size = tf.reduce_prod(tf.gather(shape, reduced))
+        return tf.cast(size, "float64") + tf.zeros(
+            [x.shape[a] for a in feature_axes], "float64"
+        )
+    weights = tf.cast(mask, "float64")
     if weights.shape.rank == x.shape.rank - 1:  # Keras's rule
         weights = tf.expand_dims(weights, -1)
     elif weights.shape.rank < x.shape.rank:  # without the feature axes
         for axis in feature_axes:
             weights = tf.expand_dims(weights, axis)
-    return tf.broadcast_to(weights, tf.shape(x))
+    return tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), reduced)
 
 
-def _split_batch(t, virtual_batch_size, grouping):
-    split = (
-        [virtual_batch_size, -1]
-        if grouping == "interleaved"
-        else [-1, virtual_batch_size]
-    )
-    return tf.reshape(t, tf.concat([split, tf.shape(t)[1:]], axis=0))
-
-
-def merge_statistics(total, mean, variance, count, batch_mean, batch_variance):
-    """Running count-weighted means: `(total, mean, variance)` after a batch.
-
-    `mean += count / (total + count) * (batch_mean - mean)`, and the same for
-    the variance, in float64; a batch with `count = 0` changes nothing.
-    """
-    total = tf.convert_to_tensor(total) + count
-    share = tf.math.divide_no_nan(count, total)
-    mean = tf.convert_to_tensor(mean)
-    variance = tf.convert_to_tensor(variance)
-    return (
-        total,
-        mean + share * (batch_mean - mean),
-        variance + share * (batch_variance - variance),
-    )
-
-
-def set_statistics(layer, statistics):
-    """Writes recomputed `Statistics` into a layer, renorm's consistently."""
-    mean, variance = statistics.mean, statistics.variance
+def set_statistics(layer, count, mean, variance, batches):
+    """Writes recomputed statistics into a layer, renorm's consistently."""
     layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
     layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
     if getattr(layer, "renorm", False):
@@ -393,27 +389,23 @@ def set_statistics(layer, statistics):
             variable.assign(value.astype(variable.dtype))
     if getattr(layer, "num_batches_tracked", None) is not None:
         tracked = layer.num_batches_tracked  # per feature, or one count
-        batches = statistics.batches
         if tuple(tracked.shape) != batches.shape:
             batches = batches.max()
         tracked.assign(np.asarray(batches).astype(tracked.dtype))
 
 
 def _check_results(recorders, results):
-    empty = [
-        r.layer.name
-        for r, result in zip(recorders, results)
-        if np.any(result.count == 0)
-    ]
+    names = [recorder.layer.name for recorder in recorders]
+    empty = [n for n, (count, *_) in zip(names, results) if np.any(count == 0)]
     if empty:
         raise ValueError(
             f"`{FUNCTION_NAME}`: the layers {empty} received no (unmasked) "
             "position in `data`, so they have no statistics to recompute."
         )
     bad = [
-        r.layer.name
-        for r, result in zip(recorders, results)
-        if not np.all(np.isfinite(result.mean) & np.isfinite(result.variance))
+        name
+        for name, (_, mean, variance, _) in zip(names, results)
+        if not np.all(np.isfinite(mean) & np.isfinite(variance))
     ]
     if bad:
         raise ValueError(

@@ -125,6 +125,83 @@ def check_optional_positive_int(value, arg_name):
     return int(value)
 
 
+def check_positive_int(value, arg_name):
+    """An int >= 1 (for `every_n_steps`); NumPy integers pass, booleans do not."""
+    try:
+        value_ = _integer(value)
+    except TypeError:
+        raise TypeError(
+            f"Argument `{arg_name}` must be a positive int. "
+            f"Received: {arg_name}={value!r}"
+        ) from None
+    if value_ < 1:
+        raise ValueError(
+            f"Argument `{arg_name}` must be a positive int. "
+            f"Received: {arg_name}={value}"
+        )
+    return value_
+
+
+def check_float_list(values, arg_name, low, high):
+    """A non-empty list (any iterable but a string) of floats in [low, high],
+    as a tuple of Python floats."""
+    expected = f"a non-empty list of floats in [{low}, {high}]"
+    try:  # a string's characters are strings: refused too
+        floats = tuple(check_float(value, arg_name) for value in values)
+    except TypeError:
+        raise TypeError(
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
+        ) from None
+    if not floats or not all(low <= value <= high for value in floats):
+        raise ValueError(
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
+        )
+    return floats
+
+
+def check_list_of(values, arg_name, types, expected):
+    """A non-empty list of `types` instances; one instance becomes a list of
+    one. `expected` says what, as "a non-empty list of ..."."""
+    if isinstance(values, types):
+        return [values]
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        values_ = list(values)
+    except TypeError:
+        values_ = [None]
+    if not all(isinstance(value, types) for value in values_):
+        raise TypeError(
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
+        )
+    if not values_:
+        raise ValueError(
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
+        )
+    return values_
+
+
+def check_arrays(value, arg_name, expected="an array or a list/dict of arrays"):
+    """An array, or a list/tuple/dict of arrays, each with a non-empty batch
+    axis (the examples); returned with NumPy arrays as leaves. `expected`
+    says what else the argument may be, for the TypeError."""
+    try:
+        arrays = tf.nest.map_structure(np.asarray, value)
+        leaves = tf.nest.flatten(arrays)
+        if not leaves or any(a.dtype == object or a.ndim == 0 for a in leaves):
+            raise TypeError  # None, or scalars (a list of numbers is a structure)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={value!r}"
+        ) from None
+    if any(len(leaf) == 0 for leaf in leaves):
+        raise ValueError(
+            f"Argument `{arg_name}` must hold at least one example (arrays with "
+            f"a non-empty batch axis). Received shapes: {[a.shape for a in leaves]}"
+        )
+    return arrays
+
+
 def check_choice(value, arg_name, choices):
     """`value` if it is one of `choices` (strings or ints), else a ValueError
     that lists them."""
