@@ -388,10 +388,8 @@ def set_statistics(layer, count, mean, variance, batches):
         ):
             variable.assign(value.astype(variable.dtype))
     if getattr(layer, "num_batches_tracked", None) is not None:
-        tracked = layer.num_batches_tracked  # per feature, or one count
-        if tuple(tracked.shape) != batches.shape:
-            batches = batches.max()
-        tracked.assign(np.asarray(batches).astype(tracked.dtype))
+        tracked = layer.num_batches_tracked  # per feature
+        tracked.assign(np.reshape(batches, tracked.shape).astype(tracked.dtype))
 
 
 def _check_results(recorders, results):
