@@ -32,8 +32,8 @@ The op returns the weighted per-token loss `w loss`. Its backward pass reads
 the upstream gradient `u`: if `u` takes one value `c` on every token that is
 not `ignore_class` (Keras's mean and sum, `reduce_sum`, `reduce_mean`), the
 gradients are `c` times the saved ones (for `c = 1`, the gradient of a
-reduced loss itself, the saved ones: otherwise the product is a second
-kernel-sized tensor for a moment). Any other upstream, or one whose
+reduced loss itself, the saved ones; otherwise the product takes over the
+saved gradient's buffer in a graph). Any other upstream, or one whose
 backward pass is itself differentiated (a tape or forward accumulator
 records it), gets the exact per-token backward pass of
 `linear_cross_entropy` (four products, differentiable to any order) with
