@@ -10,10 +10,10 @@ from keras_bn import layers
 from keras_bn import losses
 from keras_bn import models
 from keras_bn import ops
+from keras_bn._internals import register_loss_names
 from keras_bn.layers import BatchNormalization
 from keras_bn.layers import LinearCrossEntropyHead
 from keras_bn.layers import Softmax
-from keras_bn.loss_names import register_loss_names
 
 register_loss_names(
     [

@@ -11,9 +11,22 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import keras_bn
+
+
+def needs_internal(what):
+    """Skips a test of what only an internal gives (`what`, for the reason)
+    when `KERAS_BN_NO_INTERNALS=1` turns the internals off."""
+    from keras_bn import _internals
+
+    return pytest.mark.skipif(
+        _internals.NO_INTERNALS,
+        reason=f"{what}: KERAS_BN_NO_INTERNALS=1 turns this internal off",
+    )
+
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 MODES = ("eager", "function", "xla")

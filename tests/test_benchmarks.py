@@ -1,13 +1,11 @@
-"""benchmarks/run.py --quick: runs every section and writes well-formed results.
+"""benchmarks/run.py --quick runs, and the memory measurement and analysis.
 
 Nothing here asserts on speed: timings on shared machines are too noisy.
 Memory is asserted only where it is fixed by what the step returns (the
 gradient to `x` is input-sized) or by the arithmetic of the analysis.
 """
 
-import importlib.util
 import json
-import math
 import pathlib
 import subprocess
 import sys
@@ -25,9 +23,6 @@ if str(BENCHMARKS) not in sys.path:
 import memory  # noqa: E402
 import torch_peer  # noqa: E402
 
-TIMED_MODES = {"eager", "tf.function", "xla"}
-BN_IMPLS = {"keras_bn", "keras_bn_closed_form", "keras", "tf_fused"}
-
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
@@ -44,139 +39,25 @@ def quick_results(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_quick_run_covers_every_section(quick_results):
+def test_quick_run_measures_every_section(quick_results):
+    """The quick run completes. Its memory steps each keep at least the
+    input-sized gradient they return, and their analysis is the slope of
+    those peaks; the timing ratios are the medians' ratios."""
     results, _ = quick_results
-    assert set(results["sections"]) == {"bn", "ce", "fit", "memory", "torch"}
-    for section in ("bn", "ce", "fit"):
-        assert results["sections"][section], f"no entries in section {section}"
-    bn = results["sections"]["bn"]
-    assert {(e["case"]["kind"], e["mode"]) for e in bn} == {
-        (kind, mode) for kind in ("train", "inference") for mode in TIMED_MODES
-    }
-    assert {len(e["case"]["shape"]) for e in bn} == {2, 4}
-    assert {e["case"]["dtype"] for e in bn} == {"float32", "float16"}
-    ce = results["sections"]["ce"]
-    assert {(e["case"]["kind"], e["case"]["dtype"]) for e in ce} == {
-        (kind, dtype)
-        for kind in ("sparse", "dense")
-        for dtype in ("float32", "float16")
-    }
-    fit = results["sections"]["fit"]
-    assert {e["case"]["kind"] for e in fit} == {"cnn", "mlp"}
-
-
-@pytest.mark.slow
-def test_quick_run_times_every_case_in_every_mode(quick_results):
-    results, _ = quick_results
-    for section in ("bn", "ce"):
-        modes = {}
-        for e in results["sections"][section]:
-            modes.setdefault(e["label"], set()).add(e["mode"])
-        for label, seen in modes.items():
-            assert seen == TIMED_MODES, (section, label)
-
-
-@pytest.mark.slow
-def test_quick_run_medians_are_positive_and_finite(quick_results):
-    results, _ = quick_results
-    expected_impls = {
-        "bn": BN_IMPLS,
-        "ce": {"keras_bn", "keras", "tf_nn"},
-        "fit": {"keras_bn", "keras"},
-    }
-    for section, impls in expected_impls.items():
-        for entry in results["sections"][section]:
-            medians = entry["medians_ms"]
-            assert set(medians) == impls, entry["label"]
-            for impl, median in medians.items():
-                assert isinstance(median, float), (entry["label"], impl)
-                assert math.isfinite(median) and median > 0, (entry["label"], impl)
-            for ratio in entry["ratios"].values():
-                assert math.isfinite(ratio) and ratio > 0, entry["label"]
-
-
-@pytest.mark.slow
-def test_quick_run_summarizes_every_eager_row(quick_results):
-    results, stdout = quick_results
-    summary = results["eager_summary"]
-    eager = [
-        (section, e["label"], e["ratios"]["keras_bn/keras"])
-        for section in ("bn", "ce")
-        for e in results["sections"][section]
-        if e["mode"] == "eager"
-    ]
-    assert [
-        (r["section"], r["label"], r["keras_bn/keras"]) for r in summary["rows"]
-    ] == (eager)
-    worst = summary["worst_keras_bn/keras"]
-    assert worst["keras_bn/keras"] == max(ratio for _, _, ratio in eager)
-    assert "Eager mode, all bn and ce cases" in stdout
-
-
-@pytest.mark.slow
-def test_quick_run_measures_memory_of_every_case(quick_results):
-    results, stdout = quick_results
     section = results["sections"]["memory"]
-    shape, depths = section["shape"], section["depths"]
-    assert len(depths) >= 2
-    elements = math.prod(shape)
-    assert section["input_bytes"] == {"float32": 4 * elements, "float16": 2 * elements}
-    assert len(section["cases"]) == len(BN_IMPLS) * 2 * 2 * len(depths)
-    rows = section["rows"]
-    assert {(r["impl"], r["mode"], r["dtype"]) for r in rows} == {
-        (impl, mode, dtype)
-        for impl in BN_IMPLS
-        for mode in ("eager", "tf.function")
-        for dtype in ("float32", "float16")
-    }
-    for row in rows:
+    depths = section["depths"]
+    for row in section["rows"]:
         assert "error" not in row, row
-        assert row["depths"] == depths
-        unit = section["input_bytes"][row["dtype"]]
-        assert row["input_bytes"] == unit
-        peaks = row["allocator_peak_bytes"]
-        # Every step returns the gradient to x, an input-sized tensor.
+        unit, peaks = row["input_bytes"], row["allocator_peak_bytes"]
         assert all(p >= unit for p in peaks), row
-        assert row["allocator_peak_inputs"] == [p / unit for p in peaks]
         slope = (peaks[-1] - peaks[-2]) / (depths[-1] - depths[-2])
         assert row["kept_per_layer"] == pytest.approx(slope / unit)
-        assert row["kept_for_backward"] == pytest.approx(slope / unit - 1.0)
-        # One process for all quick cases: no resident-set peak of its own.
-        assert row["rss_kept_per_layer"] is None
-    assert "Memory: peak of one BN training step" in stdout
-
-
-@pytest.mark.slow
-def test_quick_run_has_the_torch_peer_or_says_why_not(quick_results):
-    results, stdout = quick_results
-    section = results["sections"]["torch"]
-    if importlib.util.find_spec("torch") is None:
-        assert "not importable" in section["skipped"]
-        assert "PyTorch peer: skipped" in stdout
-        return
-    assert "skipped" not in section and "error" not in section
-    assert section["threads"] == results["settings"]["tensorflow_threads"]
-    kinds = {e["kind"] for e in section["entries"]}
-    assert kinds == {"train", "sparse", "dense"}
-    assert {len(e["shape"]) for e in section["entries"] if e["kind"] == "train"} == {
-        2,
-        4,
-    }
-    for entry in section["entries"]:
-        assert math.isfinite(entry["median_ms"]) and entry["median_ms"] > 0
-    assert f"PyTorch {section['torch']} peer" in stdout
-
-
-@pytest.mark.slow
-def test_quick_run_records_the_machine(quick_results):
-    results, stdout = quick_results
-    machine = results["machine"]
-    for key in ("cpu_model", "cpu_count", "tensorflow", "keras", "onednn"):
-        assert machine[key] is not None, key
-    assert results["settings"]["quick"] is True
-    assert results["settings"]["repetitions"] == 3
-    assert "Batch normalization" in stdout
-    assert "model.fit" in stdout
+    for name in ("bn", "ce", "fit"):
+        for entry in results["sections"][name]:
+            medians = entry["medians_ms"]
+            for ratio_name, ratio in entry["ratios"].items():
+                a, b = ratio_name.split("/")
+                assert ratio == pytest.approx(medians[a] / medians[b]), ratio_name
 
 
 def test_torch_peer_skips_cleanly_without_torch(tmp_path, monkeypatch):

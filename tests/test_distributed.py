@@ -191,21 +191,3 @@ def test_multi_worker_mirrored_strategy_keeps_workers_identical(tmp_path):
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name])
     assert np.abs(first["arr_4"]).max() > 0  # the moving mean has moved
-
-
-@pytest.mark.slow
-def test_distributed_example_runs_and_reports_agreement(tmp_path):
-    script = os.path.join(
-        os.path.dirname(__file__), "..", "examples", "distributed_fit.py"
-    )
-    result = subprocess.run(
-        [sys.executable, script, "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "moving statistics are identical" in result.stdout
-    rows = (tmp_path / "quick" / "distributed_fit.csv").read_text().splitlines()
-    assert rows[0] == "synchronized,test_accuracy,replica_disagreement"
-    assert len(rows) == 3

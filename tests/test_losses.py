@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import compiled
+from helpers import needs_internal
 
 from keras_bn.losses import CategoricalCrossentropy
 from keras_bn.losses import SoftmaxCrossEntropy
@@ -158,6 +159,7 @@ def test_per_pixel_channels_last_matches_keras(label_shape):
         )
 
 
+@needs_internal("the logits Keras records behind a softmax (`_keras_logits`)")
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_softmax_outputs_are_replaced_by_their_logits_as_in_keras(mode):
     logits, _, onehot, ids, _ = problem()
@@ -195,6 +197,7 @@ def from_logits_dense(logits, onehot):
     return loss_and_grad(CategoricalCrossentropy(from_logits=True), onehot, logits)
 
 
+@needs_internal("the logits Keras records behind a softmax (`_keras_logits`)")
 def test_from_logits_on_a_softmax_output_warns_as_keras():
     logits, _, onehot, _, _ = problem()
     probabilities = keras.activations.softmax(tf.constant(logits))
@@ -338,6 +341,7 @@ def test_class_weight_with_sample_weights():
         np.testing.assert_allclose(loss(ids, logits, sample_weight), value, rtol=1e-12)
 
 
+@needs_internal("the mask Keras reads from a tensor (`_keras_mask`)")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_unit_class_weights_change_nothing(reduction, sparse):
@@ -482,7 +486,16 @@ def test_keras_file_round_trip_keeps_the_loss(tmp_path):
     assert restored.loss.get_config() == NON_DEFAULT[0].get_config()
 
 
-@pytest.mark.parametrize("case", ["categorical", "sparse_ignore"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "categorical",
+        pytest.param(
+            "sparse_ignore",
+            marks=needs_internal("the mask Keras reads from a tensor (`_keras_mask`)"),
+        ),
+    ],
+)
 def test_one_xla_training_step_matches_keras(case):
     x = np.random.default_rng(5).normal(size=(8, 4, 3)).astype("float32")
     if case == "categorical":
@@ -522,6 +535,7 @@ def test_compiled_model_uses_the_class_weighted_mean():
     )
 
 
+@needs_internal("Keras's table of loss names")
 def test_compile_by_registered_name_uses_our_loss():
     import keras_bn  # noqa: F401  (registers the names)
 

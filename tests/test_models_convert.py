@@ -1,4 +1,4 @@
-"""keras_bn.models.convert_batch_normalization, and finding BN of either class.
+"""keras_bn.models.convert_batch_normalization, and finding BN layers.
 
 References: the original model's outputs (Keras's own layer against
 keras_bn's, and back), and for training outputs of a deep model a float64
@@ -286,13 +286,17 @@ def test_training_outputs_agree_within_float32_rounding():
     assert ours_error <= 5 * keras_error
 
 
-def test_isinstance_and_is_batch_normalization_find_both_classes():
+def test_isinstance_finds_both_classes_and_is_batch_normalization_is_deprecated():
     # keras_bn's layer subclasses Keras's, so code written for Keras's layer
     # (Keras's fine-tuning guides freeze BN with isinstance) finds it too.
     assert isinstance(keras_bn.BatchNormalization(), L.BatchNormalization)
-    assert is_batch_normalization(keras_bn.BatchNormalization())
-    assert is_batch_normalization(L.BatchNormalization())
-    assert not is_batch_normalization(L.LayerNormalization())
+    for layer, expected in (
+        (keras_bn.BatchNormalization(), True),
+        (L.BatchNormalization(), True),
+        (L.LayerNormalization(), False),
+    ):
+        with pytest.warns(DeprecationWarning, match="isinstance"):
+            assert is_batch_normalization(layer) is expected
 
 
 def _fine_tuning_model():
@@ -310,18 +314,13 @@ def _fine_tuning_model():
     return keras.Sequential([keras.Input((3, 5)), base, L.Dense(2)])
 
 
-@pytest.mark.parametrize("finder", ["isinstance", "is_batch_normalization"])
-def test_the_fine_tuning_loop_keeps_batch_normalization_frozen(finder):
+def test_the_fine_tuning_loop_keeps_batch_normalization_frozen():
     """Keras's guides unfreeze all but BN with an isinstance test."""
     model = _fine_tuning_model()
     base = model.layers[0]
     base.trainable = True
     for layer in base.layers:
-        if finder == "isinstance":
-            is_bn = isinstance(layer, L.BatchNormalization)
-        else:
-            is_bn = is_batch_normalization(layer)
-        if is_bn:
+        if isinstance(layer, L.BatchNormalization):
             layer.trainable = False
     model.compile(keras.optimizers.SGD(0.1), "mse")
     before = {layer.name: np.array(layer.moving_mean) for layer in base.layers[1::2]}
@@ -331,7 +330,7 @@ def test_the_fine_tuning_loop_keeps_batch_normalization_frozen(finder):
         for name, mean in before.items()
         if not np.array_equal(mean, base.get_layer(name).moving_mean)
     }
-    # Both finders find both classes: no BN trains or moves its statistics.
+    # isinstance finds both classes: no BN trains or moves its statistics.
     assert moved == set()
 
 

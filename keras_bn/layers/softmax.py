@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from keras_bn._internals import set_keras_logits
 from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_not_ragged
 from keras_bn.ops.softmax_ops import softmax_over
@@ -103,7 +104,7 @@ class Softmax(keras.layers.Layer):
             return tf.where(mask, outputs, tf.zeros([], outputs.dtype))
         if isinstance(self._axis, int) or len(self._axis) == 1:
             # As Keras's softmax activation: losses look behind the softmax.
-            outputs._keras_logits = inputs
+            set_keras_logits(outputs, inputs)
         return outputs
 
     def compute_output_shape(self, input_shape):

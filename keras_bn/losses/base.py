@@ -12,13 +12,13 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_bn._internals import keras_logits
 from keras_bn.ops.checks import check_not_ragged
 
 __all__ = [
     "check_dense_loss_inputs",
     "dtype_config",
     "logits_behind",
-    "set_mask",
     "sparse_class_ids",
     "squeeze_or_expand_to_same_rank",
 ]
@@ -48,12 +48,6 @@ def dtype_config(dtype):
     return keras.dtype_policies.serialize(dtype)
 
 
-def set_mask(x, mask):
-    # Keras reads the mask of a loss tensor from this attribute.
-    x._keras_mask = mask
-    return x
-
-
 def squeeze_or_expand_to_same_rank(x1, x2):
     """Keras's alignment of two tensors whose ranks differ by a trailing 1."""
     rank1, rank2 = x1.shape.rank, x2.shape.rank
@@ -73,11 +67,11 @@ def squeeze_or_expand_to_same_rank(x1, x2):
 def logits_behind(y_pred, from_logits, fn_name):
     """Keras's rule: the output of a softmax is replaced by its logits.
 
-    A tensor carrying `_keras_logits` (set by `keras.activations.softmax` and
-    the `Softmax` layers), or the output of a `Softmax` graph op, gives its
+    A tensor whose logits `keras.activations.softmax` or a `Softmax` layer
+    recorded (`keras_logits`), or the output of a `Softmax` graph op, gives its
     logits and `from_logits=True`. Returns `(tensor, from_logits)`.
     """
-    logits = getattr(y_pred, "_keras_logits", None)
+    logits = keras_logits(y_pred)
     if logits is None and tf.is_symbolic_tensor(y_pred):
         if y_pred.op.type == "Softmax":
             logits = y_pred.op.inputs[0]

@@ -23,10 +23,10 @@ import warnings
 import keras
 import tensorflow as tf
 
+from keras_bn._internals import set_keras_mask
 from keras_bn.losses.base import check_dense_loss_inputs
 from keras_bn.losses.base import dtype_config
 from keras_bn.losses.base import logits_behind
-from keras_bn.losses.base import set_mask
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
 from keras_bn.ops import cross_entropy
@@ -235,7 +235,7 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
                 check_clipping_epsilon(keras.config.epsilon()),
             )
         if self.ignore_class is not None:
-            set_mask(losses, tf.not_equal(labels, self.ignore_class))
+            set_keras_mask(losses, tf.not_equal(labels, self.ignore_class))
         return losses
 
     def get_config(self):

@@ -13,10 +13,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bn._internals import keras_mask
+from keras_bn._internals import set_keras_mask
 from keras_bn.losses.base import check_dense_loss_inputs
 from keras_bn.losses.base import dtype_config
 from keras_bn.losses.base import logits_behind
-from keras_bn.losses.base import set_mask
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
 from keras_bn.ops import cross_entropy
@@ -194,7 +195,7 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         unweighted = self.class_weight is None and sample_weight is None
         if unweighted or self.reduction not in _MEAN_REDUCTIONS:
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)
-        in_mask = getattr(y_pred, "_keras_mask", None)
+        in_mask = keras_mask(y_pred)
         with keras.name_scope(self.name):
             y_pred = keras.ops.convert_to_tensor(y_pred, dtype=self.dtype)
             y_true = keras.ops.convert_to_tensor(y_true, dtype=self.dtype)
@@ -217,7 +218,7 @@ class SoftmaxCrossEntropy(keras.losses.Loss):
         if weights is not None:
             losses *= weights
         if valid is not None:
-            set_mask(losses, valid)
+            set_keras_mask(losses, valid)
         return losses
 
     def _losses_and_weights(self, y_true, y_pred):

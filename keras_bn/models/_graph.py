@@ -13,7 +13,11 @@ import keras
 
 from keras_bn.layers import BatchNormalization
 
-BATCH_NORMALIZATION_CLASSES = (keras.layers.BatchNormalization, BatchNormalization)
+
+def exactly_batch_normalization(layer):
+    """Whether `layer` is of Keras's or keras_bn's batch-normalization class
+    itself: a further subclass may compute something else."""
+    return type(layer) in (keras.layers.BatchNormalization, BatchNormalization)
 
 
 @functools.cache
@@ -112,12 +116,13 @@ def reachable_batch_normalization(
             with the paths of the hidden layers' `moving_variance`.
 
     Returns:
-        The layers of either class (subclasses included), each once.
+        The `keras.layers.BatchNormalization` layers (keras_bn's and
+        subclasses included), each once.
     """
     found = [
         layer
         for layer in iter_layers(model, descend)
-        if isinstance(layer, BATCH_NORMALIZATION_CLASSES)
+        if isinstance(layer, keras.layers.BatchNormalization)
     ]
     known = {id(variable) for layer in found for variable in layer.weights}
     paths = [

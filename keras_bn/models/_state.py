@@ -13,7 +13,7 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
+from keras_bn.models._graph import exactly_batch_normalization
 
 
 def child_layers(layer):
@@ -67,9 +67,7 @@ def copy_state(old, new, copy_batch_normalization, visited=None):
     if id(old) in visited or not isinstance(old, keras.layers.Layer):
         return  # copied already, or an operation without state (`ops.pad`)
     visited.add(id(old))
-    if type(old) in BATCH_NORMALIZATION_CLASSES and (
-        type(new) in BATCH_NORMALIZATION_CLASSES
-    ):
+    if exactly_batch_normalization(old) and exactly_batch_normalization(new):
         copy_batch_normalization(old, new)
     elif type(old) is not type(new):
         raise StructureMismatch(
@@ -138,7 +136,7 @@ def _model_layer_kind(layer):
 
 
 def _kind(layer):
-    if type(layer) in BATCH_NORMALIZATION_CLASSES:
+    if exactly_batch_normalization(layer):
         return "batch normalization"
     return type(layer).__name__
 

@@ -1,51 +1,55 @@
-"""Finding the batch-normalization layers of a model, of either class."""
+"""Finding the batch-normalization layers of a model, nested ones included."""
+
+import warnings
 
 import keras
 
-from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
 from keras_bn.models._graph import reachable_batch_normalization
 
 
 def is_batch_normalization(layer):
-    """Whether `layer` is a batch-normalization layer of Keras or of keras_bn.
+    """Deprecated: use `isinstance(layer, keras.layers.BatchNormalization)`.
 
-    `keras_bn.BatchNormalization` subclasses
-    `keras.layers.BatchNormalization`, so `isinstance(layer,
-    keras.layers.BatchNormalization)` finds both; this test says the same
-    in words, where code looks for batch normalization (as the fine-tuning
-    guides do to keep it frozen).
+    `keras_bn.BatchNormalization` subclasses `keras.layers.BatchNormalization`,
+    so that test finds Keras's layer and keras_bn's alike.
 
     Args:
         layer: any object.
 
     Returns:
-        True for instances of `keras.layers.BatchNormalization`,
-        `keras_bn.BatchNormalization` and their subclasses.
+        `isinstance(layer, keras.layers.BatchNormalization)`.
 
     Example:
 
     ```python
     for layer in model.layers[-20:]:
-        if not keras_bn.models.is_batch_normalization(layer):
+        if not isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = True  # BN stays frozen
     ```
     """
-    return isinstance(layer, BATCH_NORMALIZATION_CLASSES)
+    warnings.warn(
+        "`keras_bn.models.is_batch_normalization(layer)` is deprecated: use "
+        "`isinstance(layer, keras.layers.BatchNormalization)`, which finds "
+        "keras_bn's layer too.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 def batch_normalization_layers(model):
     """Every batch-normalization layer of a model, nested models included.
 
     Walks `model.layers` depth first, through nested models (Sequential,
-    Functional and subclassed ones), and returns the layers of either class,
-    each once, in that order.
+    Functional and subclassed ones), and returns the batch-normalization
+    layers (`keras.layers.BatchNormalization`, keras_bn's included), each
+    once, in that order.
 
     Args:
         model: a `keras.Model`.
 
     Returns:
-        A list of `keras.layers.BatchNormalization` and
-        `keras_bn.BatchNormalization` layers.
+        A list of `keras.layers.BatchNormalization` layers.
 
     Raises:
         ValueError: if the model holds batch-normalization statistics that

@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
+from keras_bn.models._graph import exactly_batch_normalization
 from keras_bn.models._graph import reachable_batch_normalization
 from keras_bn.models._graph import warn_lost_classes
 from keras_bn.models._state import copy_state
@@ -107,7 +107,7 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
             layer.get_config(), target, overrides, layer.name, FUNCTION_NAME
         )
         for layer in found
-        if type(layer) in BATCH_NORMALIZATION_CLASSES
+        if exactly_batch_normalization(layer)
     }
     reasons = {}
 

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 
 from keras_bn.layers import BatchNormalization
-from keras_bn.models._graph import BATCH_NORMALIZATION_CLASSES
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
+from keras_bn.models._graph import exactly_batch_normalization
 from keras_bn.models._graph import graph_models
 from keras_bn.models._graph import operation_uses
 from keras_bn.models._graph import reachable_batch_normalization
@@ -172,7 +172,7 @@ def foldable_pairs(model):
     pairs, uses = {}, operation_uses(model)
     for graph in graph_models(model):
         for linear, bn in sole_input_producers(graph):
-            if type(bn) not in BATCH_NORMALIZATION_CLASSES or not _can_fold(linear, bn):
+            if not exactly_batch_normalization(bn) or not _can_fold(linear, bn):
                 continue
             shared = [layer.name for layer in (linear, bn) if uses[id(layer)] > 1]
             if shared:

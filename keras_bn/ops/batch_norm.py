@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from keras_bn._internals import in_xla_function
 from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import merge_adjacent_axes
@@ -82,7 +83,6 @@ from keras_bn.ops.statistics import sum_over
 from keras_bn.ops.sync import combine_moments
 from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
-from keras_bn.ops.xla import in_xla_function
 
 
 def _present_params(**params):

@@ -80,18 +80,18 @@ check theirs once, in their constructors, and call the cores.
 
 import tensorflow as tf
 
+from keras_bn._internals import HIGHER_ORDER
+from keras_bn._internals import NO_GRADIENT
+from keras_bn._internals import gradient_order
+from keras_bn._internals import in_xla_function
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_clipping_epsilon
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
-from keras_bn.ops.custom_op import HIGHER_ORDER
-from keras_bn.ops.custom_op import NO_GRADIENT
 from keras_bn.ops.custom_op import custom_op
-from keras_bn.ops.custom_op import gradient_order
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
-from keras_bn.ops.xla import in_xla_function
 
 _INTS = (tf.int32, tf.int64)
 

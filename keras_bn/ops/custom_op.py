@@ -30,15 +30,12 @@ tape; with no tape watching, the op runs as its plain forward pass.
 
 import tensorflow as tf
 
-# TensorFlow's tape API, read once: each use below falls back to the safe
-# answer if TensorFlow moves it (docs/testing.md lists these internals).
-try:
-    from tensorflow.python.eager import record as _record
-    from tensorflow.python.ops import gradients_util as _gradients_util
-except ImportError:  # pragma: no cover - a TensorFlow that moved them
-    _record = _gradients_util = None
-
-_ZERO_OPS = ("ZerosLike", "Fill", "Const")
+from keras_bn._internals import FIRST_ORDER
+from keras_bn._internals import NO_GRADIENT
+from keras_bn._internals import gradient_order
+from keras_bn._internals import record_operation
+from keras_bn._internals import stop_recording
+from keras_bn._internals import tape_could_record
 
 
 def structurally_zero(tensor):
@@ -46,11 +43,11 @@ def structurally_zero(tensor):
 
     True for the upstream gradient the tape makes for an unused output
     (`ZerosLike`, or `Fill` with 0; a `Const` of zeros). Never reads an eager
-    tensor's values: False for every eager tensor.
+    tensor's values: False for every eager tensor (which has no `op`).
     """
     if tensor is None:
         return True
-    if isinstance(tensor, tf.__internal__.EagerTensor) or not hasattr(tensor, "op"):
+    if not hasattr(tensor, "op"):
         return False
     op = tensor.op
     if op.type == "ZerosLike":
@@ -62,34 +59,6 @@ def structurally_zero(tensor):
         value = tf.get_static_value(tensor)
         return value is not None and not value.any()
     return False
-
-
-def tape_could_record():
-    """Whether a gradient tape or forward accumulator is recording now.
-
-    Reads TensorFlow's tape set. True (the safe answer: hidden outputs are
-    then differentiated) if TensorFlow no longer exposes it.
-    """
-    if _record is None:  # pragma: no cover
-        return True
-    return _record.could_possibly_record()
-
-
-NO_GRADIENT, FIRST_ORDER, HIGHER_ORDER = 0, 1, 2
-
-
-def gradient_order(tensors):
-    """What the active tapes can ask of `tensors`, eagerly: NO_GRADIENT
-    (none watches them), FIRST_ORDER, or HIGHER_ORDER (several tapes, a
-    persistent one, or a tape under a forward accumulator).
-
-    Reads TensorFlow's tape set, as its own functions do to pick their
-    backward passes. HIGHER_ORDER (the safe answer) in a graph, where
-    `tf.gradients` needs no tape, or if TensorFlow no longer exposes it.
-    """
-    if not tf.executing_eagerly() or _gradients_util is None:
-        return HIGHER_ORDER
-    return _gradients_util.PossibleTapeGradientTypes(tensors)
 
 
 class OpContext:
@@ -231,7 +200,7 @@ def _record_first_order(forward, backward, context):
     whose gradient is `backward`. (`gradient_order` gives FIRST_ORDER only
     where TensorFlow's tape API is at hand.) Returns the outputs.
     """
-    with _record.stop_recording():
+    with stop_recording():
         outputs, hidden, context.saved = forward(*context.inputs)
         # An output that is an input (a cast to its own dtype) gets its own
         # tensor: the tape records outputs apart from inputs.
@@ -246,7 +215,5 @@ def _record_first_order(forward, backward, context):
         context._note_recording()
         return list(backward(context, upstream, none))
 
-    _record.record_operation(
-        "keras_bn_custom_op", list(outputs), list(context.inputs), grad
-    )
+    record_operation("keras_bn_custom_op", list(outputs), list(context.inputs), grad)
     return context.outputs

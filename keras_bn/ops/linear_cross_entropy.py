@@ -71,6 +71,7 @@ import math
 
 import tensorflow as tf
 
+from keras_bn._internals import in_xla_function
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_label_smoothing
@@ -80,7 +81,6 @@ from keras_bn.ops.cross_entropy import _checked_eager_labels
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
-from keras_bn.ops.xla import in_xla_function
 
 _INTS = (tf.int32, tf.int64)
 # Entries of one [N, c] chunk of logits by default (64 MiB in float32).

@@ -51,10 +51,10 @@ once, a float32 copy of it), the gradients kept in float32 until scaled.
 
 import tensorflow as tf
 
-from keras_bn.ops.custom_op import NO_GRADIENT
+from keras_bn._internals import NO_GRADIENT
+from keras_bn._internals import gradient_order
+from keras_bn._internals import tape_could_record
 from keras_bn.ops.custom_op import custom_op
-from keras_bn.ops.custom_op import gradient_order
-from keras_bn.ops.custom_op import tape_could_record
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
 from keras_bn.ops.linear_cross_entropy import _backward_loop

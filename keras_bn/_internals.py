@@ -1,0 +1,162 @@
+"""Every reach into TensorFlow's and Keras's internals, each with its fallback.
+
+keras_bn uses public APIs everywhere else. What stands here has no public
+equivalent: TensorFlow's tape set and XLA flag (`tensorflow.python`), Keras's
+table of loss names, and the attributes `_keras_mask` and `_keras_logits`
+that Keras's layers set on tensors. Each function says what happens without
+its internal (its fallback); docs/testing.md tabulates them.
+
+`KERAS_BN_NO_INTERNALS=1`, read at import, turns every internal off, so that
+the fallbacks can be tested (`tests/test_internals.py`).
+"""
+
+import importlib
+import os
+
+import keras
+import tensorflow as tf
+
+NO_INTERNALS = os.environ.get("KERAS_BN_NO_INTERNALS", "") not in ("", "0")
+
+
+def _find_internals():
+    """What is found, by name: none if the internals are off."""
+    found = {}
+    if NO_INTERNALS:
+        return found
+    for module, name in (
+        ("tensorflow.python.eager.record", "could_possibly_record"),
+        ("tensorflow.python.eager.record", "stop_recording"),
+        ("tensorflow.python.eager.record", "record_operation"),
+        ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
+        ("tensorflow.python.ops.control_flow_util", "GraphOrParentsInXlaContext"),
+    ):
+        try:
+            found[name] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # pragma: no cover - moved
+            pass
+    # The string table in the globals of `keras.losses.get` (so as not to
+    # import `keras.src`).
+    table = getattr(keras.losses.get, "__globals__", {}).get("ALL_OBJECTS_DICT")
+    if isinstance(table, dict):
+        found["ALL_OBJECTS_DICT"] = table
+    # Keras's convention: attributes of the tensors its layers return.
+    found["mask_attribute"], found["logits_attribute"] = "_keras_mask", "_keras_logits"
+    return found
+
+
+# The tests empty this to reach every fallback.
+FOUND = _find_internals()
+
+NO_GRADIENT, FIRST_ORDER, HIGHER_ORDER = 0, 1, 2
+
+
+def tape_could_record():
+    """Whether a gradient tape or forward accumulator is recording now.
+
+    Reads TensorFlow's tape set. Fallback: True, the safe answer (hidden
+    outputs are then differentiated).
+    """
+    could_possibly_record = FOUND.get("could_possibly_record")
+    return True if could_possibly_record is None else could_possibly_record()
+
+
+def gradient_order(tensors):
+    """What the active tapes can ask of `tensors`, eagerly: NO_GRADIENT
+    (none watches them), FIRST_ORDER, or HIGHER_ORDER (several tapes, a
+    persistent one, or a tape under a forward accumulator).
+
+    Reads TensorFlow's tape set, as its own functions do to pick their
+    backward passes. HIGHER_ORDER in a graph, where `tf.gradients` needs no
+    tape. Fallback: HIGHER_ORDER, the general path; also if the tape API that
+    the first-order path records on (`record_operation`) is gone.
+    """
+    possible = FOUND.get("PossibleTapeGradientTypes")
+    if (
+        not tf.executing_eagerly()
+        or possible is None
+        or "record_operation" not in FOUND
+    ):
+        return HIGHER_ORDER
+    return possible(tensors)
+
+
+def stop_recording():
+    """A context that pauses the tapes (only reached after `gradient_order`
+    gave FIRST_ORDER, so never without its internal)."""
+    return FOUND["stop_recording"]()
+
+
+def record_operation(name, outputs, inputs, backward):
+    """Records `outputs` on the active tapes as one op of `inputs` whose
+    gradient is `backward` (reached only as `stop_recording` is)."""
+    FOUND["record_operation"](name, outputs, inputs, backward)
+
+
+def in_xla_function():
+    """Whether ops are being traced into a function that XLA compiles.
+
+    True inside `tf.function(jit_compile=True)` (and functions it calls),
+    which is how Keras compiles with `jit_compile=True`. The ops pick the
+    formulation that XLA compiles to faster loops there: batch norm's closed
+    form instead of the fused kernels (which XLA expands into plain loops
+    anyway), and the dense cross-entropy's single stacked reduction. Reads
+    TensorFlow's XLA flag on the graph. Fallback: False (the same values).
+    """
+    in_context = FOUND.get("GraphOrParentsInXlaContext")
+    if tf.executing_eagerly() or in_context is None:
+        return False
+    return bool(in_context(tf.compat.v1.get_default_graph()))
+
+
+def register_loss_names(classes):
+    """Makes `model.compile(loss="keras_bn>ClassName")` work for `classes`.
+
+    Keras 3 resolves a loss given as a string only against its own table of
+    built-in losses (`keras.losses.get`), not against the registry that
+    `keras.saving.register_keras_serializable` fills: a registered loss loads
+    from a `.keras` file but is not found by `compile`. This adds each class
+    to that table under its registered name. Fallback: nothing is added; a
+    name still resolves wherever Keras consults the registry (loading, and
+    `keras.losses.get` of a config).
+    """
+    table = FOUND.get("ALL_OBJECTS_DICT")
+    if table is None:
+        return
+    for cls in classes:
+        table.setdefault(keras.saving.get_registered_name(cls), cls)
+
+
+def keras_mask(tensor):
+    """The mask Keras attached to `tensor` (a layer's output), or None.
+    Fallback: None (Keras's masks are not seen)."""
+    return _read(tensor, "mask_attribute")
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches `mask` to `tensor`, where Keras's loss reduction reads it.
+    Returns `tensor`. Fallback: nothing attached (a mean over an
+    `ignore_class` loss then counts the ignored entries)."""
+    _write(tensor, "mask_attribute", mask)
+    return tensor
+
+
+def keras_logits(tensor):
+    """The logits behind a softmax output, as Keras's softmax records them,
+    or None. Fallback: None (the output is read as probabilities)."""
+    return _read(tensor, "logits_attribute")
+
+
+def set_keras_logits(tensor, logits):
+    """Records `logits` behind the softmax output `tensor`, as Keras's own
+    softmax does, for the losses to read. Fallback: nothing recorded."""
+    _write(tensor, "logits_attribute", logits)
+
+
+def _read(tensor, attribute):
+    return getattr(tensor, FOUND[attribute], None) if attribute in FOUND else None
+
+
+def _write(tensor, attribute, value):
+    if attribute in FOUND:
+        setattr(tensor, FOUND[attribute], value)
