@@ -128,8 +128,8 @@ class ExampleParser(argparse.ArgumentParser):
         style = argparse.RawDescriptionHelpFormatter
         super().__init__(description=description, formatter_class=style)
         self._sizes, self._quick_is_full_run = {}, quick_is_full_run
-        quick = "a smoke test, a little training on a little data (its verdicts are "
-        quick = "the same run" if quick_is_full_run else quick + "not results)"
+        smoke = "a smoke test, a little training on a little data (not results)"
+        quick = "the same run" if quick_is_full_run else smoke
         help = f"{quick}, into the quick/ subfolder of --out, apart from a full run"
         self.add_argument("--quick", action="store_true", help=help)
         out = pathlib.Path("keras_bn_runs") / name
