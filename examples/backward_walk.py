@@ -38,7 +38,7 @@ import _common
 
 def parse_args(argv=None):
     # The walk takes seconds whole: --quick changes only the output folder.
-    parser = _common.make_parser(
+    parser = _common.ExampleParser(
         "backward_walk", __doc__, data=False, quick_is_full_run=True
     )
     parser.add_argument(
@@ -612,6 +612,8 @@ def report(checks):
 
 
 def main(args):
+    if args.quick:
+        print(f"quick run: the same run as a full one; outputs go to {args.out}.")
     _common.start_run(args)
     rng = np.random.default_rng(args.seed)
     walk = Walk()

@@ -21,7 +21,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("batch_size_tradeoff", __doc__)
+    parser = _common.ExampleParser("batch_size_tradeoff", __doc__)
     parser.add_size("--epochs", "epochs per run", full=15, quick=2)
     parser.add_size("--seeds", "seeds per batch size", full=3, quick=1)
     return parser.parse_args(argv)
@@ -166,8 +166,7 @@ def plot(summary, path):
         ylabel="accuracy (inference mode)",
     )
     axes[1].set_xticks(sizes, [str(size) for size in sizes])
-    _common.legend_below(figure, axes[0], axes[1])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0], axes[1]])
 
 
 def report_effects(summary):
@@ -199,7 +198,7 @@ def report_effects(summary):
 def main(args):
     min_steps = 10 if args.quick else 150
     batch_sizes = QUICK_BATCH_SIZES if args.quick else FULL_BATCH_SIZES
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 256)
 

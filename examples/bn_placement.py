@@ -30,7 +30,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("bn_placement", __doc__)
+    parser = _common.ExampleParser("bn_placement", __doc__)
     parser.add_size("--epochs", "epochs per run", full=20, quick=1)
     parser.add_size("--seeds", "seeds per learning rate", full=4, quick=1)
     return parser.parse_args(argv)
@@ -144,11 +144,13 @@ def paired_verdict(rows, rate, metric, higher_is_better, floor=0.0):
     for row in rows:
         if row["learning_rate"] == rate:
             by_seed.setdefault(row["seed"], {})[row["placement"]] = row[metric]
-    mean, error, sign = _common.paired_difference(
-        [runs["before"] for runs in by_seed.values()],
-        [runs["after"] for runs in by_seed.values()],
-        floor=floor,
-    )
+    advantages = np.array([runs["before"] - runs["after"] for runs in by_seed.values()])
+    mean = float(advantages.mean()) if len(advantages) else float("nan")
+    error, sign = float("nan"), 0
+    if len(advantages) > 1 and np.all(np.isfinite(advantages)):
+        spread = float(advantages.std(ddof=1) / np.sqrt(len(advantages)))
+        error = max(spread, floor)
+        sign = int(np.sign(mean)) if abs(mean) > 2 * error else 0
     if not higher_is_better:
         mean, sign = 0.0 - mean, -sign
     better = {1: "before", -1: "after", 0: "no clear difference"}[sign]
@@ -178,7 +180,9 @@ def summarize(rows, rates, n_test):
         accuracy = np.mean(
             [r["test_accuracy"] for r in rows if r["learning_rate"] == rate]
         )
-        floors = {"test_accuracy": _common.accuracy_difference_error(accuracy, n_test)}
+        # The test set's sampling noise for two accuracies near `accuracy`.
+        noise = float(np.sqrt(2.0 * accuracy * (1.0 - accuracy) / n_test))
+        floors = {"test_accuracy": noise}
         for metric, higher, _ in METRICS:
             better, mean, error = paired_verdict(
                 rows, rate, metric, higher, floors.get(metric, 0.0)
@@ -296,13 +300,12 @@ def plot(rows, summary, rates, path):
         xticks=layers,
         ylim=(0, 1),
     )
-    _common.legend_below(figure, axes[0], axes[2], axes[3])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0], axes[2], axes[3]])
 
 
 def main(args):
     rates = QUICK_RATES if args.quick else FULL_RATES
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 128)
     runs = [

@@ -28,7 +28,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("bn_regularization", __doc__)
+    parser = _common.ExampleParser("bn_regularization", __doc__)
     parser.add_size("--epochs", "epochs per run", full=40, quick=1)
     parser.add_size("--seeds", "seeds per variant", full=3, quick=1)
     parser.add_argument(
@@ -151,15 +151,14 @@ def summarize(rows, n_test):
     for variant, runs in by_variant.items():
         entry = {"variant": variant}
         for key in ("train_accuracy", "test_accuracy", "accuracy_gap", "loss_gap"):
-            mean, std = _common.mean_and_spread([r[key] for r in runs])
-            entry[key] = mean
-            entry[f"{key}_std"] = std
+            values = np.array([r[key] for r in runs], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std())
         summary.append(entry)
     # The test set's sampling noise, which no number of seeds averages away.
+    accuracy = np.mean([r["test_accuracy"] for r in finals])
     floors = {
-        "accuracy_gap": _common.accuracy_difference_error(
-            np.mean([r["test_accuracy"] for r in finals]), n_test
-        ),
+        "accuracy_gap": float(np.sqrt(2.0 * accuracy * (1.0 - accuracy) / n_test)),
         "loss_gap": float(
             np.sqrt(2.0 / n_test) * np.mean([r["final_test_loss_std"] for r in finals])
         ),
@@ -170,13 +169,25 @@ def summarize(rows, n_test):
         ("dropout, no BN", "plain"),
         ("BN, no dropout", "dropout, no BN"),
     ):
+        by_variant_pair = (by_variant[first], by_variant[second])
         for key in ("accuracy_gap", "loss_gap"):
-            comparisons[(first, second, key)] = _common.paired_difference(
-                [r[key] for r in by_variant[first]],
-                [r[key] for r in by_variant[second]],
-                floor=floors[key],
-            )
+            differences = [a[key] - b[key] for a, b in zip(*by_variant_pair)]
+            comparisons[(first, second, key)] = paired(differences, floors[key])
     return summary, comparisons
+
+
+def paired(differences, floor):
+    """`(mean, error, sign)` of paired differences, by the verdict rule.
+
+    The error is the larger of the spread over seeds and `floor`; the sign
+    is +1 or -1 when the mean exceeds twice the error (two seeds at least).
+    """
+    differences = np.array(differences, dtype=float)
+    mean = float(differences.mean()) if len(differences) else float("nan")
+    if len(differences) < 2 or not np.all(np.isfinite(differences)):
+        return mean, float("nan"), 0
+    error = max(float(differences.std(ddof=1) / np.sqrt(len(differences))), floor)
+    return mean, error, int(np.sign(mean)) if abs(mean) > 2 * error else 0
 
 
 def report(summary, comparisons):
@@ -263,12 +274,11 @@ def plot(rows, summary, n_test, path):
         xticks=range(len(names)),
         xticklabels=names,
     )
-    _common.legend_below(figure, axes[0])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0]])
 
 
 def main(args):
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 128)
     runs = [(args.seed + s, v) for s in range(args.seeds) for v in VARIANTS]

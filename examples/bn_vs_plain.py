@@ -18,7 +18,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("bn_vs_plain", __doc__)
+    parser = _common.ExampleParser("bn_vs_plain", __doc__)
     parser.add_size("--epochs", "epochs per run", full=30, quick=2)
     return parser.parse_args(argv)
 
@@ -134,8 +134,7 @@ def plot(rows, rates, path):
         xscale="log",
         ylim=(0, 1),
     )
-    _common.legend_below(figure, axes[0], axes[2])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0], axes[2]])
 
 
 def report_effects(finals, rates, tolerance):
@@ -158,7 +157,7 @@ def report_effects(finals, rates, tolerance):
 
 def main(args):
     rates = QUICK_RATES if args.quick else FULL_RATES
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(512, 256)
 

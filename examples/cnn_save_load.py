@@ -29,7 +29,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("cnn_save_load", __doc__)
+    parser = _common.ExampleParser("cnn_save_load", __doc__)
     parser.add_size("--epochs", "training epochs", full=15, quick=1)
     parser.add_argument(
         "--bn-momentum",
@@ -176,8 +176,7 @@ def plot(history, numbers, path):
         ylabel="test accuracy",
         ylim=(0, 1.08),
     )
-    _common.legend_below(figure, axes[0])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0]])
 
 
 def report_effects(numbers, history):
@@ -209,13 +208,13 @@ def main(args):
     if args.reload:
         reload_and_predict(args.out)
         return
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(128, 64)
     x_train, x_test = data.x_train[..., None], data.x_test[..., None]
     y_train, y_test = data.y_train, data.y_test
 
-    model = build_cnn(data.image_shape, args.bn_momentum)
+    model = build_cnn(data.x_train.shape[1:], args.bn_momentum)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
         loss=SoftmaxCrossEntropy(sparse=True),

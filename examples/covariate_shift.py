@@ -25,7 +25,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("covariate_shift", __doc__)
+    parser = _common.ExampleParser("covariate_shift", __doc__)
     parser.add_size(
         "--steps", "training steps, a multiple of --eval-every", full=6000, quick=100
     )
@@ -54,7 +54,9 @@ def parse_args(argv=None):
         help="test accuracy to reach (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    parser.require_multiple(args, "--steps", "--eval-every")
+    if args.steps % args.eval_every:
+        steps, every = args.steps, args.eval_every
+        parser.error(f"--steps ({steps}) must be a multiple of --eval-every ({every})")
     return args
 
 
@@ -229,8 +231,7 @@ def plot(results, threshold, path):
             ylabel="sigmoid input (test images)",
             ylim=limits,
         )
-    _common.legend_below(figure, axes[0], axes[1])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0], axes[1]])
 
 
 def _shared_limits(arrays):
@@ -241,7 +242,7 @@ def _shared_limits(arrays):
 
 
 def main(args):
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     results = {}
     for index, (name, use_bn) in enumerate(
         (("without BN", False), ("with BN", True)), start=1

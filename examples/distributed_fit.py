@@ -18,7 +18,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("distributed_fit", __doc__)
+    parser = _common.ExampleParser("distributed_fit", __doc__)
     parser.add_size("--epochs", "epochs per run", full=5, quick=1)
     return parser.parse_args(argv)
 
@@ -106,13 +106,12 @@ def plot(copies_by_mode, rows, path):
         f"{MODES[row['synchronized']]} {row['test_accuracy']:.3f}" for row in rows
     )
     figure.suptitle(f"Test accuracy: {accuracies}")
-    _common.legend_below(figure, axes[0])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0]])
 
 
 def main(args):
     devices = mirrored_devices()
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 128)
     strategy = tf.distribute.MirroredStrategy(devices)
@@ -122,7 +121,7 @@ def main(args):
     for index, synchronized in enumerate((True, False), start=1):
         keras.utils.set_random_seed(args.seed)
         with strategy.scope():
-            model = build_model(data.image_shape, synchronized)
+            model = build_model(data.x_train.shape[1:], synchronized)
             model.compile(
                 optimizer=keras.optimizers.Adam(3e-3),
                 loss=keras_bn.losses.SoftmaxCrossEntropy(sparse=True),

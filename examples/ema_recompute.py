@@ -28,7 +28,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("ema_recompute", __doc__)
+    parser = _common.ExampleParser("ema_recompute", __doc__)
     parser.add_size("--epochs", "training epochs per seed", full=20, quick=2)
     parser.add_size("--seeds", "seeds, from --seed on", full=3, quick=1)
     parser.add_argument(
@@ -125,7 +125,7 @@ def train_one_seed(data, args, seed, rows):
     keras.utils.set_random_seed(seed)
     x_train, x_test = data.x_train[..., None], data.x_test[..., None]
     test = (x_test, data.y_test)
-    model = build_cnn(data.image_shape, args.bn_momentum)
+    model = build_cnn(data.x_train.shape[1:], args.bn_momentum)
     compile_model(
         model,
         keras.optimizers.Adam(
@@ -237,8 +237,7 @@ def plot(rows, summary, means, first_seed, path):
         xlabel="recomputed for the EMA weights",
         ylabel="moving average (from the raw weights)",
     )
-    _common.legend_below(figure, axes[0], axes[2], ncols=3)
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0], axes[2]], ncols=3)
 
 
 def report(summary, finals, n_test):
@@ -255,9 +254,17 @@ def report(summary, finals, n_test):
         f"statistics: {accuracy[('raw', 'moving')]:.3f} (means over "
         f"{len(finals)} seeds)."
     )
-    floor = _common.accuracy_difference_error(np.mean(recomputed), n_test)
-    gain, error, sign = _common.paired_difference(recomputed, stale, floor=floor)
-    if sign > 0:
+    # A clear gain: the mean gain over seeds (each model against itself)
+    # exceeds twice its standard error, with two seeds at least. That error is
+    # at least the test set's own sampling noise, sqrt(2 p (1 - p) / n) for
+    # accuracies near p on n images, which no number of seeds averages away.
+    gains = np.subtract(recomputed, stale)
+    gain, error = float(gains.mean()), float("nan")
+    if len(gains) > 1 and np.all(np.isfinite(gains)):
+        p = np.mean(recomputed)
+        noise = float(np.sqrt(2.0 * p * (1.0 - p) / n_test))
+        error = max(float(gains.std(ddof=1) / np.sqrt(len(gains))), noise)
+    if gain > 2 * error:
         print(
             f"Recomputing the statistics restored the EMA model's accuracy: "
             f"+{gain:.3f} (standard error {error:.3f})."
@@ -270,7 +277,7 @@ def report(summary, finals, n_test):
 
 
 def main(args):
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 128)
     seeds = range(args.seed, args.seed + args.seeds)

@@ -28,7 +28,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("fold_speedup", __doc__)
+    parser = _common.ExampleParser("fold_speedup", __doc__)
     parser.add_size("--epochs", "training epochs", full=10, quick=1)
     parser.add_size("--repetitions", "timed repetitions", full=9, quick=2)
     parser.add_size("--image-size", "MobileNetV2's image size", full=128, quick=32)
@@ -151,18 +151,17 @@ def plot(latency, logits, folded_logits, path):
         xlabel="model with BN",
         ylabel="folded model",
     )
-    _common.legend_below(figure, axes[0])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0]])
 
 
 def main(args):
     seconds = 0.02 if args.quick else 0.5  # one repetition of one model
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 128)
     x_train, x_test = data.x_train[..., None], data.x_test[..., None]
 
-    model = build_cnn(data.image_shape, bn_momentum=0.9)
+    model = build_cnn(data.x_train.shape[1:], bn_momentum=0.9)
     model.compile(
         keras.optimizers.Adam(3e-3),
         SoftmaxCrossEntropy(sparse=True),

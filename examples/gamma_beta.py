@@ -28,7 +28,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("gamma_beta", __doc__)
+    parser = _common.ExampleParser("gamma_beta", __doc__)
     parser.add_size("--epochs", "epochs per run", full=40, quick=2)
     parser.add_size("--seeds", "seeds per variant", full=3, quick=1)
     return parser.parse_args(argv)
@@ -130,18 +130,23 @@ def compare(rows, n_test):
         for v in VARIANTS
     )
     accuracy = np.mean([r["test_accuracy"] for r in rows])
+    # The test set's sampling noise for two accuracies near `accuracy`.
+    noise = float(np.sqrt(2.0 * accuracy * (1.0 - accuracy) / n_test))
     results = {}
     for metric, transform, floor in (
         ("log10_train_loss", lambda r: np.log10(r["train_loss"]), 0.0),
-        (
-            "test_accuracy",
-            lambda r: r["test_accuracy"],
-            _common.accuracy_difference_error(accuracy, n_test),
-        ),
+        ("test_accuracy", lambda r: r["test_accuracy"], noise),
     ):
-        results[metric] = _common.paired_difference(
-            [transform(r) for r in full], [transform(r) for r in reduced], floor
+        differences = np.array(
+            [transform(f) - transform(r) for f, r in zip(full, reduced)]
         )
+        mean = float(differences.mean()) if len(differences) else float("nan")
+        # Two seeds at least, and the differences finite, or no standard error.
+        seeds = len(differences) > 1 and np.all(np.isfinite(differences))
+        spread = differences.std(ddof=1) / np.sqrt(len(differences)) if seeds else None
+        error = max(float(spread), floor) if seeds else float("nan")
+        clear = abs(mean) > 2 * error  # False when the error is nan
+        results[metric] = (mean, error, int(np.sign(mean)) if clear else 0)
     return results
 
 
@@ -149,7 +154,8 @@ def report(rows, comparison):
     for variant in VARIANTS:
         runs = [r for r in rows if r["variant"] == variant]
         loss = np.median([r["train_loss"] for r in runs])
-        accuracy, spread = _common.mean_and_spread([r["test_accuracy"] for r in runs])
+        accuracy = float(np.mean([r["test_accuracy"] for r in runs]))
+        spread = float(np.std([r["test_accuracy"] for r in runs]))
         saturating = np.mean(
             [
                 r[f"saturating_fraction_{i}"]
@@ -270,12 +276,11 @@ def plot(rows, path):
         ylabel="fraction of test-image inputs, mean over seeds",
         xticks=range(1, HIDDEN_LAYERS + 1),
     )
-    _common.legend_below(figure, axes[0], axes[2], twin, axes[5])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0], axes[2], twin, axes[5]])
 
 
 def main(args):
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(256, 128)
     runs = [(args.seed + s, variant) for s in range(args.seeds) for variant in VARIANTS]

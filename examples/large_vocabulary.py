@@ -41,7 +41,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("large_vocabulary", __doc__, data=False)
+    parser = _common.ExampleParser("large_vocabulary", __doc__, data=False)
     parser.add_size("--epochs", "training epochs", full=8, quick=1)
     parser.add_size("--vocabulary", "words in the trained model", full=4000, quick=500)
     parser.add_size(

@@ -33,7 +33,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("softmax_classifier", __doc__, data=False)
+    parser = _common.ExampleParser("softmax_classifier", __doc__, data=False)
     parser.add_size("--epochs", "epochs per training", full=100, quick=3)
     parser.add_size("--points", "points per data set", full=600, quick=120)
     return parser.parse_args(argv)
@@ -360,8 +360,7 @@ def plot(results, path):
         ylabel="training accuracy (over the epoch)",
         ylim=(-0.03, 1.03),
     )
-    _common.legend_below(figure, axes[3], axes[4], axes[5], ncols=4)
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[3], axes[4], axes[5]], ncols=4)
 
 
 def main(args):

@@ -27,7 +27,7 @@ import _common
 
 
 def parse_args(argv=None):
-    parser = _common.make_parser("vanishing_gradients", __doc__)
+    parser = _common.ExampleParser("vanishing_gradients", __doc__)
     parser.add_size("--depth", "hidden layers", full=20, quick=6)
     parser.add_size("--steps", "SGD steps per network", full=1500, quick=10)
     parser.add_size(
@@ -41,7 +41,11 @@ def parse_args(argv=None):
         "(default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    parser.require_multiple(args, "--steps", "--record-every")
+    if args.steps % args.record_every:
+        steps, every = args.steps, args.record_every
+        parser.error(
+            f"--steps ({steps}) must be a multiple of --record-every ({every})"
+        )
     return args
 
 
@@ -253,12 +257,11 @@ def plot(results, depth, path):
             ylabel="test accuracy",
             ylim=(0, 1),
         )
-    _common.legend_below(figure, axes[0][0], axes[0][2])
-    _common.save_figure(figure, path)
+    _common.save_figure(figure, path, legend=[axes[0][0], axes[0][2]])
 
 
 def main(args):
-    data = _common.prepare_run(args)
+    data = _common.start_run(args)
     if args.quick:
         data = data.shrink(512, 256)
     results = {}

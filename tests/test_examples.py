@@ -5,18 +5,21 @@ from a temporary working directory), which saves a TensorFlow start-up per
 example; `distributed_fit.py`, which makes its own MirroredStrategy, runs as
 a user runs it, `python examples/distributed_fit.py` in a subprocess from
 another working directory. Those runs are marked slow (deselect with
-`-m "not slow"`). One more subprocess checks that `--help` and argument
-errors answer before TensorFlow is imported. The data loader,
-argument types, verdict rules, the quick runs' labels and output folder, and
-the `--out` checks have fast tests.
+`-m "not slow"`); each checks that the CSV records the numbers the run
+printed. One more subprocess checks that `--help` and argument errors answer
+before TensorFlow is imported. The data loader, argument types, verdict
+rules, the quick runs' labels and output folder, and the `--out` checks have
+fast tests.
 """
 
 import argparse
-import ast
+import builtins
 import csv
 import importlib
 import os
 import pathlib
+import re
+import runpy
 import subprocess
 import sys
 import time
@@ -50,6 +53,36 @@ def floats(rows, column):
     return np.array([float(row[column]) for row in rows])
 
 
+def printed_table(stdout, first_column):
+    """The rows of the table printed under a header that starts `first_column`."""
+    lines = stdout.splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.split()[:1] == [first_column]
+    )
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = []
+    for line in lines[start + 1 :]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(header):
+            break
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def same_number(printed, value):
+    """Whether a number printed with 4 significant digits is `value`."""
+    return float(printed) == pytest.approx(float(value), rel=1e-3, abs=1e-6)
+
+
+def at_rate(rows, column, value, printed_rate):
+    """The rows whose `column` is `value`, at a learning rate as printed."""
+    return [
+        row
+        for row in rows
+        if row[column] == value and same_number(printed_rate, row["learning_rate"])
+    ]
+
+
 def check_accuracies(rows, *columns):
     for column in columns:
         values = floats(rows, column)
@@ -57,9 +90,12 @@ def check_accuracies(rows, *columns):
 
 
 def check_covariate_shift(out, stdout):
-    columns, rows = read_csv(out / "covariate_shift.csv")
-    assert columns == ["model", "step", "test_accuracy", "p15", "p50", "p85"]
+    _, rows = read_csv(out / "covariate_shift.csv")
     assert {row["model"] for row in rows} == {"without BN", "with BN"}
+    # The last record of each model is the final accuracy it printed.
+    for printed in printed_table(stdout, "model"):
+        last = [row for row in rows if row["model"] == printed["model"]][-1]
+        assert same_number(printed["final_accuracy"], last["test_accuracy"])
     # --quick: 100 steps, a record every 20, and one at step 0.
     assert sorted({int(row["step"]) for row in rows}) == list(range(0, 101, 20))
     check_accuracies(rows, "test_accuracy")
@@ -69,35 +105,26 @@ def check_covariate_shift(out, stdout):
 
 
 def check_bn_vs_plain(out, stdout):
-    columns, rows = read_csv(out / "bn_vs_plain.csv")
-    assert columns == [
-        "model",
-        "learning_rate",
-        "epoch",
-        "train_loss",
-        "test_loss",
-        "test_accuracy",
-    ]
+    _, rows = read_csv(out / "bn_vs_plain.csv")
     assert {row["model"] for row in rows} == {"plain", "BN"}
+    # Each model's last epoch at each rate is the final accuracy it printed.
+    for printed in printed_table(stdout, "learning_rate"):
+        for model in ("plain", "BN"):
+            runs = at_rate(rows, "model", model, printed["learning_rate"])
+            assert same_number(printed[model], runs[-1]["test_accuracy"])
     assert len({row["learning_rate"] for row in rows}) >= 1
     check_accuracies(rows, "test_accuracy")
     assert np.all(floats(rows, "train_loss") >= 0)
 
 
 def check_batch_size_tradeoff(out, stdout):
-    columns, rows = read_csv(out / "batch_size_tradeoff.csv")
-    assert columns == [
-        "batch_size",
-        "seed",
-        "learning_rate",
-        "epochs",
-        "seconds_per_epoch",
-        "train_accuracy",
-        "test_accuracy",
-        "accuracy_gap",
-        "train_loss",
-        "test_loss",
-    ]
+    _, rows = read_csv(out / "batch_size_tradeoff.csv")
+    # The printed accuracies are the means over the seeds' runs.
+    for printed in printed_table(stdout, "batch_size"):
+        runs = [r for r in rows if r["batch_size"] == printed["batch_size"]]
+        assert same_number(
+            printed["test_accuracy"], floats(runs, "test_accuracy").mean()
+        )
     assert len({int(row["batch_size"]) for row in rows}) >= 2
     assert np.all(floats(rows, "seconds_per_epoch") > 0)
     check_accuracies(rows, "train_accuracy", "test_accuracy")
@@ -106,9 +133,11 @@ def check_batch_size_tradeoff(out, stdout):
 
 
 def check_cnn_save_load(out, stdout):
-    columns, rows = read_csv(out / "cnn_save_load.csv")
-    assert columns == ["quantity", "value"]
+    _, rows = read_csv(out / "cnn_save_load.csv")
     numbers = {row["quantity"]: float(row["value"]) for row in rows}
+    printed = printed_table(stdout, "quantity")
+    assert [row["quantity"] for row in printed] == list(numbers)
+    assert all(same_number(row["value"], numbers[row["quantity"]]) for row in printed)
     assert numbers["reload_identical_predictions"] == 1
     assert numbers["reload_max_abs_logit_difference"] == 0
     assert numbers["reloaded_test_accuracy"] == pytest.approx(numbers["test_accuracy"])
@@ -116,15 +145,18 @@ def check_cnn_save_load(out, stdout):
     assert numbers["training_logit_change_other_batch"] > 0
     for key in ("test_accuracy", "training_mode_accuracy_batch_4"):
         assert 0 <= numbers[key] <= 1
-    columns, rows = read_csv(out / "history.csv")
-    assert columns[0] == "epoch"
-    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(columns)
+    _, history = read_csv(out / "history.csv")
+    # One row an epoch; the last one's test accuracy is the model's.
+    assert [int(row["epoch"]) for row in history] == list(range(1, len(history) + 1))
+    assert same_number(history[-1]["val_accuracy"], numbers["test_accuracy"])
     assert (out / "digits_cnn.keras").is_file()
 
 
 def check_distributed_fit(out, stdout):
-    columns, rows = read_csv(out / "distributed_fit.csv")
-    assert columns == ["synchronized", "test_accuracy", "replica_disagreement"]
+    _, rows = read_csv(out / "distributed_fit.csv")
+    for printed, row in zip(printed_table(stdout, "synchronized"), rows, strict=True):
+        assert printed["synchronized"] == row["synchronized"]
+        assert same_number(printed["test_accuracy"], row["test_accuracy"])
     synchronized, per_replica = rows
     assert synchronized["synchronized"] == "True"
     assert float(synchronized["replica_disagreement"]) == 0
@@ -133,16 +165,9 @@ def check_distributed_fit(out, stdout):
 
 
 def check_backward_walk(out, stdout):
-    columns, rows = read_csv(out / "backward_walk.csv")
-    assert columns == [
-        "graph",
-        "gradient",
-        "formula",
-        "against",
-        "max_abs_difference",
-        "tolerance",
-        "agrees",
-    ]
+    _, rows = read_csv(out / "backward_walk.csv")
+    # One row for each check the walk printed.
+    assert len(rows) == stdout.count(" -> agrees") + stdout.count(" -> DIFFERS")
     gradients = {(row["graph"], row["gradient"]) for row in rows}
     for name in ("keras_bn dx", "keras_bn dgamma", "keras_bn dbeta", "1. dx"):
         assert ("batch norm", name) in gradients
@@ -161,15 +186,7 @@ def check_backward_walk(out, stdout):
 
 
 def check_vanishing_gradients(out, stdout):
-    columns, rows = read_csv(out / "vanishing_gradients.csv")
-    assert columns == [
-        "network",
-        "model",
-        "step",
-        "layer",
-        "gradient_norm",
-        "test_accuracy",
-    ]
+    _, rows = read_csv(out / "vanishing_gradients.csv")
     assert {row["model"] for row in rows} == {"plain", "BN"}
     # --quick: 6 layers, records at steps 0, 5, 10, for 2 networks x 2 models.
     assert len(rows) == 2 * 2 * 3 * 6
@@ -182,21 +199,33 @@ def check_vanishing_gradients(out, stdout):
     }
     # Six sigmoid layers already shrink the first layer's gradient 100-fold.
     assert at_init[("sigmoid", "plain", 1)] < 0.01 * at_init[("sigmoid", "plain", 6)]
+    # The printed ratio is the first layer's norm over the last one's.
+    for printed in printed_table(stdout, "network"):
+        network = printed["network"]
+        ratio = at_init[(network, "plain", 1)] / at_init[(network, "plain", 6)]
+        assert same_number(printed["plain_ratio_at_init"], ratio)
     assert stdout.count("The claim held") + stdout.count("did NOT hold") == 2
 
 
 def check_bn_placement(out, stdout):
-    columns, rows = read_csv(out / "bn_placement.csv")
-    assert {"placement", "learning_rate", "seed", "test_accuracy"} <= set(columns)
-    assert {"active_fraction_1", "epochs_to_target"} <= set(columns)
+    _, rows = read_csv(out / "bn_placement.csv")
     assert {row["placement"] for row in rows} == {"before", "after"}
+    # The printed accuracies are the means over seeds, at each rate.
+    for printed in printed_table(stdout, "learning_rate"):
+        for placement in ("before", "after"):
+            runs = at_rate(rows, "placement", placement, printed["learning_rate"])
+            mean = floats(runs, "test_accuracy").mean()
+            assert same_number(printed[f"{placement}_test_accuracy"], mean)
+            assert np.all(floats(runs, "epochs_to_target") >= 1)
     check_accuracies(rows, "test_accuracy", "active_fraction_1")
     assert "final test accuracy: the claim" in stdout
 
 
 def check_gamma_beta(out, stdout):
-    columns, rows = read_csv(out / "gamma_beta.csv")
-    assert {"variant", "train_loss", "test_accuracy", "gamma_1_mean"} <= set(columns)
+    _, rows = read_csv(out / "gamma_beta.csv")
+    for printed, row in zip(printed_table(stdout, "variant"), rows, strict=True):
+        assert (printed["variant"], printed["seed"]) == (row["variant"], row["seed"])
+        assert same_number(printed["train_loss"], row["train_loss"])
     by_variant = {row["variant"]: row for row in rows}
     reduced = by_variant["center=False, scale=False"]
     # Without gamma and beta the layer's scale is 1 and its offset 0.
@@ -206,8 +235,13 @@ def check_gamma_beta(out, stdout):
 
 
 def check_bn_regularization(out, stdout):
-    columns, rows = read_csv(out / "bn_regularization.csv")
-    assert {"variant", "epoch", "accuracy_gap", "loss_gap"} <= set(columns)
+    _, rows = read_csv(out / "bn_regularization.csv")
+    # The printed gaps are the means over seeds of the last epoch's.
+    last = max(int(row["epoch"]) for row in rows)
+    for printed in printed_table(stdout, "variant"):
+        runs = [r for r in rows if r["variant"] == printed["variant"]]
+        gaps = floats([r for r in runs if int(r["epoch"]) == last], "accuracy_gap")
+        assert same_number(printed["accuracy_gap"], gaps.mean())
     assert {row["variant"] for row in rows} == {
         "BN, no dropout",
         "dropout, no BN",
@@ -220,9 +254,13 @@ def check_bn_regularization(out, stdout):
 
 
 def check_softmax_classifier(out, stdout):
-    columns, rows = read_csv(out / "softmax_classifier.csv")
-    assert columns == ["claim", "measured", "rule", "held"]
+    _, rows = read_csv(out / "softmax_classifier.csv")
     assert len(rows) == 4
+    # The CSV holds the verdicts the run printed.
+    held = [row["claim"] for row in rows if row["held"] == "True"]
+    lines = [line.removeprefix(_common.QUICK_LABEL) for line in stdout.splitlines()]
+    printed = [line.split(": held (")[0] for line in lines if ": held (" in line]
+    assert sorted(held) == sorted(printed)
     hardmax = next(row for row in rows if "hardmax" in row["claim"])
     # Measured on fixed logits, so it holds even in a quick run.
     assert hardmax["held"] == "True"
@@ -230,9 +268,12 @@ def check_softmax_classifier(out, stdout):
 
 
 def check_large_vocabulary(out, stdout):
-    columns, rows = read_csv(out / "large_vocabulary.csv")
-    assert {"head", "vocabulary", "peak_mib"} <= set(columns)
+    _, rows = read_csv(out / "large_vocabulary.csv")
     assert {r["head"] for r in rows} == {"dense", "fused"}
+    # Each measured peak is the one printed, in whole MiB.
+    for row in rows:
+        line = f"{row['head']} head, V={int(row['vocabulary']):>6}: "
+        assert f"{line}{float(row['peak_mib']):>8.0f} MiB" in stdout
     assert "held-out perplexity" in stdout and "verdict:" in stdout
 
 
@@ -456,34 +497,45 @@ def test_wall_time_counts_from_the_scripts_start(monkeypatch, capsys):
     assert int(seconds) >= 10_000
 
 
-def first_import(path, names):
-    """Line of the first top-level import of one of `names` (or their submodules)."""
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            modules = [node.module]
-        else:
-            continue
-        if any(m.split(".")[0] in names for m in modules):
-            return node.lineno
-    return None
+def imports_while_running(path, heavy):
+    """Runs `path` as a module (not as a script), noting each of its imports.
+
+    Returns the names it imports, in order, and whether `STARTED` was set at
+    its first import of one of `heavy`.
+    """
+    imported, started_first = [], []
+    real_import = builtins.__import__
+
+    def noting_import(name, globals=None, *args, **kwargs):
+        if globals is not None and globals.get("__name__") == "noted":
+            imported.append(name)
+            if name.split(".")[0] in heavy and not started_first:
+                started_first.append("STARTED" in globals)
+        return real_import(name, globals, *args, **kwargs)
+
+    builtins.__import__ = noting_import
+    try:
+        runpy.run_path(str(path), run_name="noted")
+    finally:
+        builtins.__import__ = real_import
+    return imported, started_first[0]
+
+
+HEAVY = {"tensorflow", "keras", "keras_bn", "matplotlib", "numpy"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_the_clock_starts_before_tensorflow_is_imported(name):
-    script = EXAMPLES / f"{name}.py"
-    heavy = {"tensorflow", "keras", "keras_bn", "matplotlib", "numpy"}
-    assert first_import(script, {"_common"}) < first_import(script, heavy)
-    # In _common itself, STARTED is set before its first third-party import.
-    module = ast.parse((EXAMPLES / "_common.py").read_text())
-    started = next(
-        node.lineno
-        for node in module.body
-        if isinstance(node, ast.Assign)
-        and getattr(node.targets[0], "id", None) == "STARTED"
-    )
-    assert started < first_import(EXAMPLES / "_common.py", heavy)
+    # A script imports _common, which starts the clock, before any of HEAVY...
+    imported, _ = imports_while_running(EXAMPLES / f"{name}.py", HEAVY)
+    heavy = [i for i, module in enumerate(imported) if module.split(".")[0] in HEAVY]
+    assert heavy and "_common" in imported[: heavy[0]]
+
+
+def test_common_starts_the_clock_before_its_own_imports():
+    # ... before any third-party import of its own.
+    imported, started_first = imports_while_running(EXAMPLES / "_common.py", HEAVY)
+    assert started_first and {"matplotlib", "numpy"} <= set(imported)
 
 
 @pytest.mark.parametrize("quick", [[], ["--quick"]])
@@ -517,18 +569,6 @@ def test_a_read_only_out_stops_while_parsing(tmp_path, capsys, monkeypatch):
     assert f"{locked} is not writable" in capsys.readouterr().err
 
 
-def test_an_out_that_fails_later_exits_with_code_2_naming_it(tmp_path, capsys):
-    # Made unusable after parsing: start_run stops before any training.
-    args = example("covariate_shift").parse_args(["--out", str(tmp_path / "runs")])
-    (tmp_path / "runs").write_text("")
-    with pytest.raises(SystemExit) as exit:
-        _common.start_run(args)
-    assert exit.value.code == 2
-    assert exit.value.__suppress_context__  # no traceback of the OSError
-    error = capsys.readouterr().err
-    assert error.startswith(f"error: --out: cannot write to {tmp_path / 'runs'}: ")
-
-
 def test_quick_changes_only_the_defaults_not_given_values():
     module = example("covariate_shift")
     assert module.parse_args([]).steps == 6000
@@ -551,21 +591,73 @@ def test_a_missing_data_file_is_named_while_parsing(tmp_path, capsys):
     assert f"argument --data: no file at {missing}" in capsys.readouterr().err
 
 
-def test_paired_difference_needs_a_margin_of_two_standard_errors():
-    mean, error, sign = _common.paired_difference([3.0, 3.1, 2.9], [1.0, 1.2, 1.1])
+SIGNS = {"before": 1, "after": -1, "no clear difference": 0}
+
+
+def placement_rule(first, second, floor=0.0):
+    """bn_placement's rule on one metric at one rate: `(mean, error, sign)`."""
+    rows = [
+        {"learning_rate": 0.1, "seed": seed, "placement": placement, "metric": value}
+        for placement, values in (("before", first), ("after", second))
+        for seed, value in enumerate(values)
+    ]
+    module = example("bn_placement")
+    better, mean, error = module.paired_verdict(rows, 0.1, "metric", True, floor)
+    return mean, error, SIGNS[better]
+
+
+def regularization_rule(first, second, floor=0.0):
+    return example("bn_regularization").paired(np.subtract(first, second), floor)
+
+
+def gamma_beta_rule(first, second):
+    """gamma_beta's rule on log10 of the training loss (which has no floor)."""
+    rows = [
+        {"variant": variant, "seed": seed, "train_loss": 10.0**value}
+        | {"test_accuracy": 0.5}
+        for variant, values in zip(example("gamma_beta").VARIANTS, (first, second))
+        for seed, value in enumerate(values)
+    ]
+    return example("gamma_beta").compare(rows, 450)["log10_train_loss"]
+
+
+@pytest.mark.parametrize("rule", [placement_rule, regularization_rule, gamma_beta_rule])
+def test_a_paired_difference_needs_a_margin_of_two_standard_errors(rule):
+    mean, error, sign = rule([3.0, 3.1, 2.9], [1.0, 1.2, 1.1])
     assert sign == 1 and mean == pytest.approx(1.9) and error > 0
-    assert _common.paired_difference([1.0, 3.0], [2.0, 1.0])[2] == 0  # +1 and -2
-    assert _common.paired_difference([1.0, 2.0], [2.0, 3.0])[2] == -1  # no spread
-    assert _common.paired_difference([1.0], [0.0])[2] == 0  # one pair is not enough
-    assert _common.paired_difference([np.inf, 1.0], [0.0, 0.0])[2] == 0
+    assert rule([1.0, 3.0], [2.0, 1.0])[2] == 0  # +1 and -2
+    assert rule([1.0, 2.0], [2.0, 3.0])[2] == -1  # no spread
+    assert rule([1.0], [0.0])[2] == 0  # one pair is not enough
+    assert rule([np.inf, 1.0], [0.0, 0.0])[2] == 0
+
+
+@pytest.mark.parametrize("rule", [placement_rule, regularization_rule])
+def test_the_test_sets_noise_is_the_smallest_error(rule):
     # One test image of 450 in every seed: consistent, but within the test
     # set's own sampling noise once that is the floor of the error.
-    floor = _common.accuracy_difference_error(0.98, 450)
-    assert floor == pytest.approx(np.sqrt(2 * 0.98 * 0.02 / 450))
     one_image = ([0.9844] * 3, [0.9822] * 3)
-    assert _common.paired_difference(*one_image)[2] == 1
-    mean, error, sign = _common.paired_difference(*one_image, floor=floor)
+    assert rule(*one_image)[2] == 1
+    floor = np.sqrt(2 * 0.98 * 0.02 / 450)
+    mean, error, sign = rule(*one_image, floor=floor)
     assert sign == 0 and error == floor
+
+
+@pytest.mark.parametrize(
+    "recomputed, stale, clear",
+    [
+        ([0.95, 0.96, 0.97], [0.5, 0.52, 0.48], True),
+        ([0.9844] * 3, [0.9822] * 3, False),
+    ],
+)
+def test_ema_recompute_calls_a_gain_clear_beyond_the_test_sets_noise(
+    recomputed, stale, clear, capsys
+):
+    summary = [{"weights": "raw", "statistics": "moving", "mean_test_accuracy": 0.9}]
+    finals = [{"ema_moving": s, "ema_recomputed": r} for s, r in zip(stale, recomputed)]
+    example("ema_recompute").report(summary, finals, 450)
+    printed = capsys.readouterr().out
+    assert ("restored the EMA model's accuracy" in printed) == clear
+    assert ("No clear difference" in printed) != clear
 
 
 def test_vanishing_gradient_verdict_follows_the_stated_rule():
@@ -645,7 +737,7 @@ def test_loads_an_mnist_npz(tmp_path):
         y_test=rng.integers(0, 10, 6, dtype=np.uint8),
     )
     data = _common.load_data(path)
-    assert data.image_shape == (28, 28)
+    assert data.x_train.shape[1:] == (28, 28) and data.name == "mnist.npz (28x28)"
     assert data.x_train.dtype == np.float32 and data.x_train.max() <= 1
     assert data.flat()[0].shape == (20, 784)
 
@@ -661,7 +753,7 @@ def test_loads_an_mnist_npz(tmp_path):
                 "x_test": np.zeros((2, 4, 4)),
                 "y_test": np.zeros(2, int),
             },
-            r"x_train has shape \(2, 16\)",
+            r"has x_train of shape \(2, 16\)",
         ),
         (
             {
