@@ -90,8 +90,9 @@ needs_clear_refs = pytest.mark.skipif(
 def test_the_logits_are_never_held(reduction):
     # 4,096 tokens x 65,536 classes: the logits are 1 GiB in float32, the
     # kernel's gradient 64 MiB. Each path holds the kernel's gradient and a
-    # few chunks (the fast gradient a 256 MiB block of tokens): 292 and 415
-    # MiB measured. With the logits in one chunk: 3.5 and 1.1 GiB.
+    # few chunks (the fast gradient a 256 MiB block of tokens): 371 and 400
+    # MiB measured with oneDNN on, 374 and 532 off. With the logits in one
+    # chunk: 3.5 and 1.1 GiB.
     tokens, features, classes = 4096, 256, 65536
     logits = tokens * classes * 4
     peak = _peak_above_inputs(tokens, features, classes, reduction)
@@ -102,10 +103,12 @@ def test_the_logits_are_never_held(reduction):
 @needs_clear_refs
 def test_the_fast_gradient_holds_one_kernel_sized_tensor():
     # A 512 MiB kernel, 256 tokens: the fast gradient's step holds the
-    # kernel's gradient (512 MiB), a 64 MiB block and two 32 MiB chunks of
-    # it: 574 MiB measured. Its per-token fallback, the untaken branch of a
-    # `tf.cond`, once built its own kernel-sized zeros anyway: 1.6 GiB.
+    # kernel's gradient (512 MiB), a 32 MiB block and a few 32 MiB chunks of
+    # the kernel's gradient: 577 MiB measured with oneDNN on, 781 off
+    # (where the chunks' updates are not fused). Its per-token fallback, the
+    # untaken branch of a `tf.cond`, once built its own kernel-sized zeros
+    # anyway: 1.6 GiB.
     tokens, features, classes = 256, 2048, 65536
     kernel = features * classes * 4
     peak = _peak_above_inputs(tokens, features, classes, "mean")
-    assert peak < kernel * 3 // 2, f"{peak / MIB:.0f} MiB"
+    assert peak < kernel * 7 // 4, f"{peak / MIB:.0f} MiB"

@@ -38,8 +38,9 @@ costs four products of the size of `h W` against the dense path's three
 (the logits are computed twice).
 
 Chunks. `c` is `chunk_size` or, by default, the power of two for which a
-chunk holds about 2^24 entries (64 MiB in float32; 2,048 columns for 8,192
-tokens), at most `V`. A vocabulary that is not a multiple of `c` is covered
+chunk holds about 2^24 entries of the logits and at most as many of the
+kernel (64 MiB each in float32; 2,048 columns for 8,192 tokens of 1,024
+features), at most `V`. A vocabulary that is not a multiple of `c` is covered
 by a last chunk that starts at `V - c` and overlaps the one before: its
 already-counted columns are masked out of the logsumexp, the label pick,
 the row sum and `dh`, and the columns of `dW` and `db` it writes again get
@@ -83,7 +84,8 @@ from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
 _INTS = (tf.int32, tf.int64)
-# Entries of one [N, c] chunk of logits by default (64 MiB in float32).
+# Entries of one [N, c] chunk of logits, and at most of one [D, c] chunk
+# of the kernel, by default (64 MiB in float32).
 _CHUNK_ENTRIES = 2**24
 _DYNAMIC_TOKENS_CHUNK = 4096
 
@@ -129,7 +131,8 @@ def linear_softmax_cross_entropy(
         ignore_class: Optional int; tokens with this label get loss 0 and
             gradient 0 (padding).
         chunk_size: Optional int, the number of classes per chunk. Default:
-            about 2^24 logits per chunk (a power of two), at most `V`.
+            about 2^24 logits, and at most as many kernel entries, per
+            chunk (a power of two), at most `V`.
         sample_weight: Optional float tensor shaped as `labels`: per-token
             weights that multiply the loss (not differentiated).
         reduction: None (the per-token loss), `"sum"` (the sum of the
@@ -223,7 +226,7 @@ def linear_sparse(
     flat = [-1]
     masks = [None if t is None else tf.reshape(t, flat) for t in (in_range, ignored)]
     flat_hidden = tf.reshape(hidden, [-1, kernel.shape[0]])
-    size = _chunk_columns(chunk_size, flat_hidden.shape[0], num_classes)
+    size = _chunk_columns(chunk_size, *flat_hidden.shape, num_classes)
     if uniform:
         # Imported here: that module builds on this one's loops.
         from keras_bn.ops.linear_cross_entropy_uniform import uniform_fused_loss
@@ -327,10 +330,10 @@ def _checked_labels(labels, hidden):
     return tf.reshape(labels, tf.shape(hidden, out_type=labels.dtype)[:-1])
 
 
-def _chunk_columns(chunk_size, tokens, num_classes):
+def _chunk_columns(chunk_size, tokens, features, num_classes):
     """The static number of classes per chunk (module docstring)."""
     if chunk_size is None:
-        rows = tokens or _DYNAMIC_TOKENS_CHUNK
+        rows = max(tokens or _DYNAMIC_TOKENS_CHUNK, features)
         chunk_size = 2 ** max(7, round(math.log2(max(_CHUNK_ENTRIES // rows, 1))))
     return min(chunk_size, num_classes)
 
@@ -513,16 +516,20 @@ def _backward_loop(labels, hidden, kernel, bias, lse, coefficients, chunks):
 
 
 def _zeros_after(labels, shape, dtype):
-    """Zeros of `shape` made from `labels` (a value, not a constant).
+    """Zeros of `shape` made from `labels` (a value, not a constant), as the
+    initial state of a loop that writes its columns in place.
 
-    The per-token backward pass is also the untaken branch of the fast
-    gradient's `tf.cond`. A loop's constant initial state there was built
-    whether or not the branch ran (a second kernel-sized buffer, 512 MiB at
-    131,072 classes); zeros computed from a tensor the branch receives are
-    built only where it runs.
+    TensorFlow builds a constant `tf.zeros` as a buffer that the first
+    update does not take over (with oneDNN off, a copy of the whole state:
+    512 MiB more at 131,072 classes), and builds it even in the untaken
+    branch of a `tf.cond` (the fast gradient's per-token fallback). Zeros
+    computed from a tensor are updated in place, and built only where their
+    branch runs.
     """
-    zero = tf.cast(tf.reduce_min(labels[:1]) * 0, dtype)
-    return tf.fill(shape, zero)
+    # A float product: Grappler folds an integer `x * 0` into a constant.
+    # (float32 holds any label, and the minimum of no labels, finitely.)
+    zero = tf.cast(tf.reduce_min(labels[:1]), tf.float32) * 0.0
+    return tf.fill(shape, tf.cast(zero, dtype))
 
 
 def _write_columns(target, value, start):

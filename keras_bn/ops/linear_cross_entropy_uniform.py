@@ -25,8 +25,10 @@ plus one pass over `dW` per block. `n` is the power of two for which a
 block holds about four times the logits of a chunk of the per-token path
 (2^26 by default, 256 MiB in float32: 512 tokens for 131,072 classes), at
 most the tokens; the tokens are padded with zero-weight rows to a multiple
-of `n` (a copy of `h`, not of the logits). Chunks of columns hold about
-2^23 entries (or `chunk_size` columns).
+of `n` (a copy of `h`, not of the logits). A chunk of columns holds about
+2^23 entries of the block and at most as many of `dW` (or `chunk_size`
+columns): its update `dW[:, k] + h_t^T g_t[:, k]` is two such temporaries
+where TensorFlow does not fuse the sum into the product (oneDNN off).
 
 The op returns the weighted per-token loss `w loss`. Its backward pass reads
 the upstream gradient `u`: if `u` takes one value `c` on every token that is
@@ -63,8 +65,9 @@ from keras_bn.ops.linear_cross_entropy import _forward_loop
 from keras_bn.ops.linear_cross_entropy import _mask
 from keras_bn.ops.linear_cross_entropy import _safe_labels
 from keras_bn.ops.linear_cross_entropy import _write_columns
+from keras_bn.ops.linear_cross_entropy import _zeros_after
 
-# Entries of one chunk of columns within a block of tokens (32 MiB).
+# Entries of one chunk of columns, in the block and in dW (32 MiB each).
 _BLOCK_CHUNK_ENTRIES = 2**23
 
 
@@ -92,9 +95,9 @@ def uniform_fused_loss(
     else:
         wanted = tape_could_record()
     tokens = _token_rows(hidden.shape[0], size, num_classes)
-    # Within a block of tokens, chunks of about 2^23 entries (32 MiB).
+    # Chunks of about 2^23 entries (32 MiB) of the block and of dW.
     columns = chunk_size or 2 ** max(
-        7, (_BLOCK_CHUNK_ENTRIES // tokens).bit_length() - 1
+        7, (_BLOCK_CHUNK_ENTRIES // max(tokens, kernel.shape[0])).bit_length() - 1
     )
     block_chunks = _Chunks(num_classes, min(columns, num_classes))
 
@@ -260,8 +263,8 @@ def _forward_with_gradient(
         arrays([rows]),
         arrays([rows]),
         arrays([rows, features]),
-        tf.zeros([features, num_classes], dtype),
-        None if b is None else tf.zeros([num_classes], dtype),
+        _zeros_after(labels, [features, num_classes], dtype),
+        None if b is None else _zeros_after(labels, [num_classes], dtype),
     )
     if b is None:
         state = state[:5]
