@@ -50,5 +50,7 @@ def test_unbiased_and_biased_variances_convert(rng, count):
         tf.constant(x.var()), tf.constant(5.0, tf.float64)
     )
     np.testing.assert_allclose(unbiased, x.var(ddof=1), rtol=1e-12)
-    _, empty, _ = statistics.from_unbiased(1.0, 2.0, tf.constant(0, tf.int64))
-    assert float(empty) == 0
+    # No position: the kernel's mean and variance are not statistics of
+    # anything; both are 0 (as for `moments` with an empty mask).
+    mean, empty, _ = statistics.from_unbiased(1.0, 2.0, tf.constant(0, tf.int64))
+    assert float(mean) == 0 and float(empty) == 0
