@@ -1,81 +1,38 @@
 """Peak memory of one training step of `linear_softmax_cross_entropy`.
 
-Each configuration runs in its own process, which resets the resident-set
-high-water mark (`/proc/self/clear_refs`, Linux) after making its inputs
-and reports how far one `tf.function` step (the loss and its gradients to
-the features, kernel and bias) raised it. The bounds are the designs'
-budgets with room for the allocator's slack, far below what the failures
-they guard against would take.
+Each configuration runs in its own process, as the benchmark measures it
+(`benchmarks/linear_cross_entropy.py`'s worker): the resident-set
+high-water mark (`/proc/self/clear_refs`, Linux) is reset after the inputs
+are made, and one `tf.function` step (the loss and its gradients to the
+features, kernel and bias) raises it. The heads are the benchmark's: `fused`
+averages the per-token loss outside the op, `fused_reduced` asks the op for
+`reduction="mean"` (the fast gradient). The bounds are the designs' budgets
+with room for the allocator's slack, far below what the failures they
+guard against would take.
 """
 
-import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
-import keras_bn
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
 
-STEP = r"""
-import ctypes, gc, json, sys
-import tensorflow as tf
-import keras_bn
-
-tokens, features, classes, reduction = sys.argv[1:5]
-tokens, features, classes = int(tokens), int(features), int(classes)
-reduction = None if reduction == "none" else reduction
-h = tf.random.stateless_normal([tokens, features], seed=[0, 1])
-w = tf.random.stateless_normal([features, classes], seed=[0, 2], stddev=0.03)
-b = tf.zeros([classes])
-labels = tf.random.stateless_uniform(
-    [tokens], [0, 3], maxval=classes, dtype=tf.int32
-)
-
-@tf.function
-def step(labels, h, w, b):
-    with tf.GradientTape() as tape:
-        tape.watch([h, w, b])
-        loss = keras_bn.ops.linear_softmax_cross_entropy(
-            labels, h, w, b, reduction=reduction
-        )
-        loss = tf.reduce_mean(loss) if reduction is None else loss
-    grads = tape.gradient(loss, [h, w, b])
-    return [loss] + [tf.reduce_sum(g) for g in grads]
-
-def status(field):
-    with open("/proc/self/status") as lines:
-        for line in lines:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")
-baseline = status("VmRSS")
-outputs = step(labels, h, w, b)
-assert all(bool(tf.math.is_finite(o)) for o in outputs)
-print(json.dumps(status("VmHWM") - baseline))
-"""
+import linear_cross_entropy as benchmark  # noqa: E402
 
 MIB = 2**20
 
 
-def _peak_above_inputs(tokens, features, classes, reduction):
-    root = pathlib.Path(keras_bn.__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(
-        [sys.executable, "-c", STEP, str(tokens), str(features), str(classes)]
-        + [str(reduction).lower()],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+def _peak_above_inputs(tokens, features, classes, head):
+    result = benchmark.run_one(
+        head, tokens, features, classes, weighted=False, repeats=0, chunk_size=None
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in result, result
+    # Not a lower bound from `ru_maxrss`: the reset must have worked.
+    assert result["peak_method"] == "VmHWM", result
+    return result["peak_above_inputs_bytes"]
 
 
 needs_clear_refs = pytest.mark.skipif(
@@ -86,16 +43,16 @@ needs_clear_refs = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_clear_refs
-@pytest.mark.parametrize("reduction", [None, "mean"])
-def test_the_logits_are_never_held(reduction):
+@pytest.mark.parametrize("head", ["fused", "fused_reduced"])
+def test_the_logits_are_never_held(head):
     # 4,096 tokens x 65,536 classes: the logits are 1 GiB in float32, the
     # kernel's gradient 64 MiB. Each path holds the kernel's gradient and a
-    # few chunks (the fast gradient a 256 MiB block of tokens): 371 and 400
-    # MiB measured with oneDNN on, 374 and 532 off. With the logits in one
+    # few chunks (the fast gradient a 256 MiB block of tokens): 352 and 434
+    # MiB measured with oneDNN on, 369 and 541 off. With the logits in one
     # chunk: 3.5 and 1.1 GiB.
     tokens, features, classes = 4096, 256, 65536
     logits = tokens * classes * 4
-    peak = _peak_above_inputs(tokens, features, classes, reduction)
+    peak = _peak_above_inputs(tokens, features, classes, head)
     assert peak < logits * 3 // 4, f"{peak / MIB:.0f} MiB"
 
 
@@ -104,11 +61,12 @@ def test_the_logits_are_never_held(reduction):
 def test_the_fast_gradient_holds_one_kernel_sized_tensor():
     # A 512 MiB kernel, 256 tokens: the fast gradient's step holds the
     # kernel's gradient (512 MiB), a 32 MiB block and a few 32 MiB chunks of
-    # the kernel's gradient: 577 MiB measured with oneDNN on, 781 off
-    # (where the chunks' updates are not fused). Its per-token fallback, the
-    # untaken branch of a `tf.cond`, once built its own kernel-sized zeros
-    # anyway: 1.6 GiB.
+    # the kernel's gradient: 789 MiB measured with oneDNN off (where the
+    # chunks' updates are not fused); 164 MiB with oneDNN on, whose
+    # allocator reuses pages it kept from making the inputs. Its per-token
+    # fallback, the untaken branch of a `tf.cond`, once built its own
+    # kernel-sized zeros anyway: 2,078 and 1,154 MiB.
     tokens, features, classes = 256, 2048, 65536
     kernel = features * classes * 4
-    peak = _peak_above_inputs(tokens, features, classes, "mean")
+    peak = _peak_above_inputs(tokens, features, classes, "fused_reduced")
     assert peak < kernel * 7 // 4, f"{peak / MIB:.0f} MiB"
