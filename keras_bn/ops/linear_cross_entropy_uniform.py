@@ -15,20 +15,28 @@ vocabulary, so the chunks here are chunks of tokens, with every class:
     dh_t = g_t W^T,  db += sum_n g_t,  dW += h_t^T g_t
 
 with `w` the per-token weights (1 by default, 0 for `ignore_class`). A
-block of `n` tokens is one product `h_t W` into one `[n, V]` buffer; its
-logsumexp and then its gradient are formed a chunk of columns at a time,
-each chunk of `g_t` written over the logits it came from (in place) and
-added to its columns of `dW` and `db` (`dW[:, k] += h_t^T g_t[:, k]`, no
-kernel-sized temporary); then `dh_t = g_t W^T`. So a step holds `dW`, `dh`,
-the block and a few chunks, and costs three products of the size of `h W`,
-plus one pass over `dW` per block. `n` is the power of two for which a
+block of `n` tokens is one product `h_t W` into one `[n, V]` buffer.
+TensorFlow's fused `SparseSoftmaxCrossEntropyWithLogits` kernel turns it
+into `lse - x_y` and `p - onehot(y)` in one pass, written over the logits
+(label smoothing then subtracts `s / V` and adds `s` at the label). The
+weights scale rows of the products' small operands, not the block:
+
+    dh_t = w (g' W^T),   dW += (w h_t)^T g',   db += w^T g'
+
+with `g'` the unweighted gradient. When all tokens fit one block, `dW` and
+`db` are whole products, as in the dense path; otherwise they are added a
+chunk of columns at a time (`dW[:, k] += (w h_t)^T g'[:, k]`, no
+kernel-sized temporary). So a step holds `dW`, `dh`, the block and a
+chunk, and costs three products of the size of `h W`, plus one pass over
+`dW` per block when there are several. `n` is the power of two for which a
 block holds about four times the logits of a chunk of the per-token path
 (2^26 by default, 256 MiB in float32: 512 tokens for 131,072 classes), at
 most the tokens; the tokens are padded with zero-weight rows to a multiple
 of `n` (a copy of `h`, not of the logits). A chunk of columns holds about
 2^23 entries of the block and at most as many of `dW` (or `chunk_size`
-columns): its update `dW[:, k] + h_t^T g_t[:, k]` is two such temporaries
-where TensorFlow does not fuse the sum into the product (oneDNN off).
+columns): its update `dW[:, k] + (w h_t)^T g'[:, k]` is two such
+temporaries where TensorFlow does not fuse the sum into the product
+(oneDNN off).
 
 The op returns the weighted per-token loss `w loss`. Its backward pass reads
 the upstream gradient `u`: if `u` takes one value `c` on every token that is
@@ -225,6 +233,16 @@ def _forward_with_gradient(
     h = tf.cast(hidden, dtype)
     w = tf.cast(kernel, dtype)  # a copy only for float16/bfloat16
     b = None if bias is None else tf.cast(bias, dtype)
+    if hidden.shape[0] is not None and hidden.shape[0] <= rows:
+        # One block: the kernel's and the bias's gradients are whole products.
+        loss, lse, g = _block(h, labels, w, b, smoothing)
+        grads = (
+            tf.matmul(g, w, transpose_b=True) * weights[:, None],
+            tf.matmul(h * weights[:, None], g, transpose_a=True),
+        )
+        if b is not None:
+            grads += (tf.linalg.matvec(g, weights, transpose_a=True),)
+        return loss * weights, lse, grads
     tokens = tf.shape(h)[0]
     pad = tf.math.floormod(-tokens, rows)
     h_padded = tf.pad(h, [[0, pad], [0, 0]])
@@ -235,23 +253,13 @@ def _forward_with_gradient(
     def body(t, loss, lse, dh, dkernel, dbias):
         start = t * rows
         h_t = tf.slice(h_padded, [start, 0], [rows, features])
-        y_t = tf.slice(labels_padded, [start], [rows])
         w_t = tf.slice(weights_padded, [start], [rows])
-        logits = tf.matmul(h_t, w)
-        if b is not None:
-            logits += b
-        picked = tf.gather(logits, y_t[:, None], batch_dims=1)[:, 0]
-        loss_t = -(1.0 - smoothing) * picked
-        if smoothing:
-            loss_t -= (smoothing / num_classes) * tf.reduce_sum(logits, axis=1)
-        top = tf.reduce_max(logits, axis=1)
-        lse_t = top + tf.math.log(_sum_exp(logits, top, chunks))
-        coefficients = (w_t, y_t, lse_t, smoothing)
-        g, dkernel, dbias = _gradient_columns(
-            logits, h_t, coefficients, dkernel, dbias, chunks
+        loss_t, lse_t, g = _block(
+            h_t, tf.slice(labels_padded, [start], [rows]), w, b, smoothing
         )
-        dh = dh.write(t, tf.matmul(g, w, transpose_b=True))
-        loss = loss.write(t, (loss_t + lse_t) * w_t)
+        dkernel, dbias = _add_columns(g, h_t, w_t, dkernel, dbias, chunks)
+        dh = dh.write(t, tf.matmul(g, w, transpose_b=True) * w_t[:, None])
+        loss = loss.write(t, loss_t * w_t)
         lse = lse.write(t, lse_t)
         return t + 1, loss, lse, dh, dkernel, dbias
 
@@ -280,6 +288,32 @@ def _forward_with_gradient(
     return loss[:tokens], lse[:tokens], grads
 
 
+def _block(h, labels, w, b, smoothing):
+    """`(loss, lse, g)` of a block of tokens with all classes, unweighted:
+    `g = p - s / V - (1 - s) onehot(y)`. TensorFlow's fused sparse
+    cross-entropy kernel forms the loss and `p - onehot(y)` in one pass over
+    the logits and writes the gradient over them."""
+    logits = tf.matmul(h, w)
+    if b is not None:
+        logits += b
+    picked = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    if smoothing:
+        row_mean = tf.reduce_mean(logits, axis=1)
+    loss, g = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+        features=logits, labels=labels
+    )
+    lse = loss + picked
+    if smoothing:
+        # lse - (1 - s) x_y - s mean(x) and its gradient, from s = 0's.
+        loss += smoothing * (picked - row_mean)
+        g -= smoothing / w.shape[1]
+        at = tf.stack([tf.range(tf.shape(labels)[0]), labels], axis=1)
+        g = tf.tensor_scatter_nd_add(
+            g, at, tf.fill(tf.shape(labels), tf.constant(smoothing, g.dtype))
+        )
+    return loss, lse, g
+
+
 def _loop(count, body, state):
     return tf.while_loop(
         lambda k, *_: k < count,
@@ -290,63 +324,34 @@ def _loop(count, body, state):
     )
 
 
-def _sum_exp(logits, top, chunks):
-    """`sum_j exp(logits_j - top)` per row, a chunk of columns at a time (no
-    second block-sized tensor)."""
+def _add_columns(g, h_t, w_t, dkernel, dbias, chunks):
+    """`(dkernel + (w_t h_t)^T g, dbias + w_t^T g)`, a chunk of columns at a
+    time, in place: no kernel-sized temporary. Columns an earlier chunk
+    covered add nothing again."""
+    rows, features = h_t.shape
+    weighted = h_t * w_t[:, None]
 
-    def body(k, total):
+    def body(k, dkernel, dbias):
         start = chunks.start(k)
-        x = tf.slice(logits, [0, start], [tf.shape(logits)[0], chunks.size])
-        e = tf.exp(x - top[:, None])
+        g_k = tf.slice(g, [0, start], [rows, chunks.size])
         fresh = chunks.fresh(k, start)
         if fresh is not None:
-            e = tf.where(fresh, e, tf.zeros([], e.dtype))
-        return k + 1, total + tf.reduce_sum(e, axis=1)
-
-    zeros = tf.zeros_like(top)
-    return _loop(chunks.count, body, (tf.constant(0), zeros))[1]
-
-
-def _gradient_columns(logits, h_t, coefficients, dkernel, dbias, chunks):
-    """`(g, dkernel + h_t^T g, dbias + sum_n g)` for the block's logits, a
-    chunk of columns at a time: `g` overwrites `logits` in place, and no
-    kernel-sized temporary exists. Columns an earlier chunk covered keep
-    their `g` and add nothing again."""
-    w_t, y_t, lse_t, smoothing = coefficients
-    rows, num_classes = logits.shape[0], dkernel.shape[1]
-
-    def body(k, g_all, dkernel, dbias):
-        start = chunks.start(k)
-        x = tf.slice(g_all, [0, start], [rows, chunks.size])
-        g = tf.exp(x - lse_t[:, None]) * w_t[:, None]
-        if smoothing:
-            g -= (w_t * (smoothing / num_classes))[:, None]
-        # The label's column, where this chunk holds it: one entry per row.
-        local = y_t - start
-        hit = tf.logical_and(local >= 0, local < chunks.size)
-        on_label = tf.where(hit, w_t * (1.0 - smoothing), tf.zeros([], g.dtype))
-        at = tf.stack([tf.range(rows), tf.clip_by_value(local, 0, chunks.size - 1)], 1)
-        g = tf.tensor_scatter_nd_sub(g, at, on_label)
-        fresh = chunks.fresh(k, start)
-        if fresh is not None:
-            g_all = _write_columns(g_all, tf.where(fresh, g, x), start)
-            g = tf.where(fresh, g, tf.zeros([], g.dtype))
-        else:
-            g_all = _write_columns(g_all, g, start)
-        old = tf.slice(dkernel, [0, start], [dkernel.shape[0], chunks.size])
+            g_k = tf.where(fresh, g_k, tf.zeros([], g_k.dtype))
+        old = tf.slice(dkernel, [0, start], [features, chunks.size])
         dkernel = _write_columns(
-            dkernel, old + tf.matmul(h_t, g, transpose_a=True), start
+            dkernel, old + tf.matmul(weighted, g_k, transpose_a=True), start
         )
         if dbias is not None:
             old = tf.slice(dbias, [start], [chunks.size])
-            dbias = _write_columns(dbias, old + tf.reduce_sum(g, axis=0), start)
-        return k + 1, g_all, dkernel, dbias
+            new = old + tf.linalg.matvec(g_k, w_t, transpose_a=True)
+            dbias = _write_columns(dbias, new, start)
+        return k + 1, dkernel, dbias
 
-    state = (tf.constant(0), logits, dkernel, dbias)
+    state = (tf.constant(0), dkernel, dbias)
     if dbias is None:
-        state = state[:3]
-        loop_body = lambda *s: body(*s, None)[:3]  # noqa: E731
+        state = state[:2]
+        loop_body = lambda *s: body(*s, None)[:2]  # noqa: E731
     else:
         loop_body = body
     result = _loop(chunks.count, loop_body, state)
-    return result[1], result[2], result[3] if dbias is not None else None
+    return result[1], result[2] if dbias is not None else None
