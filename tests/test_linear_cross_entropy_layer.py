@@ -90,9 +90,9 @@ def test_fit_takes_the_fast_gradient(rng, jit_compile, options, weighted, monkey
     input) averages with one weight per token: the gradient formed in the
     forward pass serves it (the per-token backward pass is replaced by NaNs
     here), and the steps equal Keras's dense head with `sample_weight`."""
-    from keras_bn.ops import linear_cross_entropy_uniform
+    from keras_bn.ops import linear_cross_entropy
 
-    monkeypatch.setattr(linear_cross_entropy_uniform, "_backward_loop", _nan_backward)
+    monkeypatch.setattr(linear_cross_entropy, "_backward_loop", _nan_backward)
     x, y, w = data(rng, pad=options.get("ignore_class"))
     if not weighted:
         w = np.ones_like(w)

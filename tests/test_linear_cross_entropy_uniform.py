@@ -11,6 +11,7 @@ from test_linear_cross_entropy import assert_rounded_once
 from test_linear_cross_entropy import dense_reference
 from test_linear_cross_entropy import problem
 
+from keras_bn.ops import linear_cross_entropy as linear_module
 from keras_bn.ops import linear_cross_entropy_uniform as uniform_module
 from keras_bn.ops import linear_softmax_cross_entropy
 from keras_bn.ops.linear_cross_entropy import linear_sparse
@@ -121,7 +122,7 @@ def test_uniform_upstream_takes_the_saved_gradients(mode, monkeypatch):
     labels = with_padding(labels, [3, 4], 0)
     inputs = [hidden, kernel, bias]
     want = grads_of(lambda *a: dense_reduced(labels, None, "mean", 0.1, 0, *a), inputs)
-    monkeypatch.setattr(uniform_module, "_backward_loop", _nan_backward)
+    monkeypatch.setattr(linear_module, "_backward_loop", _nan_backward)
 
     def fused(*inputs):
         return linear_softmax_cross_entropy(

@@ -227,30 +227,18 @@ def linear_sparse(
     masks = [None if t is None else tf.reshape(t, flat) for t in (in_range, ignored)]
     flat_hidden = tf.reshape(hidden, [-1, kernel.shape[0]])
     size = _chunk_columns(chunk_size, *flat_hidden.shape, num_classes)
-    if uniform:
-        # Imported here: that module builds on this one's loops.
-        from keras_bn.ops.linear_cross_entropy_uniform import uniform_fused_loss
-
-        flat_weights = None if weights is None else tf.reshape(weights, flat)
-        loss = uniform_fused_loss(
-            tf.reshape(labels, flat),
-            masks,
-            flat_hidden,
-            kernel,
-            bias,
-            flat_weights,
-            smoothing,
-            size,
-            chunk_size,
-        )
-        return tf.reshape(loss, tf.shape(labels))
+    flat_weights = None if weights is None else tf.reshape(weights, flat)
     loss = _fused_loss(
-        tf.reshape(labels, flat), masks, flat_hidden, kernel, bias, smoothing, size
+        tf.reshape(labels, flat),
+        masks,
+        flat_hidden,
+        kernel,
+        bias,
+        flat_weights,
+        smoothing,
+        (size, chunk_size, uniform),
     )
-    loss = tf.reshape(loss, tf.shape(labels))
-    if weights is not None:
-        loss *= tf.cast(tf.stop_gradient(weights), loss.dtype)
-    return loss
+    return tf.reshape(loss, tf.shape(labels))
 
 
 def _checked_weights(sample_weight, labels, hidden):
@@ -375,41 +363,80 @@ def _safe_labels(labels, in_range):
     return tf.where(in_range, labels, tf.zeros([], tf.int32))
 
 
-def _fused_loss(labels, masks, hidden, kernel, bias, smoothing, size):
-    """The op on a flat `[N, D]` `hidden` and flat labels and masks."""
+def _fused_loss(labels, masks, hidden, kernel, bias, weights, smoothing, sizes):
+    """`weights * loss` per token of a flat `[N, D]` `hidden`, with flat
+    labels, masks and weights (None or float `[N]`, not differentiated).
+
+    `sizes` is `(classes per chunk, the caller's chunk_size, uniform)`. With
+    `uniform`, the gradients are formed in the forward pass where one can be
+    asked for, and an upstream gradient that is one value per token scales
+    them (`linear_cross_entropy_uniform.py`); any other takes the per-token
+    backward pass.
+    """
+    # Imported here: that module builds on this one's loops.
+    from keras_bn.ops import linear_cross_entropy_uniform as fast
+
+    size, chunk_size, uniform = sizes
     in_range, ignored = masks
     dtype = compute_dtype(hidden.dtype)
     num_classes = kernel.shape[1]
     chunks = _Chunks(num_classes, size)
     labels = _safe_labels(labels, in_range)
+    if weights is not None:
+        weights = tf.cast(tf.stop_gradient(weights), dtype)
     has_bias = bias is not None
+    inputs = (hidden, kernel) + ((bias,) if has_bias else ())
+    uniform = uniform and fast.gradient_wanted(inputs)
 
     def forward(hidden, kernel, *maybe_bias):
+        bias = maybe_bias[0] if has_bias else None
+        if uniform:
+            ones = tf.ones(tf.shape(labels), dtype)
+            loss, lse, grads = fast.forward_with_gradient(
+                labels,
+                hidden,
+                kernel,
+                bias,
+                _mask(ones if weights is None else weights, in_range, ignored),
+                smoothing,
+                size,
+                chunk_size,
+            )
+            return (_mask(loss, in_range, ignored),), (lse,), grads
         lse, picked, row_sum = _forward_loop(
-            labels, hidden, kernel, maybe_bias[0] if has_bias else None, chunks, dtype
+            labels, hidden, kernel, bias, chunks, dtype
         )
         loss = lse - (1.0 - smoothing) * picked
         if smoothing:
             loss -= (smoothing / num_classes) * row_sum
-        return (_mask(loss, in_range, ignored),), (lse,), None
+        loss = _mask(loss, in_range, ignored)
+        return (loss if weights is None else loss * weights,), (lse,), None
 
     def backward(context, upstream, hidden_upstream):
         hidden, kernel = context.inputs[:2]
         (lse,) = context.hidden
-        u = _mask(tf.cast(upstream[0], dtype), in_range, ignored)
+        raw = tf.cast(upstream[0], dtype)
+        u = _mask(raw, in_range, ignored)
+        if weights is not None:
+            u *= weights
         v = hidden_upstream[0]
         on_p = u + tf.cast(v, dtype) if context.live(v) else u
-        return _backward_loop(
-            labels,
-            hidden,
-            kernel,
-            context.inputs[2] if has_bias else None,
-            lse,
-            (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u),
-            chunks,
-        )
 
-    inputs = (hidden, kernel) + ((bias,) if has_bias else ())
+        def exact():
+            return _backward_loop(
+                labels,
+                hidden,
+                kernel,
+                context.inputs[2] if has_bias else None,
+                lse,
+                (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u),
+                chunks,
+            )
+
+        if context.saved is None or context.live(v) or context.recording:
+            return exact()
+        return fast.saved_gradients(raw, ignored, context.saved, context.inputs, exact)
+
     return custom_op(forward, backward, *inputs)[0]
 
 

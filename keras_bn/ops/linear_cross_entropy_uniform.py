@@ -64,14 +64,8 @@ import tensorflow as tf
 from keras_bn._internals import NO_GRADIENT
 from keras_bn._internals import gradient_order
 from keras_bn._internals import tape_could_record
-from keras_bn.ops.custom_op import custom_op
-from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
-from keras_bn.ops.linear_cross_entropy import _backward_loop
 from keras_bn.ops.linear_cross_entropy import _Chunks
-from keras_bn.ops.linear_cross_entropy import _forward_loop
-from keras_bn.ops.linear_cross_entropy import _mask
-from keras_bn.ops.linear_cross_entropy import _safe_labels
 from keras_bn.ops.linear_cross_entropy import _write_columns
 from keras_bn.ops.linear_cross_entropy import _zeros_after
 
@@ -79,91 +73,44 @@ from keras_bn.ops.linear_cross_entropy import _zeros_after
 _BLOCK_CHUNK_ENTRIES = 2**23
 
 
-def uniform_fused_loss(
-    labels, masks, hidden, kernel, bias, weights, smoothing, size, chunk_size
-):
-    """`weights * loss` per token on a flat `[N, D]` `hidden`, with the
-    gradient formed in the forward pass for a uniform upstream gradient.
-
-    `weights` is None or a float `[N]` tensor, not differentiated; `masks`
-    and `size` (classes per chunk of the per-token backward pass) as in
-    `linear_cross_entropy`; `chunk_size` the caller's (None: automatic).
-    """
-    in_range, ignored = masks
-    dtype = compute_dtype(hidden.dtype)
-    num_classes = kernel.shape[1]
-    chunks = _Chunks(num_classes, size)
-    labels = _safe_labels(labels, in_range)
-    weights = tf.ones(tf.shape(labels), dtype) if weights is None else weights
-    weights = _mask(tf.cast(tf.stop_gradient(weights), dtype), in_range, ignored)
-    has_bias = bias is not None
-    inputs = (hidden, kernel) + ((bias,) if has_bias else ())
+def gradient_wanted(inputs):
+    """Whether a gradient of `inputs` can be asked for: eagerly, a tape
+    watches them; in a graph, a tape records."""
     if tf.executing_eagerly():
-        wanted = gradient_order(inputs) != NO_GRADIENT
-    else:
-        wanted = tape_could_record()
-    tokens = _token_rows(hidden.shape[0], size, num_classes)
+        return gradient_order(inputs) != NO_GRADIENT
+    return tape_could_record()
+
+
+def forward_with_gradient(
+    labels, hidden, kernel, bias, weights, smoothing, size, chunk_size
+):
+    """`(weights * loss, lse, (dh, dW[, db]))` per token of a flat `[N, D]`
+    `hidden`, in the compute dtype of `weights` (float `[N]`, masked);
+    `size` is the per-token path's chunk of classes, `chunk_size` the
+    caller's (None: automatic)."""
+    num_classes = kernel.shape[1]
+    rows = _token_rows(hidden.shape[0], size, num_classes)
     # Chunks of about 2^23 entries (32 MiB) of the block and of dW.
     columns = chunk_size or 2 ** max(
-        7, (_BLOCK_CHUNK_ENTRIES // max(tokens, kernel.shape[0])).bit_length() - 1
+        7, (_BLOCK_CHUNK_ENTRIES // max(rows, kernel.shape[0])).bit_length() - 1
     )
-    block_chunks = _Chunks(num_classes, min(columns, num_classes))
+    chunks = _Chunks(num_classes, min(columns, num_classes))
+    return _forward_with_gradient(
+        labels, hidden, kernel, bias, weights, smoothing, chunks, rows
+    )
 
-    def forward(hidden, kernel, *maybe_bias):
-        bias = maybe_bias[0] if has_bias else None
-        if not wanted:
-            lse, picked, row_sum = _forward_loop(
-                labels, hidden, kernel, bias, chunks, dtype
-            )
-            loss = lse - (1.0 - smoothing) * picked
-            if smoothing:
-                loss -= (smoothing / num_classes) * row_sum
-            return (weights * _mask(loss, in_range, ignored),), (lse,), None
-        loss, lse, grads = _forward_with_gradient(
-            labels, hidden, kernel, bias, weights, smoothing, block_chunks, tokens
-        )
-        return (_mask(loss, in_range, ignored),), (lse,), grads
 
-    def backward(context, upstream, hidden_upstream):
-        hidden, kernel = context.inputs[:2]
-        (lse,) = context.hidden
-        u = tf.cast(upstream[0], dtype)
-        v = hidden_upstream[0]
-
-        def exact():
-            on_p = u * weights
-            on_p_and_lse = on_p + tf.cast(v, dtype) if context.live(v) else on_p
-            return _backward_loop(
-                labels,
-                hidden,
-                kernel,
-                context.inputs[2] if has_bias else None,
-                lse,
-                (
-                    on_p_and_lse,
-                    (1.0 - smoothing) * on_p,
-                    (smoothing / num_classes) * on_p,
-                ),
-                chunks,
-            )
-
-        saved = context.saved
-        if saved is None or context.live(v) or context.recording:
-            return exact()
-        scale, uniform = _uniform_value(u, ignored)
-        if tf.executing_eagerly():
-            if not bool(uniform):
-                return exact()
-            return _scaled(scale, saved, context.inputs)
-        # Scaled outside the branch: the product can take over the saved
-        # gradient's buffer (one kernel-sized tensor, not two), and the
-        # branch passes it through.
-        fast = _scaled(
-            scale, _refuse_differentiation(saved, context.inputs), context.inputs
-        )
-        return tf.cond(uniform, lambda: fast, exact)
-
-    return custom_op(forward, backward, *inputs)[0]
+def saved_gradients(upstream, ignored, saved, inputs, exact):
+    """The gradients for `upstream` (float `[N]`): the saved ones scaled if
+    `upstream` is one value on every token not `ignored`, else `exact()`."""
+    scale, uniform = _uniform_value(upstream, ignored)
+    if tf.executing_eagerly():
+        return _scaled(scale, saved, inputs) if bool(uniform) else exact()
+    # Scaled outside the branch: the product can take over the saved
+    # gradient's buffer (one kernel-sized tensor, not two), and the branch
+    # passes it through.
+    fast = _scaled(scale, _refuse_differentiation(saved, inputs), inputs)
+    return tf.cond(uniform, lambda: fast, exact)
 
 
 def _scaled(scale, saved, inputs):
