@@ -224,7 +224,8 @@ def sole_input_producers(model):
     config, operations = _plain_config(model)
     nodes = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
     uses = collections.Counter(_keras_histories(list(nodes.values())))
-    uses.update(_output_histories(config["output_layers"]))
+    outputs = keras.tree.flatten(config["output_layers"])  # [name, node, tensor, ...]
+    uses.update(tuple(outputs[i : i + 3]) for i in range(0, len(outputs), 3))
     pairs = []
     for name, layer_nodes in nodes.items():
         inputs = [list(_keras_histories(node)) for node in layer_nodes]
@@ -268,16 +269,3 @@ def _keras_histories(node):
     elif isinstance(node, list | tuple):
         for value in node:
             yield from _keras_histories(value)
-
-
-def _output_histories(outputs):
-    """The triples of `output_layers`: a triple, or a list or dict of them."""
-    if isinstance(outputs, dict):
-        for value in outputs.values():
-            yield from _output_histories(value)
-    elif isinstance(outputs, list | tuple) and outputs:
-        if isinstance(outputs[0], str):
-            yield tuple(outputs)
-        else:
-            for value in outputs:
-                yield from _output_histories(value)

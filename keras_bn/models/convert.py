@@ -111,8 +111,7 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
         visited = set()
         for old, new in pairs:
             copy_state(old, new, visited)
-    warn_lost_classes(
-        models, FUNCTION_NAME, "its class cannot be rebuilt from a graph.", reasons
-    )
+    why = "its class cannot be rebuilt from a graph."
+    warn_lost_classes(models, FUNCTION_NAME, why, reasons)
     copy_trainable_everywhere(models, pairs)
     return converted

@@ -110,11 +110,8 @@ def fold_batch_normalization(model):
         return clone_from_config(layer)
 
     folded, pairs, models = copy_model(model, clone, skip=list(folds.values()))
-    warn_lost_classes(
-        models,
-        FUNCTION_NAME,
-        "a folded model holds other layers than its class builds.",
-    )
+    why = "a folded model holds other layers than its class builds."
+    warn_lost_classes(models, FUNCTION_NAME, why)
     visited = set()
     for old, new in pairs:
         if id(old) in folds:

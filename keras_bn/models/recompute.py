@@ -193,8 +193,7 @@ class Recomputation:
 
     def is_current(self):
         """False once the set of trainable batch-norm layers has changed."""
-        layers = trainable_batch_normalization_layers(self.model)
-        return [id(layer) for layer in layers] == [id(layer) for layer in self.layers]
+        return trainable_batch_normalization_layers(self.model) == self.layers
 
     def _step(self, inputs):
         self.graph(inputs, training=True)

@@ -85,11 +85,10 @@ def _scope(target, overrides, function_name):
     finally:
         _ACTIVE.scope = previous
         for (cls, name), value in saved.items():
-            if value is None:
-                if name in vars(cls):
-                    delattr(cls, name)
-            else:
+            if value is not None:
                 setattr(cls, name, value)
+            elif name in vars(cls):
+                delattr(cls, name)
 
 
 def _active(cls, role):
