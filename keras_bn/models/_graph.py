@@ -1,8 +1,6 @@
-"""Walking and copying Sequential and Functional models, nested ones included.
-
-Only the public Keras API is used: `model.layers`, `Model.get_config()` (whose
-`inbound_nodes` record which layer feeds which), `keras.models.clone_model`
-with its `clone_function` and `call_function` hooks, and `keras.Sequential`.
+"""Walking and copying Sequential and Functional models, nested ones included,
+with the public Keras API only: `model.layers`, `Model.get_config()` (whose
+`inbound_nodes` record which layer feeds which) and `keras.models.clone_model`.
 """
 
 import collections
@@ -15,8 +13,7 @@ from keras_bn.layers import BatchNormalization
 
 
 def exactly_batch_normalization(layer):
-    """Whether `layer` is of Keras's or keras_bn's batch-normalization class
-    itself: a further subclass may compute something else."""
+    """Of exactly Keras's or keras_bn's class: a subclass may compute else."""
     return type(layer) in (keras.layers.BatchNormalization, BatchNormalization)
 
 
@@ -28,29 +25,25 @@ def _functional_class():
 
 
 def is_graph_model(layer):
-    """True for a Sequential or Functional model whose `call` runs its graph.
-
-    A subclass that overrides `call` computes something the graph does not
-    show, so it counts as subclassed.
-    """
+    """A Sequential or Functional model whose `call` runs its graph (one
+    that overrides `call` counts as subclassed)."""
     if isinstance(layer, keras.Sequential):
         return type(layer).call is keras.Sequential.call
     functional = _functional_class()
     return isinstance(layer, functional) and type(layer).call is functional.call
 
 
-def check_graph_model(model, function_name, instead):
-    """Raises unless `model` is a built Sequential or Functional model.
-
-    Args:
-        model: the model passed to a `keras_bn.models` function.
-        function_name: the function's name, for the messages.
-        instead: one sentence on what to do with a subclassed model.
-    """
+def check_model(model, function_name):
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"`{function_name}` takes a keras.Model. Received: model={model!r}"
         )
+
+
+def check_graph_model(model, function_name, instead):
+    """Raises unless `model` is a built Sequential or Functional model;
+    `instead` says what to do with a subclassed one."""
+    check_model(model, function_name)
     if not is_graph_model(model):
         raise ValueError(
             f"`{function_name}` needs a Sequential or Functional model (nested "
@@ -66,13 +59,8 @@ def check_graph_model(model, function_name, instead):
 
 
 def iter_layers(model, descend=is_graph_model):
-    """Yields every layer of a model once, depth first.
-
-    Args:
-        model: a keras.Model.
-        descend: `fn(layer) -> bool`: whether to yield the layers of a nested
-            model (after the model itself). Default: graph models only.
-    """
+    """Yields every layer of a model once, depth first, and those of the
+    nested models for which `descend(layer)` holds after the model itself."""
     seen = set()
 
     def visit(parent):
@@ -101,23 +89,12 @@ HIDDEN_ADVICE = (
 def reachable_batch_normalization(
     model, function_name, instead=HIDDEN_ADVICE, descend=is_graph_model, hidden=None
 ):
-    """The batch-normalization layers of a model; raises if some are hidden.
+    """The `keras.layers.BatchNormalization` layers `iter_layers` reaches.
 
-    A batch-normalization layer inside a custom layer or a subclassed model
-    is invisible to `model.layers`; acting on the others only would silently
-    leave it out. Its variable named `moving_variance` gives it away.
-
-    Args:
-        model: a keras.Model.
-        function_name: for the message.
-        instead: what to do about a hidden layer, for the message.
-        descend: which nested models to walk into (see `iter_layers`).
-        hidden: None to raise for a hidden layer, or `fn(paths)` called
-            with the paths of the hidden layers' `moving_variance`.
-
-    Returns:
-        The `keras.layers.BatchNormalization` layers (keras_bn's and
-        subclasses included), each once.
+    One inside a custom layer or a subclassed model is invisible to
+    `model.layers`, and acting on the others only would silently leave it
+    out: its `moving_variance` gives it away. Then this raises, or calls
+    `hidden(paths)` with the paths of those variables.
     """
     found = [
         layer
@@ -146,24 +123,19 @@ def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
 
     Args:
         model: a built Sequential or Functional model.
-        clone_layer: `fn(layer) -> layer`, called once per operation of the
-            graph that is not a graph model (a layer or a `keras.ops` call;
-            one shared by several nodes is cloned once). It may return the
-            operation itself to share it.
-        skip: layers to cut out of the copy. Each must be called on one
-            tensor, which then takes the place of the layer's output.
-        compile: whether the copy is compiled from the original's compile
-            config (loss, metrics, optimizer settings; a fresh optimizer), as
-            `keras.models.clone_model` does, when the original is compiled.
+        clone_layer: `fn(layer) -> layer`, called once per operation that is
+            not a graph model (a layer or a `keras.ops` call); it may return
+            the operation itself to share it.
+        skip: layers called on one tensor, cut out of the copy.
+        compile: whether a compiled original's copy is compiled from its
+            compile config (a fresh optimizer), as `clone_model` does.
         rebuild: None, or `fn(graph_model) -> model or None`, tried first on
             each graph model of a subclass (a keras-hub `Backbone`): a model
-            of its class, whose state the function has set, or None to copy
-            the graph instead, as a plain Functional or Sequential model.
+            of its class with its state set, or None to copy the graph.
 
     Returns:
-        `(copy, pairs, models)`: the copy (built); the list of `(original,
-        new)` for every call of `clone_layer`, so that the caller can set
-        the new layers' state; and `(original, new, rebuilt)` for every graph
+        `(copy, pairs, models)`: the built copy; `(original, new)` for every
+        call of `clone_layer`; `(original, new, rebuilt)` for every graph
         model, outer models first.
     """
     skip_ids = {id(layer) for layer in skip}
@@ -188,7 +160,9 @@ def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
     def copy(graph_model):
         entry = len(models)
         models.append(None)  # outer models first
-        if rebuild is not None and is_graph_subclass(graph_model):
+        # A subclass's constructor may not take a graph (a keras-hub Backbone).
+        subclass = type(graph_model) not in (_functional_class(), keras.Sequential)
+        if rebuild is not None and subclass:
             rebuilt = rebuild(graph_model)
             if rebuilt is not None:
                 models[entry] = (graph_model, rebuilt, True)
@@ -210,21 +184,9 @@ def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
     return copied, pairs, models
 
 
-def is_graph_subclass(model):
-    """A graph model of a subclass of Functional or Sequential (whose
-    constructor may not take a graph, as a keras-hub `Backbone`'s)."""
-    return type(model) not in (_functional_class(), keras.Sequential)
-
-
 def warn_lost_classes(models, function_name, why, reasons=None):
-    """Warns for each graph model whose copy lost its class.
-
-    Args:
-        models: `copy_model`'s `(original, new, rebuilt)` triples.
-        function_name: for the message.
-        why: the reason, a sentence.
-        reasons: optional `{id(original): sentence}` that replaces `why`.
-    """
+    """Warns for each of `copy_model`'s `models` whose copy lost its class,
+    for the reason `why` or `reasons[id(original)]`."""
     for old, new, _ in models:
         if type(new) is not type(old):
             reason = (reasons or {}).get(id(old), why)
@@ -252,44 +214,32 @@ def clone_from_config(layer, **changes):
 
 
 def sole_input_producers(model):
-    """The `(producer, consumer)` pairs of one graph model where the consumer
-    is called once on a single tensor that comes from a call of the
-    producer and goes nowhere else (no other layer, no model output), and
-    the producer is called once in this graph. In a Sequential model, each
-    layer and the one before it.
-
-    Calls in other graph models are not counted here: see `operation_uses`.
-    """
+    """The `(producer, consumer)` pairs of one graph model where both are
+    called once here and the consumer on a single tensor that only it takes
+    from the producer (no model output either). In a Sequential model, each
+    layer and the one before it. Calls in other graphs: `operation_uses`."""
     if isinstance(model, keras.Sequential):
         layers = model.layers
         return list(zip(layers[:-1], layers[1:]))
     config, operations = _plain_config(model)
     nodes = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
-    uses = collections.Counter()
-    inputs = {}
-    for name, layer_nodes in nodes.items():
-        for node in layer_nodes:
-            histories = list(_keras_histories(node))
-            uses.update(histories)
-            inputs.setdefault(name, []).append(histories)
-    uses.update(_output_histories(config["output_layers"]))
+    uses = collections.Counter(_keras_histories(list(nodes.values())))
+    outputs = keras.tree.flatten(config["output_layers"])  # [name, node, tensor, ...]
+    uses.update(tuple(outputs[i : i + 3]) for i in range(0, len(outputs), 3))
     pairs = []
-    for name, calls in inputs.items():
-        if len(calls) != 1 or len(calls[0]) != 1:
+    for name, layer_nodes in nodes.items():
+        inputs = [list(_keras_histories(node)) for node in layer_nodes]
+        if len(inputs) != 1 or len(inputs[0]) != 1:
             continue
-        producer, node_index, tensor_index = calls[0][0]
-        if len(nodes.get(producer, ())) == 1 and uses[calls[0][0]] == 1:
-            pairs.append((operations[producer], operations[name]))
+        history = inputs[0][0]  # (producer, node index, tensor index)
+        if len(nodes.get(history[0], ())) == 1 and uses[history] == 1:
+            pairs.append((operations[history[0]], operations[name]))
     return pairs
 
 
 def operation_uses(model):
-    """`{id(operation): calls}` over every graph model in `model`.
-
-    A layer called in a nested model and in the outer graph, or twice in a
-    Sequential model, counts each call. A nested model called several times
-    counts once for the layers in it (each call runs the same graph).
-    """
+    """`{id(operation): calls}` over every graph model in `model`; a nested
+    model called several times counts once (each call runs the same graph)."""
     uses = collections.Counter()
     for graph in graph_models(model):
         if isinstance(graph, keras.Sequential):
@@ -302,9 +252,8 @@ def operation_uses(model):
 
 
 def _plain_config(model):
-    """The graph config of a Functional model (of a subclass too, whose own
-    `get_config` may hold its constructor's arguments instead), and its
-    operations by name."""
+    """The graph config of a Functional model (a subclass's `get_config` may
+    hold its constructor's arguments), and its operations by name."""
     view = keras.Model(model.inputs, model.outputs, name=model.name)
     return view.get_config(), {op.name: op for op in view.operations}
 
@@ -320,16 +269,3 @@ def _keras_histories(node):
     elif isinstance(node, list | tuple):
         for value in node:
             yield from _keras_histories(value)
-
-
-def _output_histories(outputs):
-    """The triples of `output_layers`: a triple, or a list or dict of them."""
-    if isinstance(outputs, dict):
-        for value in outputs.values():
-            yield from _output_histories(value)
-    elif isinstance(outputs, list | tuple) and outputs:
-        if isinstance(outputs[0], str):
-            yield tuple(outputs)
-        else:
-            for value in outputs:
-                yield from _output_histories(value)

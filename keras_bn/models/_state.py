@@ -1,11 +1,8 @@
 """Copying a layer's whole state into its copy, through Keras's saving hooks.
 
 A layer's state is what `model.save()` writes for it: its own variables
-(`save_own_variables`, which a layer may override: an adapted
-`Normalization`'s statistics, a lookup layer's idf weights), its assets
-(`save_assets`: a lookup layer's adapted vocabulary), the same for every
-layer it holds, and `trainable`. Copying through the same hooks carries what
-a `.keras` file would, with no list of special cases.
+(`save_own_variables`), its assets (`save_assets`), the same for every layer
+it holds, and `trainable`. See docs/models.md, "What a copy carries".
 """
 
 import tempfile
@@ -17,12 +14,8 @@ from keras_bn.models._graph import exactly_batch_normalization
 
 
 def child_layers(layer):
-    """The layers `layer` holds directly, each once, in a fixed order.
-
-    A model's `layers` first, then the layers in its attributes (alone, or
-    in lists, tuples and dicts), by attribute name, as Keras's saving walks
-    them.
-    """
+    """The layers `layer` holds directly, each once: a model's `layers`, then
+    those in its attributes (alone, or in lists, tuples and dicts) by name."""
     found, seen = [], {id(layer)}
 
     def add(value):
@@ -47,40 +40,18 @@ class StructureMismatch(ValueError):
     """The copy does not hold the same layers as the original."""
 
 
-def copy_state(old, new, copy_batch_normalization, visited=None):
-    """Copies the state of `old` and of every layer in it into `new`.
-
-    Args:
-        old: the original layer (or model).
-        new: its copy, with the same structure: the same classes (a
-            batch-normalization layer may change class) and names.
-        copy_batch_normalization: `fn(old, new)` for a pair of batch
-            normalization layers of exactly Keras's or keras_bn's class.
-        visited: ids of original layers already copied (shared layers are
-            copied once).
+def layer_pairs(old, new, visited):
+    """`(old, new)` for `old` and every layer in it not in `visited` (ids),
+    parents first.
 
     Raises:
-        StructureMismatch: where the two differ (nothing is rolled back; the
-            caller drops the copy).
+        StructureMismatch: where their sublayers differ (nothing is rolled
+            back; the caller drops the copy).
     """
-    visited = set() if visited is None else visited
     if id(old) in visited or not isinstance(old, keras.layers.Layer):
-        return  # copied already, or an operation without state (`ops.pad`)
+        return  # done already, or an operation without state (`ops.pad`)
     visited.add(id(old))
-    if exactly_batch_normalization(old) and exactly_batch_normalization(new):
-        copy_batch_normalization(old, new)
-    elif type(old) is not type(new):
-        raise StructureMismatch(
-            f"layer {old.name!r} ({type(old).__name__}) was rebuilt as "
-            f"{new.name!r} ({type(new).__name__})"
-        )
-    else:
-        if not isinstance(old, keras.Model) and _config(old) != _config(new):
-            raise StructureMismatch(
-                f"layer {old.name!r} ({type(old).__name__}) was rebuilt with "
-                "another config"
-            )
-        copy_own_state(old, new)
+    yield old, new
     old_children, new_children = child_layers(old), child_layers(new)
     # A layer's sublayers may be named anew (automatic names count instances).
     describe = _kind if not isinstance(old, keras.Model) else _model_layer_kind
@@ -90,40 +61,42 @@ def copy_state(old, new, copy_batch_normalization, visited=None):
             f"its copy {[describe(c) for c in new_children]}"
         )
     for old_child, new_child in zip(old_children, new_children, strict=True):
-        copy_state(old_child, new_child, copy_batch_normalization, visited)
+        yield from layer_pairs(old_child, new_child, visited)
 
 
-def copy_trainable(old, new, visited=None):
-    """Sets `trainable` of `new` and of every layer in it as in `old`.
-
-    Parents first: setting a layer's `trainable` sets its sublayers' too,
-    which then get their own value.
-    """
+def copy_state(original, copy, visited=None):
+    """Copies the state of `original` and of every layer in it into `copy`
+    (see `layer_pairs`); a batch-normalization layer may change class."""
     visited = set() if visited is None else visited
-    if id(old) in visited or not isinstance(old, keras.layers.Layer):
-        return
-    visited.add(id(old))
-    new.trainable = old.trainable
-    for old_child, new_child in zip(child_layers(old), child_layers(new)):
-        copy_trainable(old_child, new_child, visited)
+    for old, new in layer_pairs(original, copy, visited):
+        if exactly_batch_normalization(old) and exactly_batch_normalization(new):
+            copy_batch_normalization_weights(old, new)
+        elif type(old) is not type(new):
+            raise StructureMismatch(
+                f"layer {old.name!r} ({type(old).__name__}) was rebuilt as "
+                f"{new.name!r} ({type(new).__name__})"
+            )
+        elif not isinstance(old, keras.Model) and _config(old) != _config(new):
+            raise StructureMismatch(
+                f"layer {old.name!r} ({type(old).__name__}) was rebuilt with "
+                "another config"
+            )
+        else:
+            copy_own_state(old, new)
 
 
 def copy_trainable_everywhere(models, pairs):
-    """`trainable` of a `copy_model` copy as in the original, parents first.
-
-    Args:
-        models: `copy_model`'s `(original, new, rebuilt)` graph models,
-            outer models first.
-        pairs: its `(original, new)` cloned operations.
-    """
+    """`trainable` of a `copy_model` copy as in the original, parents first
+    (setting a layer's `trainable` sets its sublayers' too), from its
+    `models` (outer models first) and `pairs`."""
     visited = set()
     for old, new, rebuilt in models:
-        if rebuilt:
-            copy_trainable(old, new, visited)
-        else:
+        if not rebuilt:
             new.trainable = old.trainable
-    for old, new in pairs:
-        copy_trainable(old, new, visited)
+    walked = [(old, new) for old, new, rebuilt in models if rebuilt] + pairs
+    for old, new in walked:
+        for old_layer, new_layer in layer_pairs(old, new, visited):
+            new_layer.trainable = old_layer.trainable
 
 
 def _config(layer):
@@ -158,3 +131,28 @@ def _value(value):
     if isinstance(value, keras.Variable):
         return np.array(value.numpy(), copy=True)
     return np.array(value, copy=True) if isinstance(value, np.ndarray) else value
+
+
+def copy_batch_normalization_weights(old, new):
+    """Copies weights by name (dropping those `new` lacks); renorm statistics
+    `old` lacks start consistent, `num_batches_tracked` at 0."""
+    values = {variable.name: variable.numpy() for variable in old.weights}
+    variance = values["moving_variance"].astype("float64")
+    defaults = renorm_statistics(values["moving_mean"], variance, new.epsilon)
+    for variable in new.weights:
+        value = values.get(variable.name, defaults.get(variable.name))
+        if value is None:
+            continue
+        if tuple(np.shape(value)) != tuple(variable.shape):
+            raise ValueError(
+                f"`convert_batch_normalization`: weight {variable.name!r} of layer "
+                f"{old.name!r} has shape {np.shape(value)}, the converted "
+                f"layer's has {tuple(variable.shape)} (an `axis` override?)."
+            )
+        variable.assign(np.asarray(value).astype(variable.dtype))
+
+
+def renorm_statistics(mean, variance, epsilon):
+    """Renorm's statistics consistent with the moving ones, by name."""
+    stddev = np.sqrt(variance + epsilon)
+    return {"moving_stddev": stddev, "renorm_mean": mean, "renorm_stddev": stddev}

@@ -4,14 +4,13 @@ import warnings
 
 import keras
 
+from keras_bn.models._graph import check_model
 from keras_bn.models._graph import reachable_batch_normalization
 
 
 def is_batch_normalization(layer):
-    """Deprecated: use `isinstance(layer, keras.layers.BatchNormalization)`.
-
-    `keras_bn.BatchNormalization` subclasses `keras.layers.BatchNormalization`,
-    so that test finds Keras's layer and keras_bn's alike.
+    """Deprecated: use `isinstance(layer, keras.layers.BatchNormalization)`,
+    which finds keras_bn's layer too (a subclass of Keras's).
 
     Args:
         layer: any object.
@@ -40,10 +39,9 @@ def is_batch_normalization(layer):
 def batch_normalization_layers(model):
     """Every batch-normalization layer of a model, nested models included.
 
-    Walks `model.layers` depth first, through nested models (Sequential,
-    Functional and subclassed ones), and returns the batch-normalization
-    layers (`keras.layers.BatchNormalization`, keras_bn's included), each
-    once, in that order.
+    The `keras.layers.BatchNormalization` layers (keras_bn's included) of
+    `model.layers`, walked depth first through nested models of every kind,
+    each once.
 
     Args:
         model: a `keras.Model`.
@@ -53,8 +51,7 @@ def batch_normalization_layers(model):
 
     Raises:
         ValueError: if the model holds batch-normalization statistics that
-            the walk cannot reach (a layer inside a custom layer): a list
-            without them would silently leave them out.
+            the walk cannot reach (a layer inside a custom layer).
 
     Example:
 
@@ -64,11 +61,7 @@ def batch_normalization_layers(model):
         layer.trainable = False  # frozen BN: inference mode, fixed statistics
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "`batch_normalization_layers` takes a keras.Model. "
-            f"Received: model={model!r}"
-        )
+    check_model(model, "batch_normalization_layers")
     return reachable_batch_normalization(
         model,
         "batch_normalization_layers",

@@ -1,7 +1,5 @@
 """A copy of a model with every batch-normalization layer of one class."""
 
-import numpy as np
-
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
@@ -11,7 +9,6 @@ from keras_bn.models._graph import warn_lost_classes
 from keras_bn.models._state import copy_state
 from keras_bn.models._state import copy_trainable_everywhere
 from keras_bn.models.scope import _scope
-from keras_bn.models.scope import check_overrides
 from keras_bn.models.scope import check_target
 from keras_bn.models.scope import target_arguments
 
@@ -27,50 +24,28 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     """A copy of a model whose batch-normalization layers are all of one class.
 
     Every `keras.layers.BatchNormalization` and `keras_bn.BatchNormalization`
-    layer (of exactly those classes; subclasses are copied as they are) is
-    rebuilt as the class `to` names, from its own config updated with
-    `overrides`, and receives the original's weights. Every other layer is
-    rebuilt from its config with its whole state, copied through Keras's
-    saving hooks (`save_own_variables`, `save_assets`: an adapted
-    `Normalization`'s statistics, a lookup layer's vocabulary), and
-    `trainable` at every level. The copy runs inside
-    `batch_normalization_scope(to, **overrides)`, so batch normalization
-    made inside custom layers converts too. A Functional subclass (a
-    keras-hub `Backbone` or task) is rebuilt from its own config and keeps
-    its class and attributes; where that config does not rebuild the same
-    layers, its graph is copied as a plain Functional model, with a
-    warning. The copy shares nothing with
-    the original; if the original is compiled, so is the copy, from the same
-    compile config (loss, metrics, optimizer settings, with a fresh
-    optimizer), as `keras.models.clone_model` does. As PyTorch's
+    layer (of exactly those classes) is rebuilt as the class `to` names, from
+    its config updated with `overrides`, with the original's weights. Every
+    other layer is rebuilt from its config with its whole state (through
+    Keras's saving hooks) and `trainable`, inside
+    `batch_normalization_scope(to, **overrides)`, so batch normalization made
+    inside custom layers converts too. A Functional subclass (a keras-hub
+    `Backbone`) keeps its class where its config rebuilds it, else becomes a
+    plain Functional model, with a warning. The copy shares nothing with the
+    original and is compiled if the original is (a fresh optimizer), as
+    `keras.models.clone_model` does. As PyTorch's
     `SyncBatchNorm.convert_sync_batchnorm`, but both ways and as a copy.
 
-    Weights are copied by name (`gamma`, `beta`, `moving_mean`,
-    `moving_variance`, and the renorm statistics `moving_stddev`,
-    `renorm_mean`, `renorm_stddev`). A weight the original lacks starts
-    consistent with its statistics: with `renorm=True` added,
-    `moving_stddev = renorm_stddev = sqrt(moving_variance + epsilon)` and
-    `renorm_mean = moving_mean`; with `momentum=None` added,
-    `num_batches_tracked = 0`, so the first training batch replaces the
-    copied averages (run `recompute_statistics` to start from data instead).
-
-    Converting to `"keras"` refuses, with a `ValueError` naming the layer
-    and the option, what Keras's layer cannot express: several feature axes,
-    `momentum=None`, `virtual_batch_size`, and
-    `moving_variance_estimator="unbiased"` (an override can set them to
-    Keras's values). It drops `fused` (Keras picks its own kernels; the
-    math is the same), `virtual_batch_grouping` (without virtual batches)
-    and `skip_nonfinite_updates` (Keras's layer always
-    updates, so a NaN batch then poisons its moving statistics).
-
-    Inference outputs equal the original's up to float32 rounding (the two
-    classes reach the same formula through different kernels); so do
-    training outputs with the same batch.
-
-    A keras-hub `Backbone`'s `.keras` file records its constructor's
-    arguments, so loading the converted copy gives keras_bn's layers back
-    only inside `batch_normalization_scope()` (outside it, Keras's layers
-    with the same weights).
+    A weight the original lacks starts consistent with its statistics: with
+    `renorm=True` added, `moving_stddev = renorm_stddev = sqrt(moving_variance
+    + epsilon)` and `renorm_mean = moving_mean`; with `momentum=None` added,
+    `num_batches_tracked = 0`. Converting to `"keras"` refuses what Keras's
+    layer cannot express (several feature axes, `momentum=None`,
+    `virtual_batch_size`, `moving_variance_estimator="unbiased"`; an override
+    can set Keras's values) and drops `fused`, `virtual_batch_grouping` and
+    `skip_nonfinite_updates`. Outputs equal the original's up to float32
+    rounding, in inference and in training on the same batch. Details, and
+    saving a converted keras-hub model, in docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models,
@@ -98,13 +73,12 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     )
     ```
     """
-    target = check_target(to)
-    check_overrides(target, overrides, FUNCTION_NAME)
+    target = check_target(to, overrides, FUNCTION_NAME)
     check_graph_model(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
     found = reachable_batch_normalization(model, FUNCTION_NAME, hidden=lambda _: None)
     configs = {
         id(layer): target_arguments(
-            layer.get_config(), target, overrides, layer.name, FUNCTION_NAME
+            layer.get_config(), target, overrides, FUNCTION_NAME
         )
         for layer in found
         if exactly_batch_normalization(layer)
@@ -119,7 +93,7 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     def rebuild(graph_model):
         try:
             rebuilt = type(graph_model).from_config(graph_model.get_config())
-            copy_state(graph_model, rebuilt, copy_batch_normalization_weights)
+            copy_state(graph_model, rebuilt)
         except Exception as error:  # a config that does not rebuild the model
             reasons[id(graph_model)] = (
                 f"its config does not rebuild it ({type(error).__name__}: "
@@ -136,35 +110,8 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
         )
         visited = set()
         for old, new in pairs:
-            copy_state(old, new, copy_batch_normalization_weights, visited)
-    warn_lost_classes(
-        models, FUNCTION_NAME, "its class cannot be rebuilt from a graph.", reasons
-    )
+            copy_state(old, new, visited)
+    why = "its class cannot be rebuilt from a graph."
+    warn_lost_classes(models, FUNCTION_NAME, why, reasons)
     copy_trainable_everywhere(models, pairs)
     return converted
-
-
-def copy_batch_normalization_weights(old, new):
-    """Copies weights by name; a renorm statistic `old` lacks starts consistent.
-
-    Weights of `old` that `new` lacks are dropped; `num_batches_tracked`
-    starts at 0 when `old` has none.
-    """
-    values = {variable.name: variable.numpy() for variable in old.weights}
-    stddev = np.sqrt(values["moving_variance"].astype("float64") + new.epsilon)
-    defaults = {
-        "moving_stddev": stddev,
-        "renorm_mean": values["moving_mean"],
-        "renorm_stddev": stddev,
-    }
-    for variable in new.weights:
-        value = values.get(variable.name, defaults.get(variable.name))
-        if value is None:
-            continue
-        if tuple(np.shape(value)) != tuple(variable.shape):
-            raise ValueError(
-                f"`{FUNCTION_NAME}`: weight {variable.name!r} of layer "
-                f"{old.name!r} has shape {np.shape(value)}, the converted "
-                f"layer's has {tuple(variable.shape)} (an `axis` override?)."
-            )
-        variable.assign(np.asarray(value).astype(variable.dtype))

@@ -4,6 +4,7 @@ import warnings
 
 import keras
 import numpy as np
+from keras import layers
 
 from keras_bn.layers import BatchNormalization
 from keras_bn.models._graph import check_graph_model
@@ -17,32 +18,16 @@ from keras_bn.models._graph import sole_input_producers
 from keras_bn.models._graph import warn_lost_classes
 from keras_bn.models._state import copy_state
 from keras_bn.models._state import copy_trainable_everywhere
-from keras_bn.models.convert import copy_batch_normalization_weights
 from keras_bn.models.scope import target_arguments
 from keras_bn.ops import canonicalize_axes
 
 FUNCTION_NAME = "fold_batch_normalization"
 # Exact classes: a subclass may compute something else with the same kernel.
-CONVOLUTIONS = (
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.Conv1DTranspose,
-    keras.layers.Conv2DTranspose,
-    keras.layers.Conv3DTranspose,
-    keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv1D,
-    keras.layers.SeparableConv2D,
-)
-FOLDABLE = (*CONVOLUTIONS, keras.layers.Dense)
-TRANSPOSED = (
-    keras.layers.Conv1DTranspose,
-    keras.layers.Conv2DTranspose,
-    keras.layers.Conv3DTranspose,
-)
-DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+TRANSPOSED = (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
+DEPTHWISE = (layers.DepthwiseConv1D, layers.DepthwiseConv2D)
+SEPARABLE = (layers.SeparableConv1D, layers.SeparableConv2D)
+PLAIN = (layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.Dense)
+FOLDABLE = PLAIN + TRANSPOSED + DEPTHWISE + SEPARABLE
 SUBCLASSED_ADVICE = (
     "For a subclassed model, fold each pair yourself: scale the kernel's "
     "output channels by gamma / sqrt(moving_variance + epsilon) and set the "
@@ -72,38 +57,23 @@ def fold_batch_normalization(model):
     `DepthwiseConv1D/2D` kernels `[..., i, m]`, and the pointwise kernel's
     last axis for `SeparableConv1D/2D` (the depthwise kernel is unchanged).
 
-    A batch-normalization layer (Keras's or keras_bn's, of exactly those
-    classes) folds when
-    - the layer before it is one of those (of exactly that class), called
-      once, with a linear activation (a `Dense` without LoRA or quantization);
-    - neither layer is called anywhere else (shared between a nested model
-      and the outer graph, or repeated in a Sequential model: such a pair
-      stays, with a warning naming the layer);
-    - it is that layer's only consumer, is called once, and normalizes its
-      channel axis (the last one, or axis 1 for `channels_first`);
-    - for `channels_first`, the output's last axis has a known size other
-      than the number of channels: there, Keras 3 (on TensorFlow) adds a
-      convolution's bias along the wrong axis, so the folded layer would be
-      wrong (such a BN stays, with a warning).
-    Any other batch-normalization layer stays unchanged, except that a
-    keras_bn layer with one feature axis becomes a
-    `keras.layers.BatchNormalization` with the same inference (`axis`,
-    `epsilon`, weights), so that the result holds Keras's layers only:
-    it saves to `.keras` and loads where keras_bn is not installed. A
-    keras_bn layer with several feature axes stays keras_bn's, with a
-    warning. The folded layers get `use_bias=True` and keep their names.
+    A BN layer (of exactly Keras's or keras_bn's class) folds when it is the
+    only consumer of such a layer (of exactly that class, with a linear
+    activation; a `Dense` without LoRA or quantization) and normalizes its
+    channel axis. Where either is called more than once (shared or
+    repeated), or a `channels_first` output's last axis may have as many
+    entries as channels (Keras 3 adds the bias along the wrong axis there),
+    the pair stays, with a warning. Other keras_bn layers become
+    `keras.layers.BatchNormalization` with the same inference, so that the
+    copy loads without keras_bn (one with several feature axes stays, with a
+    warning). The folded layers get `use_bias=True` and keep their names.
 
     Predictions equal the original's up to float32 rounding. The copy is for
-    inference: its folded layers no longer have batch normalization to
-    train. It shares nothing with the original and is not compiled (a
-    compiled copy would record the original's loss, perhaps keras_bn's).
-
-    Every other layer is copied with its whole state, through Keras's saving
-    hooks (an adapted `Normalization`, a lookup layer's vocabulary), and
-    `trainable` at every level. A Functional subclass (a keras-hub
-    `Backbone`) comes back as a plain Functional model, with a warning: its
-    class would build the unfolded layers. Batch normalization inside
-    custom layers stays as it is, with a warning.
+    inference, shares nothing with the original, and is not compiled.
+    Every other layer is copied with its whole state and `trainable`. A
+    Functional subclass (a keras-hub `Backbone`) comes back as a plain
+    Functional model, and batch normalization inside custom layers stays,
+    each with a warning. Details in docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models,
@@ -140,21 +110,15 @@ def fold_batch_normalization(model):
         return clone_from_config(layer)
 
     folded, pairs, models = copy_model(model, clone, skip=list(folds.values()))
-    warn_lost_classes(
-        models,
-        FUNCTION_NAME,
-        "a folded model holds other layers than its class builds.",
-    )
+    why = "a folded model holds other layers than its class builds."
+    warn_lost_classes(models, FUNCTION_NAME, why)
     visited = set()
     for old, new in pairs:
         if id(old) in folds:
             set_folded_weights(new, old, folds[id(old)])
             visited.add(id(old))
-        elif kept.get(id(old)) is not None:
-            copy_batch_normalization_weights(old, new)
-            visited.add(id(old))
-        else:
-            copy_state(old, new, copy_batch_normalization_weights, visited)
+        else:  # a kept keras_bn layer too, into Keras's class
+            copy_state(old, new, visited)
     copy_trainable_everywhere(models, pairs)
     return folded
 
@@ -218,12 +182,8 @@ def _can_fold(linear, bn):
 
 
 def folded_kernel_and_bias(linear, bn):
-    """The folded `(kernel, bias)` in float64 (the pointwise kernel if separable).
-
-    Returns:
-        Two NumPy arrays: the kernel with its output channels scaled by
-        `gamma / sqrt(moving_variance + epsilon)`, and the new bias.
-    """
+    """The folded `(kernel, bias)` as float64 NumPy arrays (the pointwise
+    kernel if separable)."""
     mean = np.asarray(bn.moving_mean, "float64")
     variance = np.asarray(bn.moving_variance, "float64")
     gamma = np.asarray(bn.gamma, "float64") if bn.scale else np.ones_like(mean)
@@ -263,13 +223,9 @@ def _keras_inference_config(layer):
         "momentum": 0.99 if layer.momentum is None else layer.momentum,
     }
     try:
-        return target_arguments(
-            layer.get_config(),
-            keras.layers.BatchNormalization,
-            training_only,
-            layer.name,
-            FUNCTION_NAME,
-        )
+        config = layer.get_config()
+        keras_class = keras.layers.BatchNormalization
+        return target_arguments(config, keras_class, training_only, FUNCTION_NAME)
     except ValueError:
         warnings.warn(
             f"`{FUNCTION_NAME}`: layer {layer.name!r} (axis={layer.axis}) does "

@@ -11,6 +11,7 @@ import tensorflow as tf
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import reachable_batch_normalization
+from keras_bn.models._state import renorm_statistics
 from keras_bn.ops import canonicalize_axes
 from keras_bn.ops.checks import check_arrays
 from keras_bn.ops.checks import check_optional_positive_int
@@ -39,17 +40,15 @@ SUBCLASSED_ADVICE = (
 def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto"):
     r"""Sets batch normalization's moving statistics to population statistics.
 
-    The inference step of Ioffe & Szegedy (2015, Algorithm 2, steps 8-11), as
-    PreciseBN and SWA's `update_bn` do: the model runs in training mode over
-    `data`, and each batch-normalization layer's moving statistics become the
-    statistics of its inputs over all of it. Use it when the moving averages
-    belong to other weights: after `keras.optimizers.Adam(use_ema=True)`
-    swaps the averaged weights in at the end of `fit`, after weight averaging
-    (SWA), or when the averages of a short run have not caught up.
-
-    For each layer, with `x_b` its input on batch `b` and `n_b` the number of
-    its positions per feature (examples times spatial positions; unmasked
-    ones only; per virtual batch with `virtual_batch_size`):
+    The inference step of Ioffe & Szegedy (2015, Algorithm 2), as PreciseBN
+    and SWA's `update_bn` do: the model runs in training mode over `data`, as
+    in `fit` (dropout active; layers with `trainable=False` keep their
+    statistics), and each batch-normalization layer's moving statistics
+    become those of its inputs over all of it. Use it when the moving
+    averages belong to other weights (after `Adam(use_ema=True)` or SWA) or
+    have not caught up. With `x_b` a layer's input on batch `b` and `n_b` its
+    unmasked positions per feature (per virtual batch with
+    `virtual_batch_size`):
 
         mean_b = sum(x_b) / n_b
         var_b  = sum((x_b - mean_b)^2) / n_b        ("biased", Keras's)
@@ -58,54 +57,24 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
         moving_mean     = sum_b n_b * mean_b / sum_b n_b
         moving_variance = sum_b n_b * var_b  / sum_b n_b
 
-    with the layer's own `moving_variance_estimator`. `moving_mean` is the
-    mean over every position of every batch; a short last batch weighs less.
-    `var_b` is the variance the layer normalizes with in training, within
-    each batch (or virtual batch). The layer computes them itself, in
-    float32: during the pass it runs its own training update with
-    `momentum=0`, `renorm_momentum=1` (renorm's statistics, on which its
-    training output depends, stay fixed) and `skip_nonfinite_updates=False`,
-    so after each call its moving statistics are that call's. The sums over
-    batches run in float64. (A cumulative average, `momentum=None`, would
-    weigh a short last batch as much as a full one.)
-
-    In training mode every layer behaves as in `fit`: each batch-normalization
-    layer normalizes with its batch statistics, so a later layer's inputs are
-    those of training (Algorithm 2 runs the training network); dropout and
-    noise layers are active. Layers with `trainable=False` normalize with
-    their moving statistics, as in `fit`, and keep them.
-
-    No other weight changes: every variable of the model (including the
-    statistics the layers update themselves during the pass, and seed
-    states) and the layers' arguments are restored, and only then are the
-    new statistics written. With `renorm=True`, `moving_stddev` and
-    `renorm_stddev` become
-    `sqrt(moving_variance + epsilon)` and `renorm_mean` becomes
-    `moving_mean`. With `momentum=None`, `num_batches_tracked` becomes the
-    number of batches the layer saw (per feature), so a cumulative average
-    continues from them. The optimizer is not touched. If anything fails
-    (bad data, a non-finite statistic, an interrupt), nothing changes.
-
-    Under a `tf.distribute` strategy (the model's), each batch of `data` is a
-    global batch and runs whole, in the cross-replica context: the statistics
-    are those of the global batches, equal to a single-device run, and every
-    replica receives them. (Later layers see inputs normalized with
-    global-batch statistics, as with `synchronized=True`.) With
-    `MultiWorkerMirroredStrategy`, give every worker the same data.
+    with the layer's own `moving_variance_estimator`, so a short last batch
+    weighs less (a cumulative average, `momentum=None`, would not). The layer
+    computes `mean_b` and `var_b` itself, by its own training update with
+    `momentum=0` (renorm's statistics held fixed); the sums run in float64.
+    Renorm's statistics and `num_batches_tracked` follow. No other variable,
+    layer argument or optimizer state changes, and a pass that fails changes
+    nothing. Under a `tf.distribute` strategy, each batch is a global batch.
+    Details in docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models
-            included) with `keras.layers.BatchNormalization` or
-            `keras_bn.BatchNormalization` layers.
-        data: a `tf.data.Dataset` of `x` or of `(x, y[, sample_weight])`, a
-            `keras.utils.PyDataset`, or NumPy arrays: `x`, or a tuple
-            `(x, y[, sample_weight])` (a list or dict is a model's several
-            inputs). Labels and sample weights are ignored, as batch
-            statistics ignore them in `fit`.
+            included) with batch-normalization layers of either class.
+        data: a `tf.data.Dataset` of `x` or `(x, y[, sample_weight])`, a
+            `keras.utils.PyDataset`, or NumPy arrays (`x` or such a tuple; a
+            list or dict is several inputs). Labels and weights are ignored.
         steps: None (all of `data`) or the number of batches to use.
-        batch_size: the batch size for arrays, required there (the per-batch
-            variances depend on it: use the training batch size). None for
-            datasets.
+        batch_size: the batch size for arrays, required there (use the
+            training batch size); None for datasets.
         verbose: `"auto"` or 1 (a progress bar), 2 (one line at the end) or
             0 (silent).
 
@@ -134,14 +103,12 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     ```
     """
     verbose = check_verbose(verbose)
-    recomputation = Recomputation(model)
-    return recomputation.run(Batches(data, steps, batch_size), verbose)
+    return Recomputation(model).run(Batches(data, steps, batch_size), verbose)
 
 
 class Batches:
-    """The inputs `x` of the batches of `data` (labels and sample weights
-    dropped), at most `steps` of them; `count` is their number. Every
-    argument is checked here, before any batch is read."""
+    """The inputs `x` of at most `steps` batches of `data`; `count` is their
+    number. Every argument is checked here, before any batch is read."""
 
     def __init__(self, data, steps=None, batch_size=None):
         self.steps = check_optional_positive_int(steps, "steps")
@@ -192,11 +159,10 @@ class Batches:
         elif isinstance(self.data, keras.utils.PyDataset):
             elements = (self.data[index] for index in range(self.count))
         else:
+            size = self.batch_size
             elements = (
-                keras.tree.map_structure(
-                    lambda a, i=start: a[i : i + self.batch_size], self.data
-                )
-                for start in range(0, self.count * self.batch_size, self.batch_size)
+                keras.tree.map_structure(lambda a, i=i: a[i : i + size], self.data)
+                for i in range(0, self.count * size, size)
             )
         for element in itertools.islice(elements, self.count):
             # As in `fit`: a tuple is (x, y[, sample_weight]); a list or a
@@ -205,12 +171,9 @@ class Batches:
 
 
 class Recomputation:
-    """The statistics pass over one model, reusable (the callback keeps one).
-
-    Builds, once, a copy of the model's graph that shares every layer and
-    wraps each recomputed batch-normalization layer in a recorder, and the
-    `tf.function` that runs it on a batch.
-    """
+    """The statistics pass over one model, reusable (the callback keeps one):
+    a copy of its graph that shares every layer and wraps each recomputed
+    layer in a `_Recorder`, run by a `tf.function`."""
 
     def __init__(self, model):
         check_graph_model(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
@@ -230,8 +193,7 @@ class Recomputation:
 
     def is_current(self):
         """False once the set of trainable batch-norm layers has changed."""
-        layers = trainable_batch_normalization_layers(self.model)
-        return [id(layer) for layer in layers] == [id(layer) for layer in self.layers]
+        return trainable_batch_normalization_layers(self.model) == self.layers
 
     def _step(self, inputs):
         self.graph(inputs, training=True)
@@ -293,12 +255,9 @@ def trainable_batch_normalization_layers(model):
 
 
 class _Recorder(keras.layers.Layer):
-    """Calls a batch-normalization layer and adds up its batch statistics.
-
-    Per feature, in float64: the count of positions, the count-weighted sums
-    of the layer's statistics (its moving ones right after its update), and
-    the number of calls that held a position.
-    """
+    """Calls a batch-normalization layer and adds up, per feature in float64,
+    the count of positions, the count-weighted sums of its statistics (its
+    moving ones right after its update) and the calls that held a position."""
 
     def __init__(self, layer):
         super().__init__(name=f"{layer.name}_statistics", dtype=layer.dtype_policy)
@@ -307,39 +266,27 @@ class _Recorder(keras.layers.Layer):
 
     def build(self, input_shape):
         self.feature_axes = canonicalize_axes(self.layer.axis, len(input_shape))
-        shape = tuple(input_shape[a] for a in self.feature_axes)
-        self.sums = [
-            self.add_weight(
-                shape=shape,
-                name=name,
-                initializer="zeros",
-                dtype="float64",
-                trainable=False,
-                autocast=False,
-            )
-            for name in ("count", "mean_sum", "variance_sum", "batches")
-        ]
+        self.sums = self.add_weight(  # count, mean_sum, variance_sum, batches
+            shape=(4, *(input_shape[a] for a in self.feature_axes)),
+            name="sums",
+            initializer="zeros",
+            dtype="float64",
+            trainable=False,
+            autocast=False,
+        )
 
     def reset(self):
-        for variable in self.sums:
-            variable.assign(keras.ops.zeros_like(variable))
+        self.sums.assign(keras.ops.zeros_like(self.sums))
 
     def call(self, inputs, training=None, mask=None):
         outputs = self.layer(inputs, training=training, mask=mask)
         count = _count(inputs, mask, self.feature_axes)
         seen = count > 0  # a feature without a position kept its old values
-        for variable, value in zip(
-            self.sums,
-            (
-                count,
-                tf.where(seen, count * tf.cast(self.layer.moving_mean, "float64"), 0),
-                tf.where(
-                    seen, count * tf.cast(self.layer.moving_variance, "float64"), 0
-                ),
-                tf.cast(seen, "float64"),
-            ),
-        ):
-            variable.assign_add(value)
+        weighted = [
+            tf.where(seen, count * tf.cast(statistic, "float64"), 0)
+            for statistic in (self.layer.moving_mean, self.layer.moving_variance)
+        ]
+        self.sums.assign_add(tf.stack([count, *weighted, tf.cast(seen, "float64")]))
         return outputs
 
     def compute_output_shape(self, input_shape):
@@ -347,25 +294,20 @@ class _Recorder(keras.layers.Layer):
 
     def result(self):
         """`(count, mean, variance, batches)` so far, as NumPy float64 arrays."""
-        count, mean_sum, variance_sum, batches = (v.numpy() for v in self.sums)
+        count, mean_sum, variance_sum, batches = self.sums.numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             return count, mean_sum / count, variance_sum / count, batches
 
 
 def _count(x, mask, feature_axes):
-    """The number of (unmasked) positions per feature, in float64.
-
-    The mask is read as the layers read it: of rank one less than `x`'s,
-    broadcast over a new last axis (Keras's rule); of `x`'s rank, broadcast
-    as it is; or shaped as `x` without its (several) feature axes.
-    """
+    """The number of (unmasked) positions per feature, in float64, with the
+    mask read as the layers read it: of rank one less than `x`'s, broadcast
+    over a new last axis (Keras's rule); of `x`'s rank; or shaped as `x`
+    without its (several) feature axes."""
     reduced = [axis for axis in range(x.shape.rank) if axis not in feature_axes]
     if mask is None:
-        shape = tf.shape(x, out_type="int64")
-        size = tf.reduce_prod(tf.gather(shape, reduced))
-        return tf.cast(size, "float64") + tf.zeros(
-            [x.shape[a] for a in feature_axes], "float64"
-        )
+        size = tf.reduce_prod(tf.gather(tf.shape(x, out_type="int64"), reduced))
+        return tf.fill([x.shape[a] for a in feature_axes], tf.cast(size, "float64"))
     weights = tf.cast(mask, "float64")
     if weights.shape.rank == x.shape.rank - 1:  # Keras's rule
         weights = tf.expand_dims(weights, -1)
@@ -377,19 +319,13 @@ def _count(x, mask, feature_axes):
 
 def set_statistics(layer, count, mean, variance, batches):
     """Writes recomputed statistics into a layer, renorm's consistently."""
-    layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
-    layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
-    if getattr(layer, "renorm", False):
-        stddev = np.sqrt(variance + layer.epsilon)
-        for variable, value in (
-            (layer.moving_stddev, stddev),
-            (layer.renorm_mean, mean),
-            (layer.renorm_stddev, stddev),
-        ):
+    values = renorm_statistics(mean, variance, layer.epsilon)
+    values.update(moving_mean=mean, moving_variance=variance)
+    values["num_batches_tracked"] = batches  # per feature
+    for variable in layer.weights:
+        if variable.name in values:
+            value = np.reshape(values[variable.name], variable.shape)
             variable.assign(value.astype(variable.dtype))
-    if getattr(layer, "num_batches_tracked", None) is not None:
-        tracked = layer.num_batches_tracked  # per feature
-        tracked.assign(np.reshape(batches, tracked.shape).astype(tracked.dtype))
 
 
 def _check_results(recorders, results):

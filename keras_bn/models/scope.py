@@ -7,10 +7,10 @@ import threading
 import keras
 
 from keras_bn.layers import BatchNormalization
+from keras_bn.ops.checks import check_choice
 
 TARGETS = {"keras_bn": BatchNormalization, "keras": keras.layers.BatchNormalization}
 _ACTIVE = threading.local()
-BASE_LAYER_ARGUMENTS = ("name", "dtype", "trainable")
 # keras_bn arguments that Keras's layer does not take. The first two change
 # no result Keras defines (a kernel choice, and what NaN batches do to the
 # moving statistics); the others must be at their Keras value to convert.
@@ -23,36 +23,21 @@ KERAS_BN_ONLY = (
 )
 
 
-def check_target(to):
-    """The class `to` names; raises a ValueError naming `to` otherwise."""
-    if to not in TARGETS:
-        raise ValueError(
-            f"Argument `to` must be one of {list(TARGETS)}. Received: to={to!r}"
-        )
-    return TARGETS[to]
-
-
 @contextlib.contextmanager
 def batch_normalization_scope(to="keras_bn", **overrides):
     """Builds every batch-normalization layer made inside it as one class.
 
     Inside the scope, constructing a `keras.layers.BatchNormalization` or a
     `keras_bn.BatchNormalization` gives a layer of the class `to` names,
-    with the arguments passed updated with `overrides`. It applies
-    wherever the layer is made: in a model's Python code (subclassed
-    models, custom blocks, keras-hub backbones and tasks built from their
-    constructors or presets), in `from_config`, and in
-    `keras.saving.load_model`. Subclasses of either
-    class are left as they are.
-
-    The weight names and order of the two classes match, so weights saved
-    from a model built with one class load into the same model built with
-    the other (`load_weights`, `set_weights`, a keras-hub preset), unless an
-    override adds weights (`renorm=True`, `momentum=None`).
-
-    The scope acts on the thread that entered it. Layers made inside it keep
-    their class afterwards; models rebuilt from their config later (as
-    `load_model` does for a keras-hub backbone) need the scope again.
+    with the arguments passed updated with `overrides`, wherever the layer
+    is made: in a model's Python code (subclassed models, custom blocks,
+    keras-hub constructors and presets), in `from_config`, and in
+    `keras.saving.load_model`. Subclasses of either class are left as they
+    are. The weight names and order of the two classes match, so weights
+    saved from a model built with one class load into the same model built
+    with the other, unless an override adds weights (`renorm=True`,
+    `momentum=None`). The scope acts on the thread that entered it; layers
+    made inside it keep their class afterwards.
 
     Args:
         to: `"keras_bn"` (the default) or `"keras"`: the class to build.
@@ -75,20 +60,16 @@ def batch_normalization_scope(to="keras_bn", **overrides):
     backbone.load_weights("mobilenet.weights.h5")  # saved with Keras's layers
     ```
     """
-    target = check_target(to)
-    check_overrides(target, overrides, "batch_normalization_scope")
+    target = check_target(to, overrides, "batch_normalization_scope")
     with _scope(target, overrides, "batch_normalization_scope"):
         yield
 
 
 @contextlib.contextmanager
 def _scope(target, overrides, function_name):
-    """The scope with `target` as a class, for `convert_batch_normalization`.
-
-    The other class's `__new__` makes a layer of `target` instead; with
-    overrides, `target.__init__` applies them too. Both are restored on exit
-    (an enclosing scope's patches included).
-    """
+    """The scope with `target` as a class: the other class's `__new__` makes a
+    `target` layer; with overrides, `target.__init__` applies them too. Both
+    are restored on exit (an enclosing scope's patches included)."""
     source = TARGETS["keras" if target is BatchNormalization else "keras_bn"]
     previous = getattr(_ACTIVE, "scope", None)
     saved = {
@@ -104,11 +85,10 @@ def _scope(target, overrides, function_name):
     finally:
         _ACTIVE.scope = previous
         for (cls, name), value in saved.items():
-            if value is None:
-                if name in vars(cls):
-                    delattr(cls, name)
-            else:
+            if value is not None:
                 setattr(cls, name, value)
+            elif name in vars(cls):
+                delattr(cls, name)
 
 
 def _active(cls, role):
@@ -123,11 +103,8 @@ def _new(cls, *args, **kwargs):
     scope = _active(cls, 0)
     if scope is None:
         return keras.layers.Layer.__new__(cls, *args, **kwargs)
-    source, target, overrides, function_name = scope
-    config = _arguments(source, args, kwargs)
-    config = target_arguments(
-        config, target, overrides, config.get("name") or "(unnamed)", function_name
-    )
+    target = scope[1]
+    config = _arguments(cls, args, kwargs, scope)
     layer = keras.layers.Layer.__new__(target, **config)
     target.__init__(layer, **config)
     if isinstance(layer, cls):  # Python calls __init__ again, with `args`
@@ -140,67 +117,48 @@ def _init_with_overrides(original, target):
         scope = _active(type(self), 1)
         if scope is None or self.__dict__.get("_built_by_scope"):
             return original(self, *args, **kwargs)
-        _, _, overrides, function_name = scope
-        config = _arguments(target, args, kwargs)
-        config = target_arguments(
-            config, target, overrides, config.get("name") or "(unnamed)", function_name
-        )
-        return original(self, **config)
+        return original(self, **_arguments(target, args, kwargs, scope))
 
     # Keras reads the constructor's signature (auto-config): the original's.
     __init__.__signature__ = inspect.signature(original)
     return __init__
 
 
-def _arguments(cls, args, kwargs):
-    """The constructor arguments of `cls` by name, defaults included."""
+def _arguments(cls, args, kwargs, scope):
+    """The arguments of a call of `cls`'s constructor, by name with defaults,
+    as the scope's target class takes them."""
     arguments = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
     arguments.apply_defaults()
     config = dict(arguments.arguments)
     config.pop("self")
     config.update(config.pop("kwargs", {}))
-    return config
+    _, target, overrides, function_name = scope
+    return target_arguments(config, target, overrides, function_name)
 
 
-def check_overrides(target, overrides, function_name):
-    """Raises a ValueError naming the overrides that `target` does not take."""
-    accepted = _accepted_arguments(target)
+def check_target(to, overrides, function_name):
+    """The class `to` names; a ValueError for an unknown `to` or override."""
+    target = TARGETS[check_choice(to, "to", TARGETS)]
+    parameters = inspect.signature(target.__init__).parameters
+    accepted = [name for name in parameters if name not in ("self", "kwargs")]
+    if target is not BatchNormalization:  # to set them to Keras's values
+        accepted += list(KERAS_BN_ONLY)
+    accepted += ["name", "dtype", "trainable"]
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
+        module = "keras_bn" if target is BatchNormalization else "keras.layers"
         raise ValueError(
             f"`{function_name}`: {unknown} are not arguments of "
-            f"{_class_name(target)}. Accepted: {accepted}"
+            f"{module}.BatchNormalization. Accepted: {accepted}"
         )
+    return target
 
 
-def _class_name(target):
-    if target is BatchNormalization:
-        return "keras_bn.BatchNormalization"
-    return "keras.layers.BatchNormalization"
-
-
-def _accepted_arguments(target):
-    parameters = inspect.signature(target.__init__).parameters
-    named = [name for name in parameters if name not in ("self", "kwargs")]
-    if target is not BatchNormalization:  # to set them to Keras's values
-        named += list(KERAS_BN_ONLY)
-    return named + list(BASE_LAYER_ARGUMENTS)
-
-
-def target_arguments(config, target, overrides, layer_name, function_name):
-    """Constructor arguments for `target` from a BN layer's `config`.
-
-    Args:
-        config: the layer's config (or constructor arguments), either class.
-        target: the class to build.
-        overrides: arguments set on top of `config`.
-        layer_name: for the message.
-        function_name: for the message.
-
-    Raises:
-        ValueError: if `target` is Keras's layer and the arguments hold an
-            option it cannot express.
-    """
+def target_arguments(config, target, overrides, function_name):
+    """Constructor arguments for `target` from a BN layer's config (or
+    constructor arguments) and `overrides`; a ValueError for what Keras's
+    layer cannot express."""
+    name = config.get("name") or "(unnamed)"
     config = {**config, **overrides}
     if not config.get("renorm"):
         config["renorm_clipping"] = None
@@ -225,7 +183,7 @@ def target_arguments(config, target, overrides, layer_name, function_name):
         )
     if problems:
         raise ValueError(
-            f"`{function_name}`: layer {layer_name!r} cannot become a "
+            f"`{function_name}`: layer {name!r} cannot become a "
             "keras.layers.BatchNormalization, which has no "
             f"{'; no '.join(problems)}. Keep keras_bn's layer, or pass "
             "overrides with Keras's values (e.g. momentum=0.99, "
