@@ -10,9 +10,9 @@ from keras_bn.models.recompute import Recomputation
 from keras_bn.ops.checks import check_arrays
 from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_float_list
+from keras_bn.ops.checks import check_int
 from keras_bn.ops.checks import check_list_of
 from keras_bn.ops.checks import check_optional_int
-from keras_bn.ops.checks import check_positive_int
 from keras_bn.ops.checks import check_verbose
 
 RECOMPUTE_MOMENTS = ("train_end", "epoch_end")
@@ -96,7 +96,7 @@ class ActivationStatistics(keras.callbacks.Callback):
             )
         self.probe_data = check_arrays(probe_data, "probe_data")
         self.percentile_levels = check_float_list(percentiles, "percentiles", 0, 100)
-        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", positive=True)
         self.feature_index = check_optional_int(feature_index, "feature_index")
         self._step_records = []
         self._value_records = {name: [] for name in self.layer_names}
