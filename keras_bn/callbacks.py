@@ -248,11 +248,8 @@ class ActivationStatistics(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["probe_data"] = keras.saving.deserialize_keras_object(
-            config["probe_data"]
-        )
-        return cls(**config)
+        probe_data = keras.saving.deserialize_keras_object(config["probe_data"])
+        return cls(**{**config, "probe_data": probe_data})
 
 
 class RecomputeStatistics(keras.callbacks.Callback):

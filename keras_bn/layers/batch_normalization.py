@@ -261,26 +261,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 f"cannot also be a feature axis. Received: axis={self.axis}"
             )
         shape = tuple(input_shape[a] for a in self._axes)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
+        for name, wanted in (("gamma", self.scale), ("beta", self.center)):
+            if wanted:  # in Keras's order
+                weight = self.add_weight(
+                    shape=shape,
+                    name=name,
+                    initializer=getattr(self, f"{name}_initializer"),
+                    regularizer=getattr(self, f"{name}_regularizer"),
+                    constraint=getattr(self, f"{name}_constraint"),
+                    trainable=True,
+                    autocast=False,
+                )
+                setattr(self, name, weight)
         self.moving_mean = self._add_statistic(
             "moving_mean", shape, self.moving_mean_initializer
         )
