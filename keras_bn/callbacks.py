@@ -256,20 +256,8 @@ class RecomputeStatistics(keras.callbacks.Callback):
     """Recomputes batch normalization's statistics at the end of training.
 
     Runs `keras_bn.models.recompute_statistics(model, data, steps,
-    batch_size)` on the trained model (see there for the formulas): every
-    trainable batch-normalization layer's moving statistics become the
-    count-weighted population statistics of its inputs over `data`, with the
-    model in training mode; no other weight changes.
-
-    - `on="train_end"`: once, when `fit` ends. Keras swaps in the averaged
-      weights of an optimizer with `use_ema=True` before that, so the
-      statistics are those of the weights the model keeps.
-    - `on="epoch_end"`: after the last training batch of every epoch, before
-      validation (at the start of the validation pass when `fit` validates
-      that epoch, else at the end of the epoch), so validation metrics and
-      later callbacks see fresh statistics.
-
-    Where to place it among other callbacks: docs/models.md.
+    batch_size)` on the trained model (see there for the formulas; and
+    docs/models.md for where to place it among other callbacks).
 
     Args:
         data: what `recompute_statistics` takes: a `tf.data.Dataset` of `x`
@@ -278,12 +266,16 @@ class RecomputeStatistics(keras.callbacks.Callback):
         steps: None (all of `data`) or the number of batches to use.
         batch_size: the batch size for arrays, required there (use the
             training batch size); None for datasets.
-        on: `"train_end"` or `"epoch_end"`.
+        on: `"train_end"`: once, when `fit` ends, after Keras swaps in the
+            averaged weights of an optimizer with `use_ema=True`.
+            `"epoch_end"`: after the last training batch of every epoch,
+            before validation (at the start of the validation pass, else at
+            the end of the epoch), so validation metrics and later callbacks
+            see fresh statistics.
         verbose: 0 (silent, the default), 1 (a progress bar) or 2.
 
     Raises:
-        TypeError, ValueError: for bad arguments, at construction (a wrong
-            type, a wrong value).
+        TypeError, ValueError: at construction, for a bad argument.
         ValueError: from `fit`, for a model `recompute_statistics` refuses.
 
     Example:

@@ -1,13 +1,9 @@
 """keras_bn's argument checks, one function per kind of argument, and the
-checks of shapes known only when a graph runs.
-
-Each Python argument is checked once, where it is given: a layer's or a
-loss's constructor, or a public op's call (docs/guarantees.md, "Errors"). A
-wrong type raises a TypeError and a wrong value a ValueError, both naming the
-argument. Strings are never read as numbers or booleans: `bool("False")` is
-True and `int("1")` would hide a typo. A shape left unknown until run time
-gets an assertion with the same message and a data dependency that fails
-even where XLA drops assertions.
+checks of shapes known only when a graph runs (docs/guarantees.md, "Errors"
+and "Shapes known only at run time"). A wrong type raises a TypeError and a
+wrong value a ValueError, both naming the argument. Strings are never read
+as numbers or booleans: `bool("False")` is True and `int("1")` would hide a
+typo.
 """
 
 import math
