@@ -15,13 +15,8 @@ from keras_bn.layers import BatchNormalization
 from keras_bn.layers import LinearCrossEntropyHead
 from keras_bn.layers import Softmax
 
-register_loss_names(
-    [
-        losses.CategoricalCrossentropy,
-        losses.SoftmaxCrossEntropy,
-        losses.SparseCategoricalCrossentropy,
-    ]
-)
+# `compile(loss="keras_bn>SoftmaxCrossEntropy")` for every exported loss.
+register_loss_names([getattr(losses, name) for name in losses.__all__])
 
 __all__ = [
     "BatchNormalization",

@@ -3,11 +3,9 @@
 keras_bn uses public APIs everywhere else. What stands here has no public
 equivalent: TensorFlow's tape set and XLA flag (`tensorflow.python`), Keras's
 table of loss names, and the attributes `_keras_mask` and `_keras_logits`
-that Keras's layers set on tensors. Each function says what happens without
-its internal (its fallback); docs/testing.md tabulates them.
-
-`KERAS_BN_NO_INTERNALS=1`, read at import, turns every internal off, so that
-the fallbacks can be tested (`tests/test_internals.py`).
+that Keras's layers set on tensors. docs/testing.md tabulates each function's
+fallback; `KERAS_BN_NO_INTERNALS=1`, read at import, turns every internal off
+so that the fallbacks can be tested (`tests/test_internals.py`).
 """
 
 import importlib
@@ -20,7 +18,6 @@ NO_INTERNALS = os.environ.get("KERAS_BN_NO_INTERNALS", "") not in ("", "0")
 
 
 def _find_internals():
-    """What is found, by name: none if the internals are off."""
     found = {}
     if NO_INTERNALS:
         return found
@@ -53,10 +50,7 @@ NO_GRADIENT, FIRST_ORDER, HIGHER_ORDER = 0, 1, 2
 
 def tape_could_record():
     """Whether a gradient tape or forward accumulator is recording now.
-
-    Reads TensorFlow's tape set. Fallback: True, the safe answer (hidden
-    outputs are then differentiated).
-    """
+    Fallback: True, the safe answer (hidden outputs are then differentiated)."""
     could_possibly_record = FOUND.get("could_possibly_record")
     return True if could_possibly_record is None else could_possibly_record()
 
@@ -64,21 +58,15 @@ def tape_could_record():
 def gradient_order(tensors):
     """What the active tapes can ask of `tensors`, eagerly: NO_GRADIENT
     (none watches them), FIRST_ORDER, or HIGHER_ORDER (several tapes, a
-    persistent one, or a tape under a forward accumulator).
-
-    Reads TensorFlow's tape set, as its own functions do to pick their
-    backward passes. HIGHER_ORDER in a graph, where `tf.gradients` needs no
-    tape. Fallback: HIGHER_ORDER, the general path; also if the tape API that
-    the first-order path records on (`record_operation`) is gone.
+    persistent one, or a tape under a forward accumulator), as TensorFlow's
+    own functions ask to pick their backward passes. HIGHER_ORDER in a graph,
+    where `tf.gradients` needs no tape. Fallback: HIGHER_ORDER, the general
+    path; also if `record_operation`, which FIRST_ORDER needs, is gone.
     """
     possible = FOUND.get("PossibleTapeGradientTypes")
-    if (
-        not tf.executing_eagerly()
-        or possible is None
-        or "record_operation" not in FOUND
-    ):
-        return HIGHER_ORDER
-    return possible(tensors)
+    if tf.executing_eagerly() and possible and "record_operation" in FOUND:
+        return possible(tensors)
+    return HIGHER_ORDER
 
 
 def stop_recording():
@@ -94,15 +82,10 @@ def record_operation(name, outputs, inputs, backward):
 
 
 def in_xla_function():
-    """Whether ops are being traced into a function that XLA compiles.
-
-    True inside `tf.function(jit_compile=True)` (and functions it calls),
-    which is how Keras compiles with `jit_compile=True`. The ops pick the
-    formulation that XLA compiles to faster loops there: batch norm's closed
-    form instead of the fused kernels (which XLA expands into plain loops
-    anyway), and the dense cross-entropy's single stacked reduction. Reads
-    TensorFlow's XLA flag on the graph. Fallback: False (the same values).
-    """
+    """Whether ops are being traced into a function that XLA compiles
+    (`tf.function(jit_compile=True)`, as Keras's `jit_compile=True`, and the
+    functions it calls), where the ops pick the formulation XLA compiles to
+    faster loops. Fallback: False (the same values)."""
     in_context = FOUND.get("GraphOrParentsInXlaContext")
     if tf.executing_eagerly() or in_context is None:
         return False
@@ -113,12 +96,9 @@ def register_loss_names(classes):
     """Makes `model.compile(loss="keras_bn>ClassName")` work for `classes`.
 
     Keras 3 resolves a loss given as a string only against its own table of
-    built-in losses (`keras.losses.get`), not against the registry that
-    `keras.saving.register_keras_serializable` fills: a registered loss loads
-    from a `.keras` file but is not found by `compile`. This adds each class
-    to that table under its registered name. Fallback: nothing is added; a
-    name still resolves wherever Keras consults the registry (loading, and
-    `keras.losses.get` of a config).
+    built-in losses (`keras.losses.get`), not against the registry of
+    `register_keras_serializable`: this adds each class to that table under
+    its registered name. Fallback: nothing added; loading still resolves it.
     """
     table = FOUND.get("ALL_OBJECTS_DICT")
     if table is None:

@@ -10,12 +10,10 @@ from keras_bn.models.recompute import Recomputation
 from keras_bn.ops.checks import check_arrays
 from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_float_list
+from keras_bn.ops.checks import check_int
 from keras_bn.ops.checks import check_list_of
 from keras_bn.ops.checks import check_optional_int
-from keras_bn.ops.checks import check_positive_int
 from keras_bn.ops.checks import check_verbose
-
-RECOMPUTE_MOMENTS = ("train_end", "epoch_end")
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -26,15 +24,11 @@ class ActivationStatistics(keras.callbacks.Callback):
     training, the 15th, 50th and 85th percentiles of the input to one sigmoid.
     This callback records the same curves for any layers of a functional or
     `Sequential` model: every `every_n_steps` optimizer steps (and once before
-    the first step) it runs the model up to the chosen layers on a fixed
-    `probe_data` batch, in inference mode, and stores the percentiles of each
-    layer's input.
-
-    The inputs are computed by a side `keras.Model` built once per trained
-    model, sharing its layers and weights. Inference mode matters: a call in
-    training mode would make batch normalization layers update their moving
-    statistics from the probe batch. Step numbers come from
-    `model.optimizer.iterations`, so records continue across calls to `fit`.
+    the first step) it runs a side `keras.Model`, sharing the model's layers,
+    on a fixed `probe_data` batch and stores the percentiles of each chosen
+    layer's input. It runs in inference mode, so that batch normalization
+    layers do not update their moving statistics from the probe batch. Steps
+    are `model.optimizer.iterations`: records continue across calls to `fit`.
 
     Args:
         layers: list of layers, or of layer names, of the trained model whose
@@ -53,13 +47,11 @@ class ActivationStatistics(keras.callbacks.Callback):
             `[n_records, len(percentiles)]`.
 
     Raises:
-        TypeError: at construction, for an argument of the wrong type (a
-            percentile given as a string, a float `every_n_steps` or
-            `feature_index`, `probe_data` that is not arrays).
+        TypeError: at construction, for an argument of the wrong type.
         ValueError: at construction, for a value out of range (no layer, a
-            repeated layer, a percentile outside [0, 100], `every_n_steps`
-            < 1, `probe_data` without an example); from `fit`, for layers or
-            a `feature_index` that do not fit the model.
+            repeated one, a percentile outside [0, 100], `every_n_steps` < 1,
+            no example); from `fit`, for layers or a `feature_index` that do
+            not fit the model.
 
     Example:
 
@@ -96,7 +88,7 @@ class ActivationStatistics(keras.callbacks.Callback):
             )
         self.probe_data = check_arrays(probe_data, "probe_data")
         self.percentile_levels = check_float_list(percentiles, "percentiles", 0, 100)
-        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", positive=True)
         self.feature_index = check_optional_int(feature_index, "feature_index")
         self._step_records = []
         self._value_records = {name: [] for name in self.layer_names}
@@ -123,8 +115,7 @@ class ActivationStatistics(keras.callbacks.Callback):
             self._record(self._current_step())
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._current_step()
-        last = self._step_records[-1]
+        step, last = self._current_step(), self._step_records[-1]
         if step // self.every_n_steps > last // self.every_n_steps:
             self._record(step)
 
@@ -144,9 +135,13 @@ class ActivationStatistics(keras.callbacks.Callback):
                 "built on a `keras.Input`, and layers called exactly once. "
                 f"({error})"
             ) from error
-        if self.feature_index is not None:
-            for layer, output in zip(layers, outputs):
-                _check_feature_index(self.feature_index, output.shape[-1], layer)
+        for layer, output in zip(layers, outputs):
+            size, index = output.shape[-1], self.feature_index
+            if None not in (size, index) and not -size <= index < size:
+                raise ValueError(
+                    f"`feature_index`={index} is out of range for the input of "
+                    f"layer {layer.name!r}, whose last axis has {size} entries."
+                )
         return probe_model
 
     def _model_inputs(self):
@@ -157,14 +152,11 @@ class ActivationStatistics(keras.callbacks.Callback):
         return self.model.input
 
     def _resolve_layer(self, ref):
-        names = [layer.name for layer in self.model.layers]
         name = _layer_name(ref)
-        if name not in names:
-            raise ValueError(
-                f"`layers`: no layer named {name!r} in the model; its layers "
-                f"are {names}."
-            )
-        layer = self.model.get_layer(name)
+        try:
+            layer = self.model.get_layer(name)
+        except ValueError as error:  # it lists the model's layers
+            raise ValueError(f"`layers`: {error}") from None
         if not isinstance(ref, str) and layer is not ref:
             raise ValueError(f"`layers`: layer {name!r} is not part of the model.")
         return layer
@@ -256,34 +248,16 @@ class ActivationStatistics(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        config["probe_data"] = keras.saving.deserialize_keras_object(
-            config["probe_data"]
-        )
-        return cls(**config)
+        probe_data = keras.saving.deserialize_keras_object(config["probe_data"])
+        return cls(**{**config, "probe_data": probe_data})
 
 
 class RecomputeStatistics(keras.callbacks.Callback):
     """Recomputes batch normalization's statistics at the end of training.
 
     Runs `keras_bn.models.recompute_statistics(model, data, steps,
-    batch_size)` on the trained model (see there for the formulas): every
-    trainable batch-normalization layer's moving statistics become the
-    count-weighted population statistics of its inputs over `data`, with the
-    model in training mode; no other weight changes.
-
-    - `on="train_end"`: once, when `fit` ends. Keras swaps in the averaged
-      weights of an optimizer with `use_ema=True` before that, so the
-      statistics are those of the weights the model keeps.
-    - `on="epoch_end"`: after the last training batch of every epoch, before
-      validation (at the start of the validation pass when `fit` validates
-      that epoch, else at the end of the epoch), so validation metrics and
-      later callbacks see fresh statistics.
-
-    Keras calls callbacks in list order: without validation, place this one
-    before a `ModelCheckpoint` that should save fresh statistics; with
-    `EarlyStopping(restore_best_weights=True)` and `on="train_end"`, after
-    it, so the restored weights get their own statistics.
+    batch_size)` on the trained model (see there for the formulas; and
+    docs/models.md for where to place it among other callbacks).
 
     Args:
         data: what `recompute_statistics` takes: a `tf.data.Dataset` of `x`
@@ -292,16 +266,16 @@ class RecomputeStatistics(keras.callbacks.Callback):
         steps: None (all of `data`) or the number of batches to use.
         batch_size: the batch size for arrays, required there (use the
             training batch size); None for datasets.
-        on: `"train_end"` or `"epoch_end"`.
+        on: `"train_end"`: once, when `fit` ends, after Keras swaps in the
+            averaged weights of an optimizer with `use_ema=True`.
+            `"epoch_end"`: after the last training batch of every epoch,
+            before validation (at the start of the validation pass, else at
+            the end of the epoch), so validation metrics and later callbacks
+            see fresh statistics.
         verbose: 0 (silent, the default), 1 (a progress bar) or 2.
 
-    Call arguments:
-        As every `keras.callbacks.Callback`: `fit` calls it; the work happens
-        in `on_test_begin`, `on_epoch_end` and `on_train_end`.
-
     Raises:
-        TypeError, ValueError: for bad arguments, at construction (a wrong
-            type, a wrong value).
+        TypeError, ValueError: at construction, for a bad argument.
         ValueError: from `fit`, for a model `recompute_statistics` refuses.
 
     Example:
@@ -320,7 +294,7 @@ class RecomputeStatistics(keras.callbacks.Callback):
 
     def __init__(self, data, steps=None, batch_size=None, on="train_end", verbose=0):
         super().__init__()
-        self.on = check_choice(on, "on", RECOMPUTE_MOMENTS)
+        self.on = check_choice(on, "on", ("train_end", "epoch_end"))
         self.batches = Batches(data, steps, batch_size)
         self.verbose = check_verbose(verbose)
         self._recomputation = None
@@ -361,11 +335,3 @@ class RecomputeStatistics(keras.callbacks.Callback):
 
 def _layer_name(ref):
     return ref if isinstance(ref, str) else ref.name
-
-
-def _check_feature_index(feature_index, n_features, layer):
-    if n_features is not None and not -n_features <= feature_index < n_features:
-        raise ValueError(
-            f"`feature_index`={feature_index} is out of range for the input of "
-            f"layer {layer.name!r}, whose last axis has {n_features} entries."
-        )

@@ -27,12 +27,8 @@ from keras_bn.ops.virtual_batch import to_virtual_batches
 
 
 def _copy_initializer(initializer):
-    """A fresh instance of `initializer` (an unseeded random one draws anew).
-
-    As Keras clones: an `Initializer` through its own class's `from_config`,
-    so unregistered classes work too; anything else (a plain function) is
-    returned as is.
-    """
+    """A fresh copy of an `Initializer` (an unseeded random one draws anew),
+    through its own class's `from_config` as Keras clones; a function as is."""
     if isinstance(initializer, initializers.Initializer):
         return initializer.__class__.from_config(initializer.get_config())
     return initializer
@@ -48,12 +44,9 @@ _DENSE_HINT = (
 class BatchNormalization(keras.layers.BatchNormalization):
     r"""Batch normalization (Ioffe & Szegedy, 2015) with hand-written gradients.
 
-    A drop-in for `keras.layers.BatchNormalization`: the same constructor
-    arguments and defaults, call signature, weight names and weight order
-    (`gamma`, `beta`, `moving_mean`, `moving_variance`, and with `renorm=True`
-    also `moving_stddev`, `renorm_mean`, `renorm_stddev`), so weights move
-    between the two with `set_weights(get_weights())`. The math runs in
-    `keras_bn.ops`, whose backward passes are written out in closed form.
+    A drop-in for `keras.layers.BatchNormalization` (the same arguments,
+    weight names and weight order; docs/layer.md) whose math runs in
+    `keras_bn.ops`, with backward passes written out in closed form.
 
     **During training** (`training=True` and `layer.trainable`), for each
     feature the layer returns
@@ -71,22 +64,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
     beta` and changes no state. As in Keras, setting `trainable = False`
     forces inference mode (fine-tuning a frozen model keeps its statistics).
 
-    Beyond Keras 3, `axis` may be a list or tuple of ints: every listed axis is
-    a feature axis and the weights take the shape of those axes.
-
     Args:
-        axis: Integer, or list/tuple of distinct integers: the feature axis
-            or axes, kept and normalized per entry. `-1` after
-            `Dense`/channels-last convolutions, `1` for channels-first.
-            Floats (`1.5`) and strings (`"1"`) raise a TypeError.
+        axis: Integer, or (beyond Keras 3) a list/tuple of distinct integers:
+            the feature axis or axes, kept and normalized per entry; the
+            weights take their shape. `-1` after `Dense`/channels-last
+            convolutions, `1` for channels-first.
         momentum: Float in [0, 1], momentum of the moving averages (the weight
             of the old value), or None for a cumulative average over every
-            batch seen: the n-th batch enters with weight `1 / n` (PyTorch's
-            `momentum=None`). None adds a non-trainable int64 weight
-            `num_batches_tracked` of the features' shape, last in the weight
-            list, which saves and loads with the model: each feature counts
-            the batches it accepted, so a feature that kept its statistics
-            through a NaN batch averages only the batches it took in.
+            batch seen (PyTorch's `momentum=None`: the n-th batch weighs
+            `1 / n`), counted per feature in a non-trainable int64 weight
+            `num_batches_tracked`, last in the weight list.
         epsilon: Finite float > 0 added to the variance to avoid dividing by
             zero.
         center: True or False: add the learned offset `beta`.
@@ -100,58 +87,37 @@ class BatchNormalization(keras.layers.BatchNormalization):
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
         synchronized: If True, inside a `tf.distribute` strategy with several
-            replicas (MirroredStrategy, MultiWorkerMirroredStrategy), the
-            batch statistics are those of the global batch: per-replica
-            counts, means and centred sums of squares are all-gathered and
-            combined exactly (Chan et al.), and the backward pass all-reduces
-            `sum(dy)` and `sum(dy * x_hat)`, so each replica's `dx` equals the
-            single-device `dx` on the concatenated batch. Replicas with no
-            examples contribute nothing. Outside a replica context it has no
-            effect.
+            replicas, the batch statistics are the global batch's, combined
+            exactly (Chan et al.), and each replica's `dx` equals the
+            single-device `dx` on the concatenated batch (docs/distributed.md).
+            Outside a replica context it has no effect.
         renorm: Whether to use Batch Renormalization (Ioffe, 2017): the
-            training output is corrected towards the moving statistics by
-            `x_hat * r + d`, with `r` and `d` held constant in the backward pass.
-            Inference is unchanged. As in Keras, the layer then tracks
-            standard deviations, `stddev = sqrt(var(x) + epsilon)`:
-            `moving_stddev` moves with `momentum`, `renorm_mean` and
-            `renorm_stddev` with `renorm_momentum` (the same formula as
-            above), and the variance inference uses follows from the moving
-            stddev, `moving_variance = max(moving_stddev^2 - epsilon, 0)`.
+            training output becomes `x_hat * r + d` (docs/math.md, "Batch
+            Renormalization"); inference is unchanged. As in Keras, it adds
+            the weights `moving_stddev`, `renorm_mean` and `renorm_stddev`.
         renorm_clipping: With `renorm=True`, a dict with optional keys
             `"rmax"`, `"rmin"`, `"dmax"`: `r` is clipped to `[rmin, rmax]` and
             `d` to `[-dmax, dmax]` (missing keys: unclipped).
         renorm_momentum: Float in [0, 1], momentum of the renorm statistics
             `renorm_mean` and `renorm_stddev`.
         skip_nonfinite_updates: If True (the default), a feature whose batch
-            mean or variance is not finite (NaN or Inf in the inputs) keeps its
-            moving statistics instead of being poisoned for good; the output
-            of that batch is what the math gives. False updates regardless,
-            as Keras does. Not a Keras argument.
+            mean or variance is NaN or Inf keeps its moving statistics instead
+            of being poisoned for good. False updates regardless, as Keras
+            does. Not a Keras argument.
         fused: None (the default: automatic), True or False. True runs on
-            TensorFlow's fused batch-norm kernels (cuDNN on GPUs), which apply
-            to float16/bfloat16/float32 inputs with one feature axis, the last
-            or axis 1, no mask, no renorm and `epsilon >= 1.001e-5`; where
-            they cannot apply, True raises a ValueError saying why. False
-            always uses the closed form (the more accurate for inputs with a
-            large offset). None picks the fused kernels where they apply,
-            except under XLA (`jit_compile=True`), where the closed form
-            compiles to faster loops, and in a graph (`tf.function`, `fit`)
-            for inputs of fewer than 2**17 elements, where the closed form
-            runs faster. In inference, None takes the kernel for 4-D inputs
-            only, so exported graphs hold Keras's ops at every rank.
-            `layer.fused` and `get_config()` keep the value passed: with None
-            the path is chosen per call.
+            TensorFlow's fused batch-norm kernels (cuDNN on GPUs) and raises a
+            ValueError saying why where they cannot apply (docs/layer.md,
+            "Fused kernels"); False always uses the closed form (the more
+            accurate for inputs with a large offset); None picks per call.
+            `layer.fused` and `get_config()` keep the value passed.
         virtual_batch_size: None, or a positive int dividing the batch size:
             Ghost Batch Normalization (Hoffer et al., 2017). Each virtual
-            sub-batch of this many examples is normalized with its own
-            statistics; the moving averages take the mean over virtual batches
-            of their means and variances (as tf-keras 2 did). Not a Keras 3
-            argument.
+            batch of this many examples is normalized with its own statistics;
+            the moving averages take the mean of their means and variances
+            (as tf-keras 2 did). Not a Keras 3 argument.
         virtual_batch_grouping: `"interleaved"` (the default, tf-keras's:
             batch 6 and `v = 3` give examples 0, 2, 4 and 1, 3, 5) or
-            `"consecutive"` (0, 1, 2 and 3, 4, 5), as
-            `keras_bn.ops.virtual_batch` describes. Only used with
-            `virtual_batch_size`. Not a Keras argument.
+            `"consecutive"` (0, 1, 2 and 3, 4, 5). Not a Keras argument.
         moving_variance_estimator: `"biased"` (the default, as Keras) stores
             the batch variance `sum((x - mean)^2) / N` in the moving average;
             `"unbiased"` stores `sum((x - mean)^2) / (N - 1)` as PyTorch does
@@ -165,15 +131,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
             pass the padding as `mask`).
         training: Python boolean: batch statistics and moving-average updates
             (True), or the moving statistics (False or None).
-        mask: Optional boolean tensor. As in Keras, one of rank one less
-            than `inputs` is expanded at the last axis and broadcast
-            (`inputs.shape[:-1]` for `axis=-1`); one of the rank of `inputs`
-            broadcasts as it is (`mask[:, None]` masks the positions of a
-            channels-first input); with several feature axes, also the shape
-            of `inputs` without them. Masked (False) entries are excluded from
-            the batch statistics; their outputs are normalized and
-            differentiated like the others (not through the statistics). A
-            feature with no unmasked entry keeps its moving statistics.
+        mask: Optional boolean tensor: of rank one less than `inputs`,
+            expanded at the last axis as in Keras; of the rank of `inputs`
+            (`mask[:, None]` for a channels-first input's positions); or, with
+            several feature axes, of the shape of `inputs` without them
+            (docs/layer.md, "Masks"). Masked (False) entries are left out of
+            the batch statistics; a feature with none left keeps its moving
+            statistics.
 
     Returns:
         A tensor with the shape of `inputs`, in the layer's compute dtype.
@@ -238,8 +202,34 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-        self._init_renorm(renorm, renorm_clipping, renorm_momentum)
-        self._init_paths(synchronized, fused, virtual_batch_size)
+        self.renorm = check_bool(renorm, "renorm")
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError(
+                "Argument `renorm_clipping` is only used with renorm=True. "
+                f"Received: renorm_clipping={renorm_clipping}, renorm={renorm}"
+            )
+        self.renorm_clipping = (
+            check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
+        )
+        self.renorm_momentum = check_in_range(renorm_momentum, "renorm_momentum", 0, 1)
+        self.synchronized = check_bool(synchronized, "synchronized")
+        self.fused = check_optional_bool(fused, "fused")
+        if self.fused and (self.synchronized or self.renorm):
+            raise ValueError(
+                "Argument `fused=True` cannot be combined with "
+                f"{'synchronized' if self.synchronized else 'renorm'}=True: the "
+                "fused kernels compute one replica's statistics, without renorm's "
+                "correction. Use fused=None or False."
+            )
+        self.virtual_batch_size = check_optional_positive_int(
+            virtual_batch_size, "virtual_batch_size"
+        )
+        if self.virtual_batch_size is not None and (self.synchronized or self.fused):
+            raise ValueError(
+                "Argument `virtual_batch_size` cannot be combined with "
+                f"{'synchronized' if self.synchronized else 'fused'}=True: virtual "
+                "batches take statistics per group of one replica's examples."
+            )
         self.skip_nonfinite_updates = check_bool(
             skip_nonfinite_updates, "skip_nonfinite_updates"
         )
@@ -253,55 +243,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         self.num_batches_tracked = None
         self._warned_single_position = False
-        self.supports_masking = True
-        self.gamma = None
-        self.beta = None
-        self.moving_mean = None
-        self.moving_variance = None
-        self._axes = None
-
-    def _init_renorm(self, renorm, renorm_clipping, renorm_momentum):
-        self.renorm = check_bool(renorm, "renorm")
-        if renorm_clipping is not None and not self.renorm:
-            raise ValueError(
-                "Argument `renorm_clipping` is only used with renorm=True. "
-                f"Received: renorm_clipping={renorm_clipping}, renorm={renorm}"
-            )
-        self.renorm_clipping = (
-            check_renorm_clipping(renorm_clipping or {}) if self.renorm else None
-        )
-        self.renorm_momentum = check_in_range(renorm_momentum, "renorm_momentum", 0, 1)
-
-    def _init_paths(self, synchronized, fused, virtual_batch_size):
-        """`synchronized`, `fused` and `virtual_batch_size`, which exclude
-        one another in part (after `_init_renorm`)."""
-        self.synchronized = check_bool(synchronized, "synchronized")
-        self.fused = check_optional_bool(fused, "fused")
-        if self.fused and self.synchronized:
-            raise ValueError(
-                "Argument `fused=True` cannot be combined with synchronized=True: "
-                "the fused kernels compute one replica's statistics. Use "
-                "fused=None or False."
-            )
-        if self.fused and self.renorm:
-            raise ValueError(
-                "Argument `fused=True` cannot be combined with renorm=True: the "
-                "fused kernels have no renorm correction. Use fused=None or False."
-            )
-        self.virtual_batch_size = check_optional_positive_int(
-            virtual_batch_size, "virtual_batch_size"
-        )
-        if self.virtual_batch_size is not None and self.synchronized:
-            raise ValueError(
-                "Argument `virtual_batch_size` cannot be combined with "
-                "synchronized=True: virtual batches split a replica's batch, "
-                "synchronization joins the replicas' batches."
-            )
-        if self.virtual_batch_size is not None and self.fused:
-            raise ValueError(
-                "Argument `virtual_batch_size` cannot be combined with fused=True: "
-                "the fused kernels compute one set of statistics per batch."
-            )
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -320,26 +261,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 f"cannot also be a feature axis. Received: axis={self.axis}"
             )
         shape = tuple(input_shape[a] for a in self._axes)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
+        for name, wanted in (("gamma", self.scale), ("beta", self.center)):
+            if wanted:  # in Keras's order
+                weight = self.add_weight(
+                    shape=shape,
+                    name=name,
+                    initializer=getattr(self, f"{name}_initializer"),
+                    regularizer=getattr(self, f"{name}_regularizer"),
+                    constraint=getattr(self, f"{name}_constraint"),
+                    trainable=True,
+                    autocast=False,
+                )
+                setattr(self, name, weight)
         self.moving_mean = self._add_statistic(
             "moving_mean", shape, self.moving_mean_initializer
         )
@@ -349,25 +282,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if self.renorm:
             self._add_renorm_statistics(shape)
         if self.momentum is None:
-            self.num_batches_tracked = self.add_weight(
-                shape=shape,
-                name="num_batches_tracked",
-                initializer="zeros",
-                dtype="int64",
-                trainable=False,
-                autocast=False,
+            self.num_batches_tracked = self._add_statistic(
+                "num_batches_tracked", shape, "zeros", dtype="int64"
             )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in self._axes}
         )
 
     def _add_renorm_statistics(self, shape):
-        """`moving_stddev`, `renorm_mean` and `renorm_stddev`, after Keras.
-
-        Renorm tracks standard deviations, starting at the square root of
-        the variance initializer (as Keras does); fresh initializer copies
-        keep random initializers from repeating their values.
-        """
+        """`moving_stddev`, `renorm_mean` and `renorm_stddev`, as Keras starts
+        them (stddevs at the root of the variance initializer's values), from
+        fresh initializer copies, so random ones do not repeat their values."""
 
         def stddev_initializer(shape, dtype=None):
             variance = _copy_initializer(self.moving_variance_initializer)
@@ -383,11 +308,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "renorm_stddev", shape, stddev_initializer
         )
 
-    def _add_statistic(self, name, shape, initializer):
+    def _add_statistic(self, name, shape, initializer, dtype=None):
         return self.add_weight(
             shape=shape,
             name=name,
             initializer=initializer,
+            dtype=dtype,
             trainable=False,
             autocast=False,
         )
@@ -429,45 +355,30 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
     def _mask_for_ops(self, mask, inputs):
-        """The call's mask in a layout of the ops (checked in both modes).
-
-        Keras's rule first: a mask of rank one less than the inputs' is
-        expanded at the last axis and broadcast (`Masking` before
-        `axis=1`). A mask of the inputs' rank broadcasts as it is (so
-        `mask[:, None]` masks the positions of a channels-first input), and
-        with several feature axes a mask may omit all of them.
-        """
+        """The call's mask in a layout of the ops, as docs/layer.md ("Masks")
+        describes (Keras's rule first), its static shape checked."""
         if mask is None:
             return None
         mask = tf.convert_to_tensor(mask)
-        rank, mask_rank = inputs.shape.rank, mask.shape.rank
-        if mask_rank == rank - 1:
-            full = tf.expand_dims(mask, -1)
-        elif mask_rank == rank or (
-            len(self._axes) > 1 and mask_rank == rank - len(self._axes)
-        ):
+        rank, mask_rank, n_axes = inputs.shape.rank, mask.shape.rank, len(self._axes)
+        if mask_rank == rank or (n_axes > 1 and mask_rank == rank - n_axes):
             return mask
-        else:
+        received = f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+        if mask_rank != rank - 1:
+            without_axes = ", or the inputs' shape without the feature axes"
             raise ValueError(
                 f"The `mask` of layer '{self.name}' must have the rank of the "
                 "inputs, or one less (Keras's rule: then broadcast over a new "
-                "last axis)"
-                + (
-                    ", or the inputs' shape without the feature axes"
-                    if len(self._axes) > 1
-                    else ""
-                )
-                + f". Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+                f"last axis){without_axes if n_axes > 1 else ''}. {received}"
             )
+        full = tf.expand_dims(mask, -1)
         got, shape = full.shape.as_list(), inputs.shape.as_list()
         if any(g not in (None, 1) and s not in (None, g) for g, s in zip(got, shape)):
             raise ValueError(
                 f"The `mask` of layer '{self.name}' has one axis less than the "
-                "inputs, so it is broadcast as Keras does, over a new last "
-                "axis: `mask[..., None]` must broadcast to the inputs' shape. "
-                "To mask the positions of a channels-first input, pass the "
-                "mask with a size-1 channel axis (`mask[:, None]`). "
-                f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+                "inputs, so it is broadcast as Keras does, over a new last axis: "
+                "`mask[..., None]` must broadcast to the inputs' shape (for a "
+                f"channels-first input's positions, pass `mask[:, None]`). {received}"
             )
         return full
 
@@ -479,10 +390,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             if mask is not None:
                 raise ValueError(
                     "Argument `virtual_batch_size` cannot be combined with a mask "
-                    "in training: masked positions would leave virtual batches "
-                    "with different numbers of positions, whose statistics the "
-                    "moving averages cannot weigh. Received: virtual_batch_size="
-                    f"{self.virtual_batch_size}, mask.shape={mask.shape}"
+                    "in training: the moving averages cannot weigh virtual "
+                    "batches with different numbers of unmasked positions. "
+                    f"Received: virtual_batch_size={self.virtual_batch_size}"
                 )
             x, axes, params = to_virtual_batches(
                 inputs,
@@ -585,32 +495,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return input_shape
 
     def get_config(self):
-        config = {
-            "axis": self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "moving_mean_initializer": initializers.serialize(
-                self.moving_mean_initializer
-            ),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer
-            ),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
-            "synchronized": self.synchronized,
-            "renorm": self.renorm,
-            "renorm_clipping": self.renorm_clipping,
-            "renorm_momentum": self.renorm_momentum,
+        # Keras's own `get_config` serializes the arguments the two share.
+        return {
+            **super().get_config(),
             "skip_nonfinite_updates": self.skip_nonfinite_updates,
             "fused": self.fused,
             "virtual_batch_size": self.virtual_batch_size,
             "moving_variance_estimator": self.moving_variance_estimator,
             "virtual_batch_grouping": self.virtual_batch_grouping,
         }
-        return {**super().get_config(), **config}

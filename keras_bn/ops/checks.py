@@ -1,23 +1,12 @@
 """keras_bn's argument checks, one function per kind of argument, and the
-checks of shapes known only when a graph runs.
-
-Every Python argument is checked once, where it is given: a layer's or a
-loss's constructor, or a public op's call. The layers and losses then call
-the ops' cores (`keras_bn.ops.batch_norm.normalize_with_batch_statistics`,
-`keras_bn.ops.cross_entropy.dense`, ...), which take checked arguments. A
-wrong type raises a TypeError and a wrong value a ValueError, both naming the
-argument: "Argument `name` must be ... Received: name=...". Strings are
-never read as numbers or booleans: `bool("False")` is True and `int("1")`
-would hide a typo.
-
-Shapes known when the graph is built are checked then, with a ValueError
-that names the argument. What is left for run time gets two checks: an
-assertion with the same message (eager and graph mode), and a data
-dependency that fails even where XLA drops assertions.
+checks of shapes known only when a graph runs (docs/guarantees.md, "Errors"
+and "Shapes known only at run time"). A wrong type raises a TypeError and a
+wrong value a ValueError, both naming the argument. Strings are never read
+as numbers or booleans: `bool("False")` is True and `int("1")` would hide a
+typo.
 """
 
 import math
-import numbers
 import operator
 
 import numpy as np
@@ -26,66 +15,49 @@ import tensorflow as tf
 
 def check_float(value, arg_name, expected="a float"):
     """`value` as a Python float; numbers pass, strings and booleans do not."""
-    if isinstance(value, (bool, np.bool_, str, bytes)) or not hasattr(
-        value, "__float__"
-    ):
+    try:
+        if isinstance(value, (bool, np.bool_, str, bytes)) or not hasattr(
+            value, "__float__"
+        ):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):  # also an array of several numbers
         raise TypeError(
             f"Argument `{arg_name}` must be {expected}. "
             f"Received: {arg_name}={value!r} of type {type(value).__name__}"
-        )
-    try:
-        return float(value)
-    except (TypeError, ValueError):  # e.g. an array of several numbers
-        raise TypeError(
-            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={value!r}"
         ) from None
 
 
 def check_in_range(value, arg_name, low, high, low_open=False, high_open=False):
-    """`value` as a float in the interval from `low` to `high` (finite)."""
-    brackets = ("(" if low_open else "[", ")" if high_open else "]")
-    interval = f"{brackets[0]}{low}, {high}{brackets[1]}"
-    value_ = check_float(value, arg_name, f"a float in {interval}")
+    """`value` as a finite float from `low` to `high` (`math.inf`: unbounded)."""
+    if high == math.inf:
+        expected = f"{'>' if low_open else '>='} {low} and finite"
+    else:
+        brackets = ("(" if low_open else "[", ")" if high_open else "]")
+        expected = f"in {brackets[0]}{low}, {high}{brackets[1]}"
+    value_ = check_float(value, arg_name, f"a float {expected}")
     above = value_ > low if low_open else value_ >= low
     below = value_ < high if high_open else value_ <= high
     if not (math.isfinite(value_) and above and below):
         raise ValueError(
-            f"Argument `{arg_name}` must be in {interval}. Received: {arg_name}={value}"
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={value}"
         )
     return value_
 
 
-def check_positive_finite(value, arg_name):
-    """`value` as a float > 0 and finite."""
-    value_ = check_float(value, arg_name, "a float > 0")
-    if not (math.isfinite(value_) and value_ > 0):
-        raise ValueError(
-            f"Argument `{arg_name}` must be > 0 and finite. "
-            f"Received: {arg_name}={value}"
-        )
-    return value_
-
-
-def check_bool(value, arg_name):
+def check_bool(value, arg_name, expected="True or False"):
     """`value` as a Python bool; only True and False (Python or NumPy) pass."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(
-        f"Argument `{arg_name}` must be True or False. "
+        f"Argument `{arg_name}` must be {expected}. "
         f"Received: {arg_name}={value!r} of type {type(value).__name__}"
     )
 
 
 def check_optional_bool(value, arg_name):
     """None, True or False (for arguments such as `fused`, None = automatic)."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(
-        f"Argument `{arg_name}` must be None, True or False. "
-        f"Received: {arg_name}={value!r}"
-    )
+    return None if value is None else check_bool(value, arg_name, "None, True or False")
 
 
 def _integer(value):
@@ -94,52 +66,34 @@ def _integer(value):
     return operator.index(value)  # ints and NumPy integers; never 1.5 or "1"
 
 
-def check_optional_int(value, arg_name):
-    """None or an int (for `ignore_class`); booleans do not pass."""
-    if value is None:
+def check_int(value, arg_name, positive=False, optional=False):
+    """`value` as a Python int (NumPy integers pass, booleans do not), >= 1 if
+    `positive`; None passes if `optional`."""
+    if optional and value is None:
         return None
-    try:
-        return _integer(value)
-    except TypeError:
-        raise TypeError(
-            f"Argument `{arg_name}` must be an int or None. "
-            f"Received: {arg_name}={value!r}"
-        ) from None
-
-
-def check_optional_positive_int(value, arg_name):
-    """None or an int >= 1 (for `steps`, `batch_size`, `virtual_batch_size`;
-    NumPy integers pass, booleans do not)."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"Argument `{arg_name}` must be None or a positive int. "
-            f"Received: {arg_name}={value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"Argument `{arg_name}` must be a positive int. "
-            f"Received: {arg_name}={value}"
-        )
-    return int(value)
-
-
-def check_positive_int(value, arg_name):
-    """An int >= 1 (for `every_n_steps`); NumPy integers pass, booleans do not."""
+    expected = "a positive int" if positive else "an int"
+    expected += " or None" if optional else ""
     try:
         value_ = _integer(value)
     except TypeError:
         raise TypeError(
-            f"Argument `{arg_name}` must be a positive int. "
-            f"Received: {arg_name}={value!r}"
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={value!r}"
         ) from None
-    if value_ < 1:
+    if positive and value_ < 1:
         raise ValueError(
-            f"Argument `{arg_name}` must be a positive int. "
-            f"Received: {arg_name}={value}"
+            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={value}"
         )
     return value_
+
+
+def check_optional_int(value, arg_name):
+    """None or an int (for `ignore_class`)."""
+    return check_int(value, arg_name, optional=True)
+
+
+def check_optional_positive_int(value, arg_name):
+    """None or an int >= 1 (for `steps`, `batch_size`, `virtual_batch_size`)."""
+    return check_int(value, arg_name, positive=True, optional=True)
 
 
 def check_float_list(values, arg_name, low, high):
@@ -148,12 +102,12 @@ def check_float_list(values, arg_name, low, high):
     expected = f"a non-empty list of floats in [{low}, {high}]"
     try:  # a string's characters are strings: refused too
         floats = tuple(check_float(value, arg_name) for value in values)
+        in_range = floats and all(low <= value <= high for value in floats)
+        error = None if in_range else ValueError
     except TypeError:
-        raise TypeError(
-            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
-        ) from None
-    if not floats or not all(low <= value <= high for value in floats):
-        raise ValueError(
+        error = TypeError
+    if error is not None:
+        raise error(
             f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
         )
     return floats
@@ -165,17 +119,12 @@ def check_list_of(values, arg_name, types, expected):
     if isinstance(values, types):
         return [values]
     try:
-        if isinstance(values, (str, bytes)):
-            raise TypeError
-        values_ = list(values)
-    except TypeError:
+        values_ = [None] if isinstance(values, (str, bytes)) else list(values)
+    except TypeError:  # not iterable
         values_ = [None]
-    if not all(isinstance(value, types) for value in values_):
-        raise TypeError(
-            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
-        )
-    if not values_:
-        raise ValueError(
+    wrong_type = not all(isinstance(value, types) for value in values_)
+    if wrong_type or not values_:
+        raise (TypeError if wrong_type else ValueError)(
             f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
         )
     return values_
@@ -216,15 +165,10 @@ def check_choice(value, arg_name, choices):
 def check_axis(axis, arg_name="axis", single=False):
     """An int, or a non-empty list of distinct ints (a tuple becomes a list).
 
-    With `single=True` only an int passes (a class axis). Whether the axes
-    exist is known only with the input's rank: `keras_bn.ops.axes`.
-
-    Raises:
-        TypeError: If `axis` or one of its entries is not an integer (a float
-            such as 1.5, a string such as "1", a bool).
-        ValueError: If a list repeats an entry. Entries that name the same
-            axis only for a given rank, such as `[1, -1]` for rank 2, are
-            caught when the rank is known.
+    With `single=True` only an int passes (a class axis). A TypeError for an
+    entry that is not an integer (1.5, "1", True), a ValueError for a repeated
+    one; whether the axes exist, and `[1, -1]` for rank 2, is checked with the
+    input's rank (`keras_bn.ops.axes`).
     """
     expected = "a single int" if single else "an int or a non-empty list/tuple of ints"
     try:
@@ -248,7 +192,7 @@ def check_axis(axis, arg_name="axis", single=False):
 
 def check_epsilon(epsilon):
     """The normalization ops' and layers' `epsilon`: a float > 0, finite."""
-    return check_positive_finite(epsilon, "epsilon")
+    return check_in_range(epsilon, "epsilon", 0, math.inf, low_open=True)
 
 
 def check_clipping_epsilon(epsilon):
@@ -262,14 +206,9 @@ def check_label_smoothing(label_smoothing):
 
 
 def check_not_ragged(value, arg_name, owner, hint):
-    """Refuses ragged and sparse tensors (tf or Keras symbolic) with a clear error.
-
-    Args:
-        value: What was passed.
-        arg_name: Its name in the call, e.g. "inputs".
-        owner: Who refuses it, e.g. "BatchNormalization".
-        hint: What to do instead.
-    """
+    """Refuses ragged and sparse tensors (tf or Keras symbolic): a ValueError
+    naming `arg_name` (`"inputs"`), `owner` (the refusing class) and `hint`
+    (what to do instead)."""
     for kind, tf_type in (("ragged", tf.RaggedTensor), ("sparse", tf.SparseTensor)):
         if isinstance(value, tf_type) or getattr(value, kind, False) is True:
             raise ValueError(
@@ -283,80 +222,53 @@ RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 def check_renorm_clipping(renorm_clipping):
     """The clipping dict with float (or None) values, keys and bounds checked."""
+    received = f"Received: renorm_clipping={renorm_clipping!r}"
     if not isinstance(renorm_clipping, dict):
         raise TypeError(
             "Argument `renorm_clipping` must be a dict with optional keys "
-            f"{list(RENORM_CLIPPING_KEYS)}. Received: "
-            f"renorm_clipping={renorm_clipping!r}"
+            f"{list(RENORM_CLIPPING_KEYS)}. {received}"
         )
-    unknown = set(renorm_clipping) - set(RENORM_CLIPPING_KEYS)
+    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS))
     if unknown:
-        raise ValueError(
-            # Keras's wording, which its own test suite pins.
-            f"Received invalid keys for `renorm_clipping` argument: "
-            f"{sorted(unknown)}. Supported keys: {list(RENORM_CLIPPING_KEYS)}. "
-            f"Got: renorm_clipping={renorm_clipping}"
+        raise ValueError(  # Keras's wording, which its own test suite pins
+            f"Received invalid keys for `renorm_clipping` argument: {unknown}. "
+            f"Supported keys: {list(RENORM_CLIPPING_KEYS)}. {received}"
         )
     clip = {}
     for key, value in renorm_clipping.items():
-        if value is None:
-            clip[key] = None
-            continue
         try:
-            clip[key] = check_float(value, "renorm_clipping")
+            clip[key] = None if value is None else check_float(value, key)
         except TypeError:
             raise TypeError(
                 f"Argument `renorm_clipping` must map {key!r} to a float or None. "
-                f"Received: renorm_clipping={renorm_clipping!r}"
+                f"{received}"
             ) from None
-        if math.isnan(clip[key]):
+        if value is not None and math.isnan(clip[key]):
             raise ValueError(
-                f"Argument `renorm_clipping` maps {key!r} to NaN. "
-                f"Received: renorm_clipping={renorm_clipping}"
+                f"Argument `renorm_clipping` maps {key!r} to NaN. {received}"
             )
     rmin, rmax, dmax = (clip.get(k) for k in ("rmin", "rmax", "dmax"))
     for broken, needs in (
         (rmin is not None and rmin < 0, "rmin should be non-negative"),
-        (
-            rmin is not None and rmax is not None and rmax < rmin,
-            "rmax should be >= rmin",
-        ),
+        (None not in (rmin, rmax) and rmax < rmin, "rmax should be >= rmin"),
         (dmax is not None and dmax < 0, "dmax should be non-negative"),
     ):
         if broken:
-            raise ValueError(
-                f"Argument `renorm_clipping`: {needs}. "
-                f"Received: renorm_clipping={renorm_clipping}"
-            )
+            raise ValueError(f"Argument `renorm_clipping`: {needs}. {received}")
     return clip
 
 
 def check_verbose(verbose):
     """Keras's `verbose`: "auto" (as 1), 0, 1 or 2."""
-    if verbose == "auto":
-        return 1
-    if verbose in (0, 1, 2) and not isinstance(verbose, bool):
-        return int(verbose)
-    raise ValueError(
-        f"Argument `verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}"
-    )
+    verbose = check_choice(verbose, "verbose", ("auto", 0, 1, 2))
+    return 1 if verbose == "auto" else int(verbose)
 
 
 def shape_at_run_time(tensor, expected, message):
-    """`tensor`, checked at run time to have exactly the shape `expected`.
-
-    Args:
-        tensor: A boolean tensor whose static shape left some dimensions
-            unknown.
-        expected: int64 shape tensor it must have.
-        message: The error message, naming the argument.
-
-    Returns:
-        `tensor` (values unchanged), to be used in its place: a mismatch
-        raises an InvalidArgumentError with `message` in graph mode, and
-        fails to broadcast under XLA (a transposed shape, the same number
-        of elements in another order, fails both).
-    """
+    """`tensor` (a boolean tensor with some sizes unknown until run time),
+    checked to have exactly the int64 shape `expected`: to be used in its
+    place. A mismatch raises an InvalidArgumentError with `message` in graph
+    mode and fails to broadcast under XLA."""
     assertion = tf.debugging.assert_equal(
         tf.shape(tensor, out_type=tf.int64), expected, message=message
     )
@@ -371,12 +283,8 @@ def shape_at_run_time(tensor, expected, message):
 
 def divisible_at_run_time(shape, divisor, message):
     """`shape`, checked at run time to have a first size that `divisor` (an
-    int) divides.
-
-    An InvalidArgumentError with `message` in graph mode; under XLA, where
-    shapes are known when it compiles, the caller's reshape to
-    `[-1, divisor, ...]` fails instead.
-    """
+    int) divides: an InvalidArgumentError with `message` in graph mode (under
+    XLA, the caller's reshape to `[-1, divisor, ...]` fails instead)."""
     assertion = tf.debugging.assert_equal(
         tf.math.floormod(shape[0], divisor), tf.zeros([], shape.dtype), message=message
     )
