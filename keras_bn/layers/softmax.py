@@ -13,11 +13,6 @@ _DENSE_HINT = (
 )
 
 
-def _large_negative_number(dtype):
-    """What masked inputs become: representable in `dtype`, as in Keras."""
-    return -3e4 if dtype == tf.float16 else -1e9
-
-
 def _check_mask_shape(mask, inputs):
     if mask.shape.rank > inputs.shape.rank:
         raise ValueError(
@@ -93,11 +88,9 @@ class Softmax(keras.layers.Layer):
             _check_mask_shape(mask, inputs)
             if mask.dtype != tf.bool:
                 mask = tf.greater(mask, tf.cast(0.5, mask.dtype))
-            inputs = tf.where(
-                mask,
-                inputs,
-                tf.cast(_large_negative_number(inputs.dtype), inputs.dtype),
-            )
+            # As Keras: a large negative number representable in the dtype.
+            masked = -3e4 if inputs.dtype == tf.float16 else -1e9
+            inputs = tf.where(mask, inputs, tf.cast(masked, inputs.dtype))
         outputs = softmax_over(inputs, self._axis)
         if mask is not None:
             # An entirely masked slice would otherwise be uniform.

@@ -1,10 +1,9 @@
 """The Keras-loss plumbing shared by keras_bn's losses.
 
-The refusal of ragged and sparse inputs, Keras's alignment of sample
-weights and masks, and the rules for reading logits behind a softmax. The
-argument checks live in `keras_bn.ops.checks` and the per-example losses in
-`keras_bn.ops.cross_entropy`; `softmax_cross_entropy.py` and
-`categorical_crossentropy.py` hold the loss classes.
+`BaseLoss`, their base class: ragged and sparse inputs refused, arguments
+serialized. Keras's alignment of sample weights and masks, and the rules for
+reading logits behind a softmax. The argument checks live in
+`keras_bn.ops.checks` and the per-example losses in `keras_bn.ops.cross_entropy`.
 """
 
 import warnings
@@ -16,8 +15,8 @@ from keras_bn._internals import keras_logits
 from keras_bn.ops.checks import check_not_ragged
 
 __all__ = [
+    "BaseLoss",
     "check_dense_loss_inputs",
-    "dtype_config",
     "logits_behind",
     "sparse_class_ids",
     "squeeze_or_expand_to_same_rank",
@@ -41,15 +40,32 @@ def check_dense_loss_inputs(loss, y_true, y_pred, sample_weight):
         check_not_ragged(value, name, owner, _DENSE_HINT)
 
 
-def dtype_config(dtype):
-    """`dtype` as given to `__init__`, in a JSON-friendly form."""
-    if dtype is None or isinstance(dtype, str):
-        return dtype
-    return keras.dtype_policies.serialize(dtype)
+class BaseLoss(keras.losses.Loss):
+    """A `keras.losses.Loss` that refuses ragged and sparse inputs, and whose
+    config holds the attributes named in `config_keys` and `dtype` as given."""
+
+    config_keys = ()
+
+    def __init__(self, name, reduction, dtype):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if dtype is not None and not isinstance(dtype, str):
+            dtype = keras.dtype_policies.serialize(dtype)  # JSON-friendly
+        self.dtype_config = dtype
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({key: getattr(self, key) for key in self.config_keys})
+        config["dtype"] = self.dtype_config
+        return config
 
 
 def squeeze_or_expand_to_same_rank(x1, x2):
     """Keras's alignment of two tensors whose ranks differ by a trailing 1."""
+    x1, x2 = tf.convert_to_tensor(x1), tf.convert_to_tensor(x2)
     rank1, rank2 = x1.shape.rank, x2.shape.rank
     if rank1 == rank2 + 1 and x1.shape[-1] == 1:
         if rank2 == 1:

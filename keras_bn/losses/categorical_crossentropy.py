@@ -3,19 +3,10 @@
 Same signatures, results, reductions, masks and sample weights as
 `keras.losses.CategoricalCrossentropy` and
 `keras.losses.SparseCategoricalCrossentropy`, computed by the ops of
-`keras_bn.ops.cross_entropy` (hand-written gradients). They differ from Keras
-where Keras is wrong:
-
-- label smoothing takes the number of classes from the class axis `axis`
-  (Keras uses the last axis whatever `axis` is);
-- sparse labels work with any class axis (Keras accepts only the last);
-- `SparseCategoricalCrossentropy.get_config()` includes `axis`, and both
-  include `dtype`;
-- out-of-range sparse labels raise a ValueError in eager mode and give a NaN
-  loss in a `tf.function` or under XLA, on every device;
-- ragged or sparse `y_true`, `y_pred` or `sample_weight` raise a ValueError
-  saying so, and `from_logits` must be True or False (Keras reads the string
-  "False" as true).
+`keras_bn.ops.cross_entropy` (hand-written gradients). Where they differ from
+Keras, deliberately (label smoothing and sparse labels on any class axis,
+`axis` and `dtype` in the config, out-of-range labels, ragged inputs, a
+`from_logits` that is not a bool): `docs/losses.md`.
 """
 
 import warnings
@@ -24,8 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_bn._internals import set_keras_mask
-from keras_bn.losses.base import check_dense_loss_inputs
-from keras_bn.losses.base import dtype_config
+from keras_bn.losses.base import BaseLoss
 from keras_bn.losses.base import logits_behind
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
@@ -38,7 +28,7 @@ from keras_bn.ops.checks import check_optional_int
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
-class CategoricalCrossentropy(keras.losses.Loss):
+class CategoricalCrossentropy(BaseLoss):
     r"""Cross-entropy between one-hot (or soft) labels and predictions.
 
     A drop-in for `keras.losses.CategoricalCrossentropy`. Per example, over
@@ -82,6 +72,8 @@ class CategoricalCrossentropy(keras.losses.Loss):
     1.177
     """
 
+    config_keys = ("from_logits", "label_smoothing", "axis")
+
     def __init__(
         self,
         from_logits=False,
@@ -91,20 +83,13 @@ class CategoricalCrossentropy(keras.losses.Loss):
         name="categorical_crossentropy",
         dtype=None,
     ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        super().__init__(name, reduction, dtype)
         self.from_logits = check_bool(from_logits, "from_logits")
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.axis = check_axis(axis, single=True)
-        self.dtype_config = dtype_config(dtype)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
-        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
-        y_true, y_pred = squeeze_or_expand_to_same_rank(
-            tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
-        )
+        y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
         y_true = tf.cast(y_true, y_pred.dtype)
         if y_pred.shape[-1] == 1:
             warnings.warn(
@@ -118,32 +103,15 @@ class CategoricalCrossentropy(keras.losses.Loss):
         y_pred, from_logits = logits_behind(
             y_pred, self.from_logits, "categorical_crossentropy"
         )
+        args = (y_true, y_pred, self.axis, self.label_smoothing)
         if from_logits:
-            return cross_entropy.dense(y_true, y_pred, self.axis, self.label_smoothing)
-        return cross_entropy.dense_from_probabilities(
-            y_true,
-            y_pred,
-            self.axis,
-            self.label_smoothing,
-            # Read at each call, as Keras reads it.
-            check_clipping_epsilon(keras.config.epsilon()),
-        )
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "from_logits": self.from_logits,
-                "label_smoothing": self.label_smoothing,
-                "axis": self.axis,
-                "dtype": self.dtype_config,
-            }
-        )
-        return config
+            return cross_entropy.dense(*args)
+        epsilon = check_clipping_epsilon(keras.config.epsilon())  # per call, as Keras
+        return cross_entropy.dense_from_probabilities(*args, epsilon)
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
-class SparseCategoricalCrossentropy(keras.losses.Loss):
+class SparseCategoricalCrossentropy(BaseLoss):
     r"""Cross-entropy between integer labels and predictions.
 
     A drop-in for `keras.losses.SparseCategoricalCrossentropy`. Per example,
@@ -157,10 +125,8 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
 
     No one-hot tensor is built. Examples labelled `ignore_class` get loss 0,
     zero gradient and are left out of the mean (Keras marks them with a mask);
-    a batch where every label is ignored gives 0. Unlike Keras, any class
-    `axis` works (channels-first segmentation), and labels outside
-    `[0, num_classes)` raise a ValueError in eager mode and give a NaN loss
-    in a `tf.function` or under XLA.
+    a batch where every label is ignored gives 0. Unlike Keras's, any class
+    `axis` works (channels-first segmentation).
 
     Args:
         from_logits: True or False: whether `y_pred` holds logits rather
@@ -191,6 +157,8 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
     1.177
     """
 
+    config_keys = ("from_logits", "ignore_class", "axis")
+
     def __init__(
         self,
         from_logits=False,
@@ -200,20 +168,13 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
         name="sparse_categorical_crossentropy",
         dtype=None,
     ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        super().__init__(name, reduction, dtype)
         self.from_logits = check_bool(from_logits, "from_logits")
         self.ignore_class = check_optional_int(ignore_class, "ignore_class")
         self.axis = check_axis(axis, single=True)
-        self.dtype_config = dtype_config(dtype)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
-        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
-        y_true, y_pred = squeeze_or_expand_to_same_rank(
-            tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
-        )
+        y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
         labels = sparse_class_ids(y_true, y_pred, self.axis)
         from_logits = self.from_logits
         if self.ignore_class is None:
@@ -221,31 +182,12 @@ class SparseCategoricalCrossentropy(keras.losses.Loss):
             y_pred, from_logits = logits_behind(
                 y_pred, from_logits, "sparse_categorical_crossentropy"
             )
+        args = (labels, y_pred, self.axis, 0.0, self.ignore_class)
         if from_logits:
-            losses = cross_entropy.sparse(
-                labels, y_pred, self.axis, 0.0, self.ignore_class
-            )
+            losses = cross_entropy.sparse(*args)
         else:
-            losses = cross_entropy.sparse_from_probabilities(
-                labels,
-                y_pred,
-                self.axis,
-                0.0,
-                self.ignore_class,
-                check_clipping_epsilon(keras.config.epsilon()),
-            )
+            epsilon = check_clipping_epsilon(keras.config.epsilon())
+            losses = cross_entropy.sparse_from_probabilities(*args, epsilon)
         if self.ignore_class is not None:
             set_keras_mask(losses, tf.not_equal(labels, self.ignore_class))
         return losses
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "from_logits": self.from_logits,
-                "ignore_class": self.ignore_class,
-                "axis": self.axis,
-                "dtype": self.dtype_config,
-            }
-        )
-        return config

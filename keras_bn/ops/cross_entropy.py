@@ -24,22 +24,6 @@ Sparse labels (one class id `y` per example) are the dense case with
     loss = lse - (1 - s) z_y - s * mean_c(z_c)
     dx   = upstream * (p - s / C - (1 - s) [c == y])
 
-With the class axis last, the forward pass picks `z_y` with a gather and the
-backward pass subtracts at the label positions with a scatter, which touches
-one entry per example. On other axes (per-pixel losses, class axis 1) both
-use a compare with a class iota: a masked sum forward, and
-`where(iota == y, p - a, p - b)` backward, one elementwise op.
-
-The dense forward pass keeps `exp(z)` for the backward pass (one exponential
-per entry, as in `tf.nn`'s kernel) and takes the loss and `sum(t)` in one
-reduction over a stack of `t * (lse - z)` and `t` under XLA (one kernel
-instead of two; elsewhere two reductions, which avoid the stacked copy).
-
-Sparse labels outside `[0, C)` (other than `ignore_class`): in eager mode a
-ValueError; in a `tf.function` or under XLA, the loss and the gradient of
-that example are NaN (pure tensor ops, identical on every device). Examples
-whose label is `ignore_class` have loss 0 and gradient 0.
-
 Probabilities instead of logits (the Keras `from_logits=False` contract):
 
     probability_cross_entropy:  q = clip(p / sum(p), e, 1 - e)
@@ -51,31 +35,16 @@ Probabilities instead of logits (the Keras `from_logits=False` contract):
                                 log(clip(p, e, 1 - e)), whose derivative is
                                 1 / p inside the clipping range, else 0.
 
-Shapes: `labels` must have the shape of `logits` (dense) or that shape
-without the class axis (sparse). A mismatch of known dimensions raises a
-ValueError naming both shapes when the graph is built; dimensions unknown then
-are checked when it runs (an InvalidArgumentError from a reshape).
-
 Higher orders. The backward passes read the original inputs and hidden
 outputs (`exp(z - m)` and its row sums; `p / sum(p)` and `sum(p)` for
 probabilities), each with its own vector-Jacobian product, so differentiating
-them runs through the op again (`keras_bn/ops/custom_op.py`). Eagerly, where
-no tape can differentiate the backward pass, the sparse loss with the class
-axis last, no smoothing and nothing ignored runs on TensorFlow's
-`SparseSoftmaxCrossEntropyWithLogits` kernel, which gives the loss and
-`softmax - onehot(y)` in one op.
+them runs through the op again (`keras_bn/ops/custom_op.py`).
 
-float16 and bfloat16 inputs are computed in float32 and the loss is returned
-in float32: a float16 loss would overflow for logit gaps above 65504 (the
-loss of logits [6e4, -6e4] is 1.2e5). float64 stays float64. Gradients take
-the dtype of their input; a float16 label gradient (`-log p`) overflows where
-`-log p > 65504`.
-
-Entry points. The public ops check their Python arguments and call the cores
-`dense`, `sparse`, `dense_from_probabilities` and `sparse_from_probabilities`,
-which take checked ones (`axis` an int, `smoothing` a float in [0, 1],
-`ignore_class` an int or None, `epsilon` a float in (0, 0.5)): the losses
-check theirs once, in their constructors, and call the cores.
+Out-of-range labels, shapes, dtypes (float16 and bfloat16 computed, and the
+loss returned, in float32) and the implementation choices: `docs/losses.md`.
+The public ops check their Python arguments and call the cores (`dense`,
+`sparse`, `dense_from_probabilities`, `sparse_from_probabilities`), which the
+losses call with arguments they checked once, in their constructors.
 """
 
 import tensorflow as tf
@@ -96,34 +65,26 @@ from keras_bn.ops.dtypes import float_tensor
 _INTS = (tf.int32, tf.int64)
 
 
-def _class_axis(axis, rank):
-    """The class axis (an int, `check_axis`) as a non-negative int, checked
-    against `rank`."""
+def _class_axis(x, axis, name):
+    """`axis` (an int) as a non-negative int, checked against the rank of `x`."""
+    rank = static_rank(x, name)
     if not -rank <= axis < rank:
         raise ValueError(
-            f"Argument `axis` is out of range for logits of rank {rank}: "
+            f"Argument `axis` is out of range for {name} of rank {rank}: "
             f"expected a value in [{-rank}, {rank}). Received: axis={axis}"
         )
     return axis % rank
 
 
-def _same_shape(expected, got):
-    if expected.rank is None or got.rank is None:
-        return True
-    return expected.rank == got.rank and expected.is_compatible_with(got)
-
-
 def _check_shapes(labels, logits, axis, sparse, name="logits"):
     """Static shape check (ValueError naming both), dynamic one if needed."""
     dims = logits.shape.as_list()
-    expected = tf.TensorShape(
-        [d for i, d in enumerate(dims) if i != axis or not sparse]
-    )
-    if not _same_shape(expected, labels.shape):
-        what = f"the shape of `{name}`" + (" without the class axis" if sparse else "")
+    expected = tf.TensorShape(dims[:axis] + dims[axis + 1 :] if sparse else dims)
+    if not expected.is_compatible_with(labels.shape):  # also for another rank
+        what = " without the class axis" if sparse else ""
         raise ValueError(
-            f"`labels` must have {what}, {expected.as_list()}. Received: "
-            f"labels.shape={labels.shape.as_list()}, "
+            f"`labels` must have the shape of `{name}`{what}, {expected.as_list()}. "
+            f"Received: labels.shape={labels.shape.as_list()}, "
             f"{name}.shape={dims}, axis={axis}"
         )
     if labels.shape.is_fully_defined() and expected.is_fully_defined():
@@ -135,6 +96,14 @@ def _check_shapes(labels, logits, axis, sparse, name="logits"):
     if sparse:
         dynamic = tf.concat([dynamic[:axis], dynamic[axis + 1 :]], axis=0)
     return tf.reshape(labels, dynamic)
+
+
+def _dense_inputs(labels, x, axis, name):
+    """Float `labels` and `x` of one shape, and the class axis, checked."""
+    x = float_tensor(x, name)
+    labels = float_tensor(labels, "labels")
+    axis = _class_axis(x, axis, name)
+    return _check_shapes(labels, x, axis, sparse=False, name=name), x, axis
 
 
 def _class_iota(logits, axis, dtype):
@@ -160,12 +129,10 @@ def _smooth(labels, num_classes, label_smoothing):
 def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
     r"""Softmax cross-entropy between a label distribution and logits.
 
-    `loss = sum_c t_c * (lse - z_c)` over the class axis, with `z = logits -
-    max(logits)`, `lse = log(sum_c exp(z_c))` and `t = (1 - s) * labels + s /
-    C` for a label smoothing `s` and `C` classes (the size of `axis`).
-    Gradients (derivation in this module's docstring):
-    `dlogits = upstream * (softmax * sum(t) - t)`, exact also when the labels
-    do not sum to one, and `dlabels = -upstream * (1 - s) * log_softmax`.
+    `loss = sum_c t_c * (lse - z_c)` over `axis`, with `t` the labels smoothed
+    by `s` (module docstring). Gradients: `dlogits = upstream * (softmax *
+    sum(t) - t)`, exact also when the labels do not sum to one, and
+    `dlabels = -upstream * (1 - s) * log_softmax`.
 
     Args:
         labels: Float tensor of the shape of `logits`: a distribution over the
@@ -180,8 +147,7 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
 
     Raises:
         TypeError: If `labels` or `logits` is not a float tensor.
-        ValueError: If the shapes differ (both are named) or `axis` or
-            `label_smoothing` is out of range.
+        ValueError: If the shapes differ or an argument is out of range.
 
     Example:
 
@@ -189,20 +155,13 @@ def softmax_cross_entropy(labels, logits, axis=-1, label_smoothing=0.0):
     <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.4401897],
     dtype=float32)>
     """
-    return dense(
-        labels,
-        logits,
-        check_axis(axis, single=True),
-        check_label_smoothing(label_smoothing),
-    )
+    axis = check_axis(axis, single=True)
+    return dense(labels, logits, axis, check_label_smoothing(label_smoothing))
 
 
 def dense(labels, logits, axis, smoothing):
     """`softmax_cross_entropy` on checked arguments (module docstring)."""
-    logits = float_tensor(logits, "logits")
-    labels = float_tensor(labels, "labels")
-    axis = _class_axis(axis, static_rank(logits, "logits"))
-    labels = _check_shapes(labels, logits, axis, sparse=False)
+    labels, logits, axis = _dense_inputs(labels, logits, axis, "logits")
     dtype = compute_dtype(logits.dtype)
 
     def forward(labels, logits):
@@ -222,9 +181,7 @@ def dense(labels, logits, axis, smoothing):
         else:
             loss = tf.reduce_sum(loss_terms, axis=axis)
             total = tf.reduce_sum(target, axis=axis, keepdims=True)
-        # exp(z), its row sums and sum(t) are hidden outputs: the backward
-        # pass keeps one logits-sized tensor, exp(z), and differentiates
-        # through all three.
+        # The backward pass keeps one logits-sized tensor, exp(z).
         return (loss,), (exp_z, sum_exp, total), (row_max, num_classes)
 
     # Asked while the tapes that watch the inputs are active: eagerly, no
@@ -232,53 +189,38 @@ def dense(labels, logits, axis, smoothing):
     labels_watched = gradient_order([labels]) != NO_GRADIENT
 
     def backward(context, upstream, hidden_upstream):
-        return _dense_backward(
-            context, upstream[0], hidden_upstream, axis, smoothing, labels_watched
-        )
+        r"""From the inputs and the hidden outputs `u = exp(x - m)`,
+        `S = sum(u)` and `T = sum(t)` (the row maximum `m` is a constant: `u`
+        is used only through `u / S`, which does not depend on it):
+
+            dlogits = upstream * (u * T / S - t) + u * (du + dS)
+            dlabels = upstream * (1 - s) * (log(S) + m - x) + (1 - s) * dT
+
+        with `du`, `dS`, `dT` the hidden outputs' upstream gradients. `dlabels`
+        is None where no tape watched the labels when the op ran (eagerly).
+        """
+        labels, logits = context.inputs
+        exp_z, sum_exp, total = context.hidden
+        row_max, num_classes = context.saved
+        upstream = tf.expand_dims(tf.cast(upstream[0], dtype), axis)
+        target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
+        dlogits = upstream * (exp_z * (total / sum_exp) - target)
+        dlogits = _add_exp_terms(context, dlogits, hidden_upstream[:2], exp_z)
+        if not labels_watched:
+            return None, tf.cast(dlogits, logits.dtype)
+        neg_log_p = tf.math.log(sum_exp) - (tf.cast(logits, dtype) - row_max)
+        dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
+        if context.live(hidden_upstream[2]):
+            dlabels += (1.0 - smoothing) * tf.cast(hidden_upstream[2], dtype)
+        return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
 
     reads = (0, 1) if labels_watched else (0,)
     return custom_op(forward, backward, labels, logits, first_order_reads=reads)[0]
 
 
-def _dense_backward(
-    context, upstream, hidden_upstream, axis, smoothing, labels_watched
-):
-    r"""The dense cross-entropy backward pass (module docstring).
-
-    From the original labels and logits and the hidden outputs `u = exp(x -
-    m)`, `S = sum(u)` and `T = sum(t)`, with the row maximum `m` a constant
-    (every use of `u` is through `u / S`, which does not depend on `m`):
-
-        dlogits = upstream * (u * T / S - t)
-        dlabels = upstream * (1 - s) * (log(S) + m - x)     (-log p)
-
-    plus the hidden outputs' own vector-Jacobian products for upstream
-    gradients `du`, `dS`, `dT`: `dlogits += u * (du + dS)` and
-    `dlabels += (1 - s) * dT`. `dlabels` is None where no tape watched the
-    labels when the op ran (eagerly; a graph builds it, and prunes it unused).
-    """
-    labels, logits = context.inputs
-    exp_z, sum_exp, total = context.hidden
-    row_max, num_classes = context.saved
-    dtype = exp_z.dtype
-    upstream = tf.expand_dims(tf.cast(upstream, dtype), axis)
-    target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
-    # softmax * sum(t) - t, reusing the forward's exponentials.
-    dlogits = upstream * (exp_z * (total / sum_exp) - target)
-    dlogits = _add_exp_terms(context, dlogits, hidden_upstream[:2], exp_z)
-    if not labels_watched:
-        return None, tf.cast(dlogits, logits.dtype)  # no tape watches the labels
-    neg_log_p = tf.math.log(sum_exp) - (tf.cast(logits, dtype) - row_max)
-    dlabels = (upstream * (1.0 - smoothing)) * neg_log_p
-    if context.live(hidden_upstream[2]):
-        dlabels += (1.0 - smoothing) * tf.cast(hidden_upstream[2], dtype)
-    return tf.cast(dlabels, labels.dtype), tf.cast(dlogits, logits.dtype)
-
-
 def _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis=None):
-    """`dlogits + u * (du + dS)`: the vector-Jacobian products of the hidden
-    outputs `u = exp(x - m)` and `S = sum(u)` (`dS` is expanded at `axis`
-    when given, else already at broadcast shape)."""
+    """`dlogits + u * (du + dS)` for the hidden `u = exp(z)` and `S = sum(u)`
+    (`dS` expanded at `axis` when given, else already at broadcast shape)."""
     du, dsum = hidden_upstream
     terms = [du] if context.live(du) else []
     if context.live(dsum):
@@ -288,32 +230,32 @@ def _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis=None):
     return dlogits + exp_z * (terms[0] if len(terms) == 1 else terms[0] + terms[1])
 
 
-def _sparse_labels(labels, logits, axis, ignore_class, name):
-    """Validated int labels, plus `(in_range, ignored)` boolean tensors."""
+def _sparse_inputs(labels, x, axis, ignore_class, name):
+    """Float `x`, its class axis, int `labels` shaped as `x` without it, and
+    boolean `in_range` and `ignored` tensors (None: all in range, none ignored)."""
+    x = float_tensor(x, name)
+    axis = _class_axis(x, axis, name)
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in _INTS:
         raise TypeError(
             "`labels` must be an int32 or int64 tensor of class ids. Received "
             f"dtype: {labels.dtype.name}"
         )
-    labels = _check_shapes(labels, logits, axis, sparse=True, name=name)
+    labels = _check_shapes(labels, x, axis, sparse=True, name=name)
     if tf.executing_eagerly():
-        return _checked_eager_labels(labels, logits.shape[axis], ignore_class)
-    num_classes = tf.shape(logits, out_type=labels.dtype)[axis]
+        return x, axis, *_checked_eager_labels(labels, x.shape[axis], ignore_class)
+    num_classes = tf.shape(x, out_type=labels.dtype)[axis]
     in_range = tf.logical_and(labels >= 0, labels < num_classes)
     ignored = None
     if ignore_class is not None:
         ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
-    return labels, in_range, ignored
+    return x, axis, labels, in_range, ignored
 
 
 def _checked_eager_labels(labels, num_classes, ignore_class):
-    """Eagerly, a ValueError for labels outside `[0, C)` (but `ignore_class`).
-
-    Read on the host, where the labels' values are at hand: no kernel runs
-    unless some label is ignored. `in_range` and `ignored` are then None where
-    every label is in range, or none is ignored.
-    """
+    """Eagerly, a ValueError for labels outside `[0, C)` (but `ignore_class`),
+    read on the host; `(labels, in_range, ignored)`, None where all are in
+    range or none is ignored (no kernel runs unless some label is ignored)."""
     values = labels.numpy()
     outside = (values < 0) | (values >= num_classes)
     ignored = None if ignore_class is None else values == ignore_class
@@ -340,12 +282,9 @@ def _pick(z, labels, axis):
 
 
 def _subtract_at_labels(values, labels, amounts, axis):
-    """`values - amounts * onehot(labels)`, without building the one-hot.
-
-    With the class axis last, a scatter touches only the label positions (one
-    copy of `values`); elsewhere (per-pixel losses, class axis 1) a select
-    against a class iota is the cheaper form.
-    """
+    """`values - amounts * onehot(labels)`, no one-hot built: with the class
+    axis last a scatter at the label positions, elsewhere (class axis 1 for
+    per-pixel losses) the cheaper select against a class iota."""
     rank = values.shape.rank
     if axis == rank - 1:
         if rank == 2:
@@ -366,8 +305,7 @@ def _subtract_at_labels(values, labels, amounts, axis):
 
 
 def _per_example_mask(value, in_range, ignored):
-    """NaN where the label is out of range, 0 where it is ignored (None:
-    every label is in range, none is ignored)."""
+    """NaN where the label is out of range, 0 where it is ignored."""
     if in_range is not None:
         value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
     if ignored is not None:
@@ -380,11 +318,10 @@ def sparse_softmax_cross_entropy(
 ):
     r"""Softmax cross-entropy with integer class ids, no one-hot tensor built.
 
-    `loss = lse - (1 - s) * z_y - s * mean_c(z_c)` with `z = logits -
-    max(logits)`, `lse = log(sum_c exp(z_c))`, `y` the label and `s` the label
-    smoothing: the dense loss for the target `(1 - s) * onehot(y) + s / C`.
-    Gradient: `dlogits = upstream * (softmax - s / C - (1 - s) * onehot(y))`,
-    subtracted at the label positions only (module docstring).
+    `loss = lse - (1 - s) * z_y - s * mean_c(z_c)`: the dense loss for the
+    target `(1 - s) * onehot(y) + s / C` (module docstring). Gradient:
+    `dlogits = upstream * (softmax - s / C - (1 - s) * onehot(y))`,
+    subtracted at the label positions only.
 
     Args:
         labels: int32 or int64 tensor of class ids in `[0, C)`, shaped as
@@ -398,16 +335,14 @@ def sparse_softmax_cross_entropy(
 
     Returns:
         The per-example loss, shaped as `labels`, in float32 for
-        float16/bfloat16 logits and in the logits' dtype otherwise. An
-        out-of-range label (not `ignore_class`) raises a ValueError in eager
-        mode; in a `tf.function` or under XLA that example's loss and
-        gradient are NaN.
+        float16/bfloat16 logits and in the logits' dtype otherwise. In a
+        `tf.function` or under XLA, NaN for an out-of-range label.
 
     Raises:
         TypeError: If `labels` is not an int tensor or `logits` not a float
             one, or `ignore_class` is not an int.
-        ValueError: If the shapes are incompatible (both are named), an
-            argument is out of range, or (eagerly) a label is out of range.
+        ValueError: If the shapes differ, an argument is out of range, or
+            (eagerly) a label is out of range and not `ignore_class`.
 
     Example:
 
@@ -415,25 +350,20 @@ def sparse_softmax_cross_entropy(
     >>> loss.numpy().round(5)  # lse - z_y: 0.44019 and 3.44019
     array([0.44019, 3.44019], dtype=float32)
     """
-    return sparse(
-        labels,
-        logits,
-        check_axis(axis, single=True),
-        check_label_smoothing(label_smoothing),
-        check_optional_int(ignore_class, "ignore_class"),
-    )
+    axis = check_axis(axis, single=True)
+    smoothing = check_label_smoothing(label_smoothing)
+    ignore_class = check_optional_int(ignore_class, "ignore_class")
+    return sparse(labels, logits, axis, smoothing, ignore_class)
 
 
 def sparse(labels, logits, axis, smoothing, ignore_class):
     """`sparse_softmax_cross_entropy` on checked arguments."""
-    logits = float_tensor(logits, "logits")
-    axis = _class_axis(axis, static_rank(logits, "logits"))
-    checked = _sparse_labels(labels, logits, axis, ignore_class, "logits")
-    return _sparse_cross_entropy(logits, *checked, axis, smoothing)
+    inputs = _sparse_inputs(labels, logits, axis, ignore_class, "logits")
+    return _sparse_cross_entropy(*inputs, smoothing)
 
 
-def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
-    """The sparse loss on validated inputs (see `_sparse_labels`)."""
+def _sparse_cross_entropy(logits, axis, labels, in_range, ignored, smoothing):
+    """The sparse loss on the outputs of `_sparse_inputs`."""
     dtype = compute_dtype(logits.dtype)
     if _kernel_applies(logits, in_range, ignored, axis, smoothing):
         return _sparse_cross_entropy_on_kernel(logits, labels, dtype)
@@ -463,7 +393,6 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
             dlogits -= tf.expand_dims(off * upstream, axis)
         hit = upstream if not smoothing else (1.0 - smoothing) * upstream
         dlogits = _subtract_at_labels(dlogits, safe_labels, hit, axis)
-        # The hidden outputs exp(z) and its sums, as in the dense case.
         dlogits = _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis)
         if ignored is not None:
             # Zero even where ignored logits are not finite.
@@ -476,15 +405,12 @@ def _sparse_cross_entropy(logits, labels, in_range, ignored, axis, smoothing):
 
 
 def _kernel_applies(logits, in_range, ignored, axis, smoothing):
-    """Whether the eager first-order case can run on TensorFlow's kernel.
+    """Whether the eager first-order case runs on TensorFlow's kernel.
 
-    Eagerly, a call costs about as much per op as per entry for common
-    sizes, and `SparseSoftmaxCrossEntropyWithLogits` gives the loss and
-    `softmax - onehot(y)` in one. It applies with the class axis last, every
-    label in range (checked above), none ignored and no smoothing, and where
-    no tape can differentiate the backward pass (which reads the kernel's
-    `softmax - onehot(y)` as a value). Graphs keep the closed form, which
-    compiles to fewer passes than the kernel.
+    `SparseSoftmaxCrossEntropyWithLogits` gives the loss and `softmax -
+    onehot(y)` in one op (eagerly, an op costs about as much as an entry for
+    common sizes). Its gradient is a value, so no tape may differentiate the
+    backward pass. Graphs keep the closed form, which compiles to fewer passes.
     """
     return (
         tf.executing_eagerly()
@@ -529,11 +455,9 @@ def probability_cross_entropy(
     r"""Cross-entropy from probabilities, clipped as Keras does.
 
     `loss = -sum_c t_c * log(q_c)` with `q = clip(p / sum(p), epsilon,
-    1 - epsilon)` (renormalized over `axis`, then clipped) and `t` the labels,
-    smoothed as in `softmax_cross_entropy`. This is Keras's
-    `categorical_crossentropy(from_logits=False)`; the gradient is that of
-    this formula (zero where the clip is active), written out in this
-    module's docstring.
+    1 - epsilon)` and `t` the labels, smoothed as in `softmax_cross_entropy`:
+    Keras's `categorical_crossentropy(from_logits=False)`. The gradient is
+    that of this formula (zero where the clip is active; module docstring).
 
     Args:
         labels: Float tensor of the shape of `probabilities`.
@@ -553,22 +477,16 @@ def probability_cross_entropy(
     <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.05129331],
     dtype=float32)>
     """
-    return dense_from_probabilities(
-        labels,
-        probabilities,
-        check_axis(axis, single=True),
-        check_label_smoothing(label_smoothing),
-        check_clipping_epsilon(epsilon),
-    )
+    axis = check_axis(axis, single=True)
+    smoothing = check_label_smoothing(label_smoothing)
+    epsilon = check_clipping_epsilon(epsilon)
+    return dense_from_probabilities(labels, probabilities, axis, smoothing, epsilon)
 
 
 def dense_from_probabilities(labels, probabilities, axis, smoothing, epsilon):
     """`probability_cross_entropy` on checked arguments."""
-    probabilities = float_tensor(probabilities, "probabilities")
-    labels = float_tensor(labels, "labels")
-    axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
-    labels = _check_shapes(
-        labels, probabilities, axis, sparse=False, name="probabilities"
+    labels, probabilities, axis = _dense_inputs(
+        labels, probabilities, axis, "probabilities"
     )
     dtype = compute_dtype(probabilities.dtype)
 
@@ -599,9 +517,8 @@ def dense_from_probabilities(labels, probabilities, axis, smoothing, epsilon):
         dlabels = (-upstream * (1.0 - smoothing)) * tf.math.log(q)
         return tf.cast(dlabels, labels.dtype), tf.cast(dp, probabilities.dtype)
 
-    return custom_op(forward, backward, labels, probabilities, first_order_reads=(0,))[
-        0
-    ]
+    inputs = (labels, probabilities)
+    return custom_op(forward, backward, *inputs, first_order_reads=(0,))[0]
 
 
 def _clipped_log(probabilities, epsilon, dtype):
@@ -636,10 +553,8 @@ def sparse_probability_cross_entropy(
 
     `loss = sparse_softmax_cross_entropy(labels, log(clip(p, epsilon,
     1 - epsilon)))`, i.e. `log(sum_c q_c) - log(q_y)` with `q` the clipped
-    probabilities (not renormalized before clipping). This is Keras's
-    `sparse_categorical_crossentropy(from_logits=False)`, extended to any
-    class axis. The derivative of the clipped log is `1 / p` inside the
-    clipping range and 0 outside.
+    probabilities (not renormalized before clipping): Keras's
+    `sparse_categorical_crossentropy(from_logits=False)`, for any class axis.
 
     Args:
         labels: int32 or int64 class ids, shaped as `probabilities` without
@@ -660,22 +575,19 @@ def sparse_probability_cross_entropy(
     <tf.Tensor: shape=(1,), dtype=float32, numpy=array([0.05129344],
     dtype=float32)>
     """
-    return sparse_from_probabilities(
-        labels,
-        probabilities,
-        check_axis(axis, single=True),
-        check_label_smoothing(label_smoothing),
-        check_optional_int(ignore_class, "ignore_class"),
-        check_clipping_epsilon(epsilon),
-    )
+    axis = check_axis(axis, single=True)
+    smoothing = check_label_smoothing(label_smoothing)
+    ignore_class = check_optional_int(ignore_class, "ignore_class")
+    epsilon = check_clipping_epsilon(epsilon)
+    args = (axis, smoothing, ignore_class, epsilon)
+    return sparse_from_probabilities(labels, probabilities, *args)
 
 
 def sparse_from_probabilities(
     labels, probabilities, axis, smoothing, ignore_class, epsilon
 ):
     """`sparse_probability_cross_entropy` on checked arguments."""
-    probabilities = float_tensor(probabilities, "probabilities")
-    axis = _class_axis(axis, static_rank(probabilities, "probabilities"))
-    checked = _sparse_labels(labels, probabilities, axis, ignore_class, "probabilities")
-    log_q = _clipped_log(probabilities, epsilon, compute_dtype(probabilities.dtype))
-    return _sparse_cross_entropy(log_q, *checked, axis, smoothing)
+    name = "probabilities"
+    p, *rest = _sparse_inputs(labels, probabilities, axis, ignore_class, name)
+    log_q = _clipped_log(p, epsilon, compute_dtype(p.dtype))
+    return _sparse_cross_entropy(log_q, *rest, smoothing)

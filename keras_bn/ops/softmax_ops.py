@@ -42,19 +42,6 @@ from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
 
-def _prepare(x, axis):
-    """`(x, axes, compute dtype)` for an `axis` that `check_axis` passed."""
-    x = float_tensor(x, "x")
-    axes = axes_for_rank(axis, static_rank(x, "x"), require_reduced_axis=False)
-    return x, list(axes), compute_dtype(x.dtype)
-
-
-def _shifted(xf, axes):
-    """`(x - max(x), sum(exp(x - max(x))))`, the sum kept at broadcast shape."""
-    z = xf - tf.reduce_max(xf, axis=axes, keepdims=True)
-    return z, tf.reduce_sum(tf.exp(z), axis=axes, keepdims=True)
-
-
 def softmax(x, axis=-1):
     r"""Softmax, stable for any finite input, with a hand-written gradient.
 
@@ -80,45 +67,6 @@ def softmax(x, axis=-1):
     return softmax_over(x, check_axis(axis))
 
 
-def softmax_over(x, axis):
-    """`softmax` for an `axis` that `check_axis` passed (the `Softmax` layer
-    checks it when constructed)."""
-    x, axes, dtype = _prepare(x, axis)
-
-    def forward(x):
-        z, total = _shifted(tf.cast(x, dtype), axes)
-        y = tf.exp(z) / total
-        return (tf.cast(y, x.dtype),), _full_precision(y, x), None
-
-    def backward(context, upstream, hidden_upstream):
-        y, dy = _output_and_upstream(context, upstream, hidden_upstream, dtype)
-        dx = y * (dy - tf.reduce_sum(dy * y, axis=axes, keepdims=True))
-        return (tf.cast(dx, context.inputs[0].dtype),)
-
-    return custom_op(forward, backward, x, first_order_reads=())[0]
-
-
-def _full_precision(y, x):
-    """The output in the compute dtype, as a hidden output where the returned
-    one is rounded to float16/bfloat16 (the backward pass then reads it)."""
-    return () if y.dtype == x.dtype else (y,)
-
-
-def _output_and_upstream(context, upstream, hidden_upstream, dtype):
-    """The output `y` in the compute dtype and the upstream gradient for it.
-
-    A hidden full-precision copy of `y` is the same function of `x`, so its
-    upstream gradient adds to the output's, and one vector-Jacobian product
-    serves both.
-    """
-    dy = tf.cast(upstream[0], dtype)
-    if not context.hidden:
-        return tf.cast(context.outputs[0], dtype), dy
-    if context.live(hidden_upstream[0]):
-        dy += hidden_upstream[0]
-    return context.hidden[0], dy
-
-
 def log_softmax(x, axis=-1):
     r"""Log-softmax, stable for any finite input, with a hand-written gradient.
 
@@ -142,16 +90,40 @@ def log_softmax(x, axis=-1):
     <tf.Tensor: shape=(2,), dtype=float32, numpy=array([-10000., 0.],
     dtype=float32)>
     """
-    x, axes, dtype = _prepare(x, check_axis(axis))
+    return softmax_over(x, check_axis(axis), log=True)
+
+
+def softmax_over(x, axis, log=False):
+    """`softmax` (`log_softmax` if `log`) for an `axis` that `check_axis`
+    passed (the `Softmax` layer checks it when constructed)."""
+    x = float_tensor(x, "x")
+    axes = list(axes_for_rank(axis, static_rank(x, "x"), require_reduced_axis=False))
+    dtype = compute_dtype(x.dtype)
 
     def forward(x):
-        z, total = _shifted(tf.cast(x, dtype), axes)
-        y = z - tf.math.log(total)
-        return (tf.cast(y, x.dtype),), _full_precision(y, x), None
+        xf = tf.cast(x, dtype)
+        z = xf - tf.reduce_max(xf, axis=axes, keepdims=True)
+        exp_z = tf.exp(z)
+        total = tf.reduce_sum(exp_z, axis=axes, keepdims=True)
+        y = z - tf.math.log(total) if log else exp_z / total
+        # Where the output is rounded (float16, bfloat16), the backward pass
+        # reads a full-precision copy, returned as a hidden output.
+        return (tf.cast(y, x.dtype),), () if y.dtype == x.dtype else (y,), None
 
     def backward(context, upstream, hidden_upstream):
-        y, dy = _output_and_upstream(context, upstream, hidden_upstream, dtype)
-        dx = dy - tf.exp(y) * tf.reduce_sum(dy, axis=axes, keepdims=True)
+        dy = tf.cast(upstream[0], dtype)
+        if not context.hidden:
+            y = tf.cast(context.outputs[0], dtype)
+        else:
+            # The copy is the same function of `x`: its upstream gradient adds
+            # to the output's, and one vector-Jacobian product serves both.
+            y = context.hidden[0]
+            if context.live(hidden_upstream[0]):
+                dy += hidden_upstream[0]
+        if log:
+            dx = dy - tf.exp(y) * tf.reduce_sum(dy, axis=axes, keepdims=True)
+        else:
+            dx = y * (dy - tf.reduce_sum(dy * y, axis=axes, keepdims=True))
         return (tf.cast(dx, context.inputs[0].dtype),)
 
     return custom_op(forward, backward, x, first_order_reads=())[0]
