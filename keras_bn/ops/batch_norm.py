@@ -603,12 +603,8 @@ def _inference_backward(names, axes, epsilon, context, upstream, hidden_upstream
     dy = tf.cast(upstream[0], dtype)
     s1 = sum_over(dy, red)
     s2 = sum_over(dy * (tf.cast(x, dtype) - p["mean"]), red)
-    grads = {
-        "mean": -scale * s1,
-        "variance": -0.5 * scale * tf.square(inv) * s2,
-        "gamma": inv * s2,
-        "beta": s1,
-    }
+    grads = {"mean": -scale * s1, "gamma": inv * s2, "beta": s1}
+    grads["variance"] = -0.5 * scale * tf.square(inv) * s2
     return (tf.cast(dy * scale, x.dtype),) + _param_gradients(grads, names, values)
 
 

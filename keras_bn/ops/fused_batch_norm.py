@@ -25,9 +25,7 @@ _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 MIN_EPSILON = 1.001e-5  # cuDNN's minimum
 
 
-def fused_unavailable_reason(
-    x, axes, epsilon, mask=None, renorm=False, synchronized=False
-):
+def fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized):
     """Why the fused kernels cannot compute this case, or None if they can."""
     if synchronized:
         return "the statistics are synchronized across replicas"
@@ -171,14 +169,11 @@ def _kernel_backward(context, dy, scale, axis, epsilon):
 
 
 def _closed_form_backward(context, dy, scale, axis, epsilon):
-    r"""The fused kernels' backward pass in plain ops (`batch_norm.py`'s
-    closed form), for a backward pass that is itself differentiated: from
-    the original `x` and the op's `mean` and `variance` outputs, so
-    differentiating it runs through this op again.
-    (TensorFlow's registered gradient of `FusedBatchNormGradV3` holds a
-    nested tape that a forward accumulator cannot see through: its JVPs would
-    come out None eagerly and zero in a graph.)
-    """
+    """The kernels' backward pass in plain ops of the original `x` and the
+    op's outputs, for a backward pass that a tape records: TensorFlow's
+    registered gradient of `FusedBatchNormGradV3` holds a nested tape that a
+    forward accumulator cannot see through (JVPs None eagerly, zero in a
+    graph)."""
     x = context.inputs[0]
     _, mean, variance, count = context.outputs
     shape = [-1 if a == axis else 1 for a in range(x.shape.rank)]
