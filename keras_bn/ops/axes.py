@@ -1,5 +1,8 @@
 """Axis bookkeeping shared by the normalization ops and layers."""
 
+import itertools
+import math
+
 import tensorflow as tf
 
 from keras_bn.ops.checks import check_axis
@@ -40,31 +43,28 @@ def axes_for_rank(axes, rank, arg_name="axis", require_reduced_axis=True):
     """`canonicalize_axes` for an `axis` whose type `check_axis` has checked
     (the cores of the ops, called by layers that checked it when built)."""
     axes = [axes] if isinstance(axes, int) else list(axes)
+    given = axes[0] if len(axes) == 1 else axes
     for a in axes:
         if not -rank <= a < rank:
             raise ValueError(
                 f"Argument `{arg_name}` has an axis {a} out of range for an "
                 f"input of rank {rank}: expected values in [{-rank}, {rank}). "
-                f"Received: {arg_name}={_given(axes)}"
+                f"Received: {arg_name}={given}"
             )
     canonical = [a % rank for a in axes]
     if len(set(canonical)) != len(canonical):
         raise ValueError(
             f"Argument `{arg_name}` repeats an axis for an input of rank "
-            f"{rank}. Received: {arg_name}={_given(axes)}"
+            f"{rank}. Received: {arg_name}={given}"
         )
     if require_reduced_axis and len(canonical) >= rank:
         raise ValueError(
             f"Argument `{arg_name}` keeps every axis of an input of rank "
             f"{rank}, leaving none to compute statistics over. Inputs need a "
             f"rank of at least {len(canonical) + 1}. "
-            f"Received: {arg_name}={_given(axes)}"
+            f"Received: {arg_name}={given}"
         )
     return tuple(sorted(canonical))
-
-
-def _given(axes):
-    return axes[0] if len(axes) == 1 else axes
 
 
 def static_rank(x, arg_name="inputs"):
@@ -83,30 +83,20 @@ def broadcast_shape(x, axes):
 
     Static where the feature dimensions are known, a tensor otherwise.
     """
-    dims = [x.shape[a] for a in axes]
     rank = x.shape.rank
-    if all(d is not None for d in dims):
-        shape = [1] * rank
-        for a, d in zip(axes, dims):
-            shape[a] = d
-        return shape
+    if all(x.shape[a] is not None for a in axes):
+        return [x.shape[a] if a in axes else 1 for a in range(rank)]
     dynamic = tf.shape(x)
-    return tf.stack([dynamic[i] if i in axes else 1 for i in range(rank)])
+    return tf.stack([dynamic[a] if a in axes else 1 for a in range(rank)])
 
 
 def merge_adjacent_axes(rank, axes):
-    """Groups `range(rank)` into runs of adjacent feature or reduced axes.
+    """Groups `range(rank)` into `(is_feature, [axis, ...])` runs of adjacent
+    feature (in the sorted `axes`) or reduced axes, in axis order.
 
     A reduction over several adjacent axes equals one over their product, and
     compilers (XLA on CPU especially) emit faster loops for the merged form:
     `[32, 56, 56, 128]` with feature axis 3 is viewed as `[100352, 128]`.
-
-    Args:
-        rank: The rank of the input.
-        axes: The sorted feature axes, as from `canonicalize_axes`.
-
-    Returns:
-        A list of `(is_feature, [axis, ...])` runs, in axis order.
 
     Example:
 
@@ -115,14 +105,8 @@ def merge_adjacent_axes(rank, axes):
     >>> merge_adjacent_axes(5, (0, 4))
     [(True, [0]), (False, [1, 2, 3]), (True, [4])]
     """
-    groups = []
-    for a in range(rank):
-        is_feature = a in axes
-        if groups and groups[-1][0] == is_feature:
-            groups[-1][1].append(a)
-        else:
-            groups.append((is_feature, [a]))
-    return groups
+    runs = itertools.groupby(range(rank), lambda a: a in axes)
+    return [(is_feature, list(run)) for is_feature, run in runs]
 
 
 def merged_shape(x, groups, features=True, reduced=True):
@@ -134,20 +118,9 @@ def merged_shape(x, groups, features=True, reduced=True):
     """
     static = x.shape.as_list()
     keep = {True: features, False: reduced}
+    runs = [run if keep[is_feature] else [] for is_feature, run in groups]
     if all(static[a] is not None for _, run in groups for a in run):
-        sizes = []
-        for is_feature, run in groups:
-            size = 1
-            for a in run:
-                size *= static[a] if keep[is_feature] else 1
-            sizes.append(size)
-        return sizes
+        return [math.prod(static[a] for a in run) for run in runs]
     dynamic = tf.shape(x, out_type=tf.int64)  # products may pass 2**31
-    return tf.stack(
-        [
-            tf.reduce_prod(tf.gather(dynamic, run))
-            if keep[is_feature]
-            else tf.constant(1, tf.int64)
-            for is_feature, run in groups
-        ]
-    )
+    one = tf.constant(1, tf.int64)
+    return tf.stack([tf.reduce_prod(tf.gather(dynamic, r)) if r else one for r in runs])

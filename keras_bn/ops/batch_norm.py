@@ -32,29 +32,18 @@ Backward pass of the inference form (`mean` and `variance` are inputs):
     dgamma    = inv * S2
     dbeta     = S1
 
-Statistics are the shifted two-pass ones of `keras_bn/ops/statistics.py`,
-computed on a view of `x` with adjacent reduced axes merged (`[N, H, W, C]`
-as `[N * H * W, C]`), which compiles to faster loops under XLA.
+Statistics are those of `keras_bn/ops/statistics.py`, taken on a view of `x`
+with adjacent reduced axes merged (`[N, H, W, C]` as `[N * H * W, C]`).
 
 Higher orders. The backward passes are built from differentiable ops of the
-original `x`, `gamma` and `beta` and of the op's own outputs (`variance`, and
-`x - mean` as a hidden output whose vector-Jacobian product is `dc -
-sum(dc) / N`), so differentiating them runs through this op again: second and
-higher derivatives, Hessian-vector products and forward-mode JVPs are exact
-(`keras_bn/ops/custom_op.py`). Renorm's `r` and `d` stay constants at every
-order. The backward pass keeps one input-sized tensor, `x - mean`.
-
-Low-precision inputs (float16, bfloat16) are computed in float32 and the
-output cast back; statistics are returned in float32. float64 stays float64.
-
-Entry points. The public ops (`batch_norm_train`, `batch_renorm_train`,
-`batch_norm_inference`) check their Python arguments and call the cores
-`normalize_with_batch_statistics` and `normalize_with_given_statistics`,
-which take checked ones: the layer checks its arguments once, in its
-constructor and `build`, and calls the cores.
+original inputs and of the op's own outputs (`variance`, and `x - mean`, the
+one input-sized tensor kept, as a hidden output whose vector-Jacobian product
+is `dc - sum(dc) / N`), so every order is exact (`keras_bn/ops/custom_op.py`);
+renorm's `r` and `d` stay constants.
 """
 
 import warnings
+from functools import partial
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -85,15 +74,6 @@ from keras_bn.ops.sync import replica_context
 from keras_bn.ops.sync import sum_over_replicas
 
 
-def _present_params(**params):
-    """The given parameters, by name, as tensors; absent (None) ones dropped."""
-    return {
-        name: float_tensor(value, name)
-        for name, value in params.items()
-        if value is not None
-    }
-
-
 def _shapes_differ(expected, got):
     """Whether two shapes (lists, None for unknown sizes) cannot be equal."""
     return len(got) != len(expected) or any(
@@ -101,96 +81,93 @@ def _shapes_differ(expected, got):
     )
 
 
-def _check_param_shapes(x, axes, params):
+def _params(x, axes, **params):
+    """The given (not None) parameters, by name, as float tensors checked to
+    have the shape of the feature axes of `x`."""
+    params = {k: float_tensor(v, k) for k, v in params.items() if v is not None}
     expected = [x.shape[a] for a in axes]
     for name, value in params.items():
-        if value.shape.rank is None:
-            continue
-        got = value.shape.as_list()
+        got = value.shape.as_list() if value.shape.rank is not None else expected
         if _shapes_differ(expected, got):
             raise ValueError(
                 f"`{name}` must have shape {expected} (the sizes of the "
                 f"feature axes {list(axes)} of `x`). Received: "
                 f"{name}.shape={got}, x.shape={x.shape.as_list()}"
             )
-
-
-def _prepare_mask(mask, x, axes):
-    """`(mask, per_feature)`: a boolean mask broadcastable to `x`, or None.
-
-    `mask` has either the shape of `x` with the feature axes removed (size-1
-    axes are then inserted where the feature axes were), or the rank of `x`
-    and a shape that broadcasts to it. `per_feature` is True when the mask
-    may differ between features (a full-rank mask not of size 1 on every
-    feature axis); it is then broadcast to the whole shape of `x`.
-    """
-    if mask is None:
-        return None, False
-    mask = tf.convert_to_tensor(mask)
-    if mask.dtype != tf.bool:
-        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
-    rank = x.shape.rank
-    if mask.shape.rank == rank:
-        return _full_rank_mask(mask, x, axes)
-    expected = [d for i, d in enumerate(x.shape.as_list()) if i not in axes]
-    got = mask.shape.as_list() if mask.shape.rank is not None else None
-    if got is None or _shapes_differ(expected, got):
-        raise ValueError(
-            "`mask` must have the shape of the inputs with the feature axes "
-            f"{list(axes)} removed, i.e. {expected}, or the rank of the inputs "
-            f"and a shape that broadcasts to theirs. Received: mask.shape={got}, "
-            f"inputs.shape={x.shape.as_list()}"
-        )
-    if None in got or None in expected:
-        kept = [i for i in range(rank) if i not in axes]
-        mask = shape_at_run_time(
-            mask,
-            tf.gather(tf.shape(x, out_type=tf.int64), kept),
-            "`mask` must have the shape of the inputs with the feature axes "
-            f"{list(axes)} removed",
-        )
-    for a in axes:
-        mask = tf.expand_dims(mask, a)
-    mask.shape.assert_has_rank(rank)
-    return mask, False
-
-
-def _full_rank_mask(mask, x, axes):
-    """`_prepare_mask` for a mask of the rank of `x`: broadcast to `x` (to
-    size 1 on the feature axes where it has size 1 on all of them)."""
-    got, shape = mask.shape.as_list(), x.shape.as_list()
-    if any(g not in (None, 1) and s is not None and g != s for g, s in zip(got, shape)):
-        raise ValueError(
-            "A `mask` of the rank of the inputs must broadcast to their shape. "
-            f"Received: mask.shape={got}, inputs.shape={shape}"
-        )
-    per_feature = any(got[a] != 1 for a in axes)
-    target = tf.shape(x)
-    if None in got or None in shape:
-        sizes = tf.shape(mask)
-        fits = tf.reduce_all((sizes == 1) | (sizes == target))
-        check = tf.debugging.assert_equal(
-            fits, True, message="`mask` must broadcast to the shape of the inputs"
-        )
-        with tf.control_dependencies([check]):
-            mask = tf.identity(mask)
-    if not per_feature:
-        target = tf.tensor_scatter_nd_update(
-            target, [[a] for a in axes], tf.ones([len(axes)], target.dtype)
-        )
-    return tf.broadcast_to(mask, target), per_feature
+    return params
 
 
 def _reshape_params(params, shape, dtype):
     return {k: tf.cast(tf.reshape(v, shape), dtype) for k, v in params.items()}
 
 
-def _renorm_correction(mean, variance, renorm, epsilon):
-    """Batch Renormalization's `r` and `d` (Ioffe, 2017), constants by design.
+def _param_gradients(grads, names, values):
+    """The gradients `grads[name]` of the parameters `values`, in their shapes
+    and dtypes."""
+    return tuple(
+        tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
+        for name, v in zip(names, values)
+    )
 
-    Computed from the forward pass's stopped statistics: as in the paper, no
-    gradient flows through them.
+
+def _prepare_mask(mask, x, axes):
+    """`(mask, per_feature)`: `mask` (as `batch_norm_train` takes it) as a
+    boolean mask broadcastable to `x`, or None. `per_feature`: whether it may
+    differ between features (a full-rank mask not of size 1 on every feature
+    axis); it is then broadcast to the whole shape of `x`.
     """
+    if mask is None:
+        return None, False
+    mask = tf.convert_to_tensor(mask)
+    if mask.dtype != tf.bool:
+        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    rank, shape = x.shape.rank, x.shape.as_list()
+    got = mask.shape.as_list() if mask.shape.rank is not None else None
+    if mask.shape.rank == rank:
+        if any(g not in (None, 1) and s not in (None, g) for g, s in zip(got, shape)):
+            raise ValueError(
+                "A `mask` of the rank of the inputs must broadcast to their "
+                f"shape. Received: mask.shape={got}, inputs.shape={shape}"
+            )
+        per_feature = any(got[a] != 1 for a in axes)
+        target = tf.shape(x)
+        if None in got or None in shape:
+            sizes = tf.shape(mask)
+            fits = tf.reduce_all((sizes == 1) | (sizes == target))
+            check = tf.debugging.assert_equal(
+                fits, True, message="`mask` must broadcast to the shape of the inputs"
+            )
+            with tf.control_dependencies([check]):
+                mask = tf.identity(mask)
+        if not per_feature:
+            target = tf.tensor_scatter_nd_update(
+                target, [[a] for a in axes], tf.ones([len(axes)], target.dtype)
+            )
+        return tf.broadcast_to(mask, target), per_feature
+    kept = [i for i in range(rank) if i not in axes]
+    expected = [shape[i] for i in kept]
+    message = (
+        "`mask` must have the shape of the inputs with the feature axes "
+        f"{list(axes)} removed"
+    )
+    if got is None or _shapes_differ(expected, got):
+        raise ValueError(
+            f"{message}, i.e. {expected}, or the rank of the inputs and a shape "
+            f"that broadcasts to theirs. Received: mask.shape={got}, "
+            f"inputs.shape={shape}"
+        )
+    if None in got or None in expected:
+        sizes = tf.gather(tf.shape(x, out_type=tf.int64), kept)
+        mask = shape_at_run_time(mask, sizes, message)
+    for a in axes:
+        mask = tf.expand_dims(mask, a)
+    return mask, False
+
+
+def _renorm_correction(mean, variance, renorm, epsilon):
+    """Batch Renormalization's `r` and `d` (Ioffe, 2017), from the forward
+    pass's stopped statistics: as in the paper, no gradient flows through
+    them."""
     stddev = tf.sqrt(variance + epsilon)
     renorm_stddev = tf.maximum(renorm.stddev, tf.sqrt(tf.cast(epsilon, mean.dtype)))
     r = stddev / renorm_stddev
@@ -204,11 +181,9 @@ def _renorm_correction(mean, variance, renorm, epsilon):
     return r, d
 
 
-# In a graph, below this many elements the closed form runs faster than the
-# fused kernels on CPU, whose fixed cost per call then dominates (training
-# step, 2 cores: 0.73 ms fused against 0.42 ms closed form at 128x64, 0.84
-# against 1.39 ms at 512x256; docs/performance.md). Eagerly the fused
-# kernels win at every size: there each op's dispatch dominates.
+# In a graph, below this many elements the closed form is faster than the
+# fused kernels on CPU (measured in docs/layer.md); eagerly they win at every
+# size.
 FUSED_MIN_ELEMENTS_IN_A_GRAPH = 2**17
 
 
@@ -223,16 +198,12 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=Fal
             f"fused=True, but the fused kernels cannot apply because {reason}. "
             "Use fused=None (automatic) or fused=False (closed form)."
         )
-    if fused is None and (in_xla_function() or _small_in_a_graph(x)):
-        return False
+    if fused is None and not tf.executing_eagerly():
+        elements = x.shape.num_elements()
+        small = elements is not None and elements < FUSED_MIN_ELEMENTS_IN_A_GRAPH
+        if small or in_xla_function():
+            return False
     return reason is None
-
-
-def _small_in_a_graph(x):
-    if tf.executing_eagerly():
-        return False
-    elements = x.shape.num_elements()
-    return elements is not None and elements < FUSED_MIN_ELEMENTS_IN_A_GRAPH
 
 
 class Renorm(NamedTuple):
@@ -253,12 +224,14 @@ class _Layout(NamedTuple):
     view: object  # x's shape with adjacent reduced (and feature) axes merged
     red: list  # the reduced axes of the view
     shape: object  # the broadcast shape of a per-feature tensor on the view
+    features: object  # the shape of a per-feature output (as `gamma`)
     mask: object  # boolean, broadcastable to the view, or None
     per_feature: bool  # whether the mask (so the count) differs by feature
     names: tuple  # the parameters given, of ("gamma", "beta")
     dtype: tf.DType  # the compute dtype
     epsilon: float
     replica: object  # the replica context to synchronize over, or None
+    renorm: Renorm  # with statistics at `shape`, or None
 
 
 def normalize_with_batch_statistics(
@@ -268,77 +241,57 @@ def normalize_with_batch_statistics(
     """The training op on checked arguments: `(y, mean, variance, count)`.
 
     The core of `batch_norm_train` (`renorm=None`) and `batch_renorm_train`,
-    whose arguments these are, except: `x` is a float tensor (`float_tensor`);
-    `axes` are the sorted, non-negative feature axes (`canonicalize_axes`);
-    `epsilon` is a float > 0 (`check_epsilon`); `fused` is None, True or
-    False; `renorm` is a `Renorm` with checked bounds, or None. The other
-    tensors are checked here.
+    which the layer calls with the arguments it checked once: `x` a float
+    tensor, `axes` sorted and non-negative (`canonicalize_axes`), `epsilon` a
+    float > 0, `fused` None, True or False, `renorm` a `Renorm` with checked
+    bounds, or None. The other tensors are checked here.
     """
     rank = static_rank(x, "x")
-    params = _present_params(gamma=gamma, beta=beta)
-    _check_param_shapes(x, axes, params)
+    params = _params(x, axes, gamma=gamma, beta=beta)
     replica = replica_context(synchronized)
-    if use_fused(
-        fused, x, axes, epsilon, mask, renorm is not None, replica is not None
-    ):
-        return fused_batch_norm_train(
-            x, params.get("gamma"), params.get("beta"), axes[0], epsilon
-        )
+    sync = replica is not None
+    if use_fused(fused, x, axes, epsilon, mask, renorm is not None, sync):
+        gamma, beta = params.get("gamma"), params.get("beta")
+        return fused_batch_norm_train(x, gamma, beta, axes[0], epsilon)
     mask, per_feature = _prepare_mask(mask, x, axes)
     dtype = compute_dtype(x.dtype)
-    # Computed on a view of `x` with adjacent reduced axes merged (and
-    # adjacent feature axes): [N, H, W, C] is viewed as [N * H * W, C].
     groups = merge_adjacent_axes(rank, axes)
-    view = merged_shape(x, groups)
+    shape = merged_shape(x, groups, reduced=False)
     if mask is not None:
         mask = tf.reshape(mask, merged_shape(x, groups, features=per_feature))
+    if renorm is not None:
+        stats = _params(x, axes, renorm_mean=renorm.mean, renorm_stddev=renorm.stddev)
+        mean, stddev = _reshape_params(stats, shape, dtype).values()
+        renorm = renorm._replace(mean=mean, stddev=stddev)
+    features = [x.shape[a] for a in axes]
     layout = _Layout(
-        view=view,
+        view=merged_shape(x, groups),
         red=[i for i, (is_feature, _) in enumerate(groups) if not is_feature],
-        shape=merged_shape(x, groups, reduced=False),
+        shape=shape,
+        features=tf.gather(tf.shape(x), axes) if None in features else features,
         mask=mask,
         per_feature=per_feature,
         names=tuple(params),
         dtype=dtype,
         epsilon=epsilon,
         replica=replica,
+        renorm=renorm,
     )
-    if renorm is not None:
-        stats = _present_params(renorm_mean=renorm.mean, renorm_stddev=renorm.stddev)
-        _check_param_shapes(x, axes, stats)
-        stats = _reshape_params(stats, layout.shape, dtype)
-        renorm = renorm._replace(
-            mean=stats["renorm_mean"], stddev=stats["renorm_stddev"]
-        )
-    features = [x.shape[a] for a in axes]
-    if any(d is None for d in features):
-        features = tf.gather(tf.shape(x), axes)
-
-    def forward(x, *values):
-        return _train_forward(layout, renorm, features, x, values)
-
-    def backward(context, upstream, hidden_upstream):
-        return _train_backward(layout, context, upstream, hidden_upstream)
-
-    # The backward pass reads x - mean (hidden) and the parameters, not x.
+    forward = partial(_train_forward, layout)
+    backward = partial(_train_backward, layout)
+    # The backward pass reads x - mean (hidden) and the parameters, not x or y.
     reads = tuple(range(1, 1 + len(params)))
     return custom_op(
-        forward,
-        backward,
-        x,
-        *params.values(),
-        first_order_reads=reads,
-        first_order_output_reads=(1, 2, 3),  # not y
-    )
+        forward, backward, x, *params.values(), first_order_reads=reads,
+        first_order_output_reads=(1, 2, 3),
+    )  # fmt: skip
 
 
-def _train_forward(layout, renorm, features, x, values):
-    """The training forward pass: `(outputs, hidden, saved)` for `custom_op`.
-
-    Outputs `(y, mean, variance, count)`; one hidden output, `x - mean` on
-    the view (the one input-sized tensor the backward pass keeps); saved: the
-    count at broadcast shape and renorm's `(r, d)` (constants by definition).
-    """
+def _train_forward(layout, x, *values):
+    """The training forward pass for `custom_op`: outputs `(y, mean,
+    variance, count)`, the hidden `x - mean` on the view (the one input-sized
+    tensor the backward pass keeps), and saved the count at broadcast shape
+    and renorm's constant `(r, d)`."""
     p = _reshape_params(dict(zip(layout.names, values)), layout.shape, layout.dtype)
     xf = tf.cast(tf.reshape(x, layout.view), layout.dtype)
     mean, variance, centred, count = moments(xf, layout.red, layout.mask)
@@ -350,12 +303,13 @@ def _train_forward(layout, renorm, features, x, values):
     scale = inv if gamma is None else inv * gamma
     offset = p.get("beta", tf.zeros([], layout.dtype))
     correction = None
-    if renorm is not None:
-        correction = _renorm_correction(mean, variance, renorm, layout.epsilon)
+    if layout.renorm is not None:
+        correction = _renorm_correction(mean, variance, layout.renorm, layout.epsilon)
         r, d = correction
         scale = scale * r
         offset = offset + (d if gamma is None else d * gamma)
     y = centred * scale + offset
+    features = layout.features
     outputs = (
         tf.reshape(tf.cast(y, x.dtype), tf.shape(x)),
         tf.reshape(mean, features),
@@ -367,27 +321,12 @@ def _train_forward(layout, renorm, features, x, values):
 
 
 def _train_backward(layout, context, upstream, hidden_upstream):
-    r"""The training backward pass, built to be differentiated again.
-
-    With `S1 = sum(dy)`, `S2 = sum(dy * (x - mean))` over every position
-    (a masked output depends on the statistics too), `N` the number of
-    unmasked positions and `scale = gamma * inv` (times renorm's `r`):
-
-        dx     = dy * scale + (x - mean) * b + c   (b, c: unmasked only)
-        b      = -scale * inv^2 * S2 / N + 2 * dvariance / N
-        c      = -scale * S1 / N + dmean / N
-        dgamma = inv * S2                (renorm: r * inv * S2 + d * S1)
-        dbeta  = S1
-
-    (module docstring). The hidden output `x - mean` adds its own
-    vector-Jacobian product for an upstream `dc`: `dx += dc - sum(dc) / N` at
-    the unmasked positions (`dc` elsewhere). Everything is computed from the
-    op's original inputs and its outputs (`variance`, `x - mean`), so a
-    second differentiation runs through this op again: the terms of every
-    higher order follow.
-    """
+    """The training backward pass of the module docstring, built to be
+    differentiated again. `S1` and `S2` sum over every position (a masked
+    output depends on the statistics too), while `N`, `b`, `c` and the hidden
+    output's `- sum(dc) / N` count only the unmasked ones; renorm's `r`
+    multiplies `scale = gamma * inv` (`batch_renorm_train`)."""
     x, *values = context.inputs
-    _, _, variance, _ = context.outputs
     (centred,) = context.hidden
     dy, dmean, dvariance, _ = upstream  # a count has no gradient
     (dcentred,) = hidden_upstream
@@ -395,9 +334,8 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     mask, red, shape, dtype = layout.mask, layout.red, layout.shape, layout.dtype
     safe_count = tf.maximum(count, 1.0)
     p = _reshape_params(dict(zip(layout.names, values)), shape, dtype)
-    inv = tf.math.rsqrt(tf.reshape(variance, shape) + layout.epsilon)
-    gamma = p.get("gamma")
-    scale = inv if gamma is None else inv * gamma
+    inv = tf.math.rsqrt(tf.reshape(context.outputs[2], shape) + layout.epsilon)
+    scale = inv * p["gamma"] if "gamma" in p else inv
     if correction is not None:
         scale = scale * correction[0]
     dy = tf.cast(tf.reshape(dy, layout.view), dtype)
@@ -425,16 +363,12 @@ def _train_backward(layout, context, upstream, hidden_upstream):
     if "dcentred" in total:
         dx += dcentred - masked(total["dcentred"] / safe_count, mask)
     # Per-replica contributions: the strategy sums them across replicas.
-    grads = {"beta": s1}
-    if correction is None:
-        grads["gamma"] = inv * s2
-    else:
+    grads = {"beta": s1, "gamma": inv * s2}
+    if correction is not None:
         r, d = correction
         grads["gamma"] = r * inv * s2 + d * s1
-    return (tf.cast(tf.reshape(dx, shape_of(x)), x.dtype),) + tuple(
-        tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
-        for name, v in zip(layout.names, values)
-    )
+    dx = tf.cast(tf.reshape(dx, shape_of(x)), x.dtype)
+    return (dx,) + _param_gradients(grads, layout.names, values)
 
 
 def _upstream(gradient, like, shape):
@@ -474,20 +408,16 @@ def batch_norm_train(
         mask: Optional boolean tensor shaped as `x` without its feature
             axes, or of the rank of `x` with a shape that broadcasts to it
             (which may then differ between features). False positions are
-            left out of the statistics; their outputs are normalized like all
-            others, and differentiated as such (their gradient does not pass
-            through the statistics). A fully masked batch, or feature, gives
-            mean 0 and variance 0, not NaN.
-        fused: None (automatic), True or False: TensorFlow's fused kernels
-            (`keras_bn/ops/fused_batch_norm.py`) or the closed form, as the
-            layer's `fused` argument chooses in training; True raises a
-            ValueError that says why where the kernels cannot apply.
-        synchronized: If True and called in a replica context of a
-            `tf.distribute` strategy with several replicas, the statistics are
-            those of the global batch across replicas (combined as in
-            `keras_bn.ops.sync`), and `dx` is the global-batch gradient;
-            `dgamma`/`dbeta` are this replica's contributions, which the
-            strategy sums. Elsewhere it has no effect.
+            left out of the statistics (not of the outputs and gradients); a
+            fully masked batch, or feature, gives mean and variance 0, not NaN.
+        fused: None (automatic), True or False: TensorFlow's fused kernels or
+            the closed form, as the layer's `fused` argument chooses in
+            training; True raises a ValueError that says why where the
+            kernels cannot apply.
+        synchronized: If True, in a replica context of a `tf.distribute`
+            strategy with several replicas: the statistics and `dx` of the
+            global batch (`keras_bn.ops.sync`); `dgamma`/`dbeta` are this
+            replica's contributions, which the strategy sums.
         return_count: If True, also return the number of positions `N` the
             statistics were taken over (global when synchronized), in the
             statistics' dtype: a scalar, or shaped as `gamma` for a mask that
@@ -604,16 +534,14 @@ def batch_norm_inference(
         axis: The feature axis, or a list/tuple of them.
         epsilon: Positive float added to the variance.
         fused: None (automatic), True or False: whether the forward pass runs
-            on TensorFlow's fused kernel (one pass over `x`), with the same
-            conditions and the same automatic choice as in
-            `batch_norm_train`; with `statistics_gradients=False`, None takes
-            the kernel for 4-D inputs only.
+            on TensorFlow's fused kernel, chosen as in `batch_norm_train`;
+            with `statistics_gradients=False`, None takes it for 4-D inputs
+            only.
         statistics_gradients: True: a hand-written backward pass
             differentiates with respect to every input. False (the layer's
             path): `mean` and `variance` are constants and the op holds only
-            TensorFlow ops with registered gradients (the same for `x`,
-            `gamma`, `beta`), so exported graphs (SavedModel, TFLite) hold
-            no custom-gradient op and, with `fused=None`, Keras's ops.
+            ops with registered gradients, so exported graphs hold no
+            custom-gradient op and, with `fused=None`, Keras's ops.
 
     Returns:
         `y`, with the shape and dtype of `x`.
@@ -640,36 +568,30 @@ def normalize_with_given_statistics(
     """`batch_norm_inference` on checked arguments (as in
     `normalize_with_batch_statistics`); the layer's inference path with
     `statistics_gradients=False`."""
-    params = _present_params(mean=mean, variance=variance, gamma=gamma, beta=beta)
+    params = _params(x, axes, mean=mean, variance=variance, gamma=gamma, beta=beta)
     if "mean" not in params or "variance" not in params:
         raise ValueError("`mean` and `variance` are required (got None).")
-    _check_param_shapes(x, axes, params)
+    if not statistics_gradients and fused is None and x.shape.rank != 4:
+        # The kernel would view other ranks as 4-D (ExpandDims/Squeeze),
+        # which export converters keep; the multiply-add folds into the
+        # layer before as Keras's does, and costs one pass as the kernel.
+        fused = False
+    fused = use_fused(fused, x, axes, epsilon)
     if not statistics_gradients:
         for name in ("mean", "variance"):
             params[name] = tf.stop_gradient(params[name])
-        if fused is None and x.shape.rank != 4:
-            # The kernel would view other ranks as 4-D (ExpandDims/Squeeze),
-            # which export converters keep; the multiply-add folds into the
-            # layer before as Keras's does, and costs one pass as the kernel.
-            fused = False
-        return _normalize_with(
-            x, params, axes, epsilon, use_fused(fused, x, axes, epsilon)
-        )
-    fused = use_fused(fused, x, axes, epsilon)
+        return _normalize_with(x, params, axes, epsilon, fused)
     names = tuple(params)
 
     def forward(x, *values):
         y = _normalize_with(x, dict(zip(names, values)), axes, epsilon, fused)
         return (y,), (), None
 
-    def backward(context, upstream, hidden_upstream):
-        del hidden_upstream  # none
-        return _inference_backward(context, upstream[0], names, axes, epsilon)
-
+    backward = partial(_inference_backward, names, axes, epsilon)
     return custom_op(forward, backward, x, *params.values())[0]
 
 
-def _inference_backward(context, dy, names, axes, epsilon):
+def _inference_backward(names, axes, epsilon, context, upstream, hidden_upstream):
     """The inference backward pass (module docstring), from the original
     inputs only, so it differentiates again to every order."""
     x, *values = context.inputs
@@ -678,32 +600,23 @@ def _inference_backward(context, dy, names, axes, epsilon):
     p = _reshape_params(dict(zip(names, values)), broadcast_shape(x, axes), dtype)
     inv = tf.math.rsqrt(p["variance"] + epsilon)
     scale = inv * p["gamma"] if "gamma" in p else inv
-    dy = tf.cast(dy, dtype)
+    dy = tf.cast(upstream[0], dtype)
     s1 = sum_over(dy, red)
     s2 = sum_over(dy * (tf.cast(x, dtype) - p["mean"]), red)
-    grads = {
-        "mean": -scale * s1,
-        "variance": -0.5 * scale * tf.square(inv) * s2,
-        "gamma": inv * s2,
-        "beta": s1,
-    }
-    return (tf.cast(dy * scale, x.dtype),) + tuple(
-        tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
-        for name, v in zip(names, values)
-    )
+    grads = {"mean": -scale * s1, "gamma": inv * s2, "beta": s1}
+    grads["variance"] = -0.5 * scale * tf.square(inv) * s2
+    return (tf.cast(dy * scale, x.dtype),) + _param_gradients(grads, names, values)
 
 
 def _normalize_with(x, params, axes, epsilon, fused):
-    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta`, given statistics.
-
-    The fused kernel (one pass over `x`), or `x * scale + offset` with
-    per-feature `scale` and `offset`; plain ops either way.
-    """
+    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta`, given statistics:
+    the fused kernel (one pass over `x`), or `x * scale + offset` with
+    per-feature `scale` and `offset`; plain ops either way."""
     if fused:
+        p = params
         return fused_batch_norm_inference(
-            x, params["mean"], params["variance"], params.get("gamma"),
-            params.get("beta"), axes[0], epsilon,
-        )  # fmt: skip
+            x, p["mean"], p["variance"], p.get("gamma"), p.get("beta"), axes[0], epsilon
+        )
     dtype = compute_dtype(x.dtype)
     # Vectors broadcast along the last axis as they are: an export converter
     # then folds the multiply-add into the layer before, as it does Keras's.

@@ -2,30 +2,26 @@ r"""Custom-gradient ops that stay differentiable to any order.
 
 Every op in `keras_bn.ops` runs its forward pass on inputs cut from the tape
 (`tf.stop_gradient`), so that an outer eager tape holds none of its
-intermediates, and gives its gradient as a hand-written backward pass. A
-backward pass is itself differentiated by a gradient penalty, a
-Hessian-vector product, `tf.autodiff.ForwardAccumulator` (which transposes
-it) or `jacobian`; it is exact there only if it is built from differentiable
-ops of tensors that the tape links to the op's inputs. `custom_op` arranges
-that:
+intermediates, and gives its gradient as a hand-written backward pass. That
+backward pass, differentiated in turn (a gradient penalty, a Hessian-vector
+product, `tf.autodiff.ForwardAccumulator`, `jacobian`), is exact only if it
+is built from differentiable ops of tensors that the tape links to the op's
+inputs. `custom_op` arranges that:
 
 - the backward pass sees the op's *original* inputs, not the stopped ones;
 - it sees the op's *outputs* as the tape knows them: tensors whose gradient
   is this op's own backward pass;
-- values the backward pass needs beyond those (say `x - mean`) are *hidden
-  outputs*: the op returns them to the tape and drops them before the caller
-  sees them. The backward pass then also takes an upstream gradient for each
-  hidden output and adds that output's own exact vector-Jacobian product.
+- values it needs beyond those (say `x - mean`) are *hidden outputs*, given
+  to the tape and dropped before the caller sees them; the backward pass
+  adds each one's own vector-Jacobian product for its upstream gradient.
 
-Differentiating the backward pass then runs through the op's own backward
-pass again, so the op is differentiable to every order, with each order's
-terms derived from the first. In a first-order pass a hidden output's
-upstream gradient is zero: under `tf.function` the tape makes it a `Fill` or
-`ZerosLike` op, recognized when the graph is built, so its term costs
-nothing. Eagerly, the tapes that watch the inputs tell when the op runs
-whether its backward pass can be differentiated at all (TensorFlow's own
-functions ask the same): only then are the hidden outputs returned to the
-tape; with no tape watching, the op runs as its plain forward pass.
+Differentiating the backward pass then runs through this op again, so every
+order is exact. In a first-order pass a hidden output's upstream gradient is
+zero: under `tf.function` the tape builds it as `Fill` or `ZerosLike`, known
+when the graph is built, so its term costs nothing. Eagerly, the tapes that
+watch the inputs tell whether the backward pass can be differentiated at all:
+only then are the hidden outputs given to the tape; with no tape watching,
+the op runs as its plain forward pass.
 """
 
 import tensorflow as tf
@@ -39,26 +35,18 @@ from keras_bn._internals import tape_could_record
 
 
 def structurally_zero(tensor):
-    """Whether `tensor` is None or, in a graph, built as zeros.
-
-    True for the upstream gradient the tape makes for an unused output
-    (`ZerosLike`, or `Fill` with 0; a `Const` of zeros). Never reads an eager
-    tensor's values: False for every eager tensor (which has no `op`).
-    """
+    """Whether `tensor` is None or, in a graph, built as zeros: the upstream
+    gradient the tape makes for an unused output (`ZerosLike`, or a `Fill` or
+    `Const` of zeros). Never reads an eager tensor's values: False for all."""
     if tensor is None:
         return True
-    if not hasattr(tensor, "op"):
+    op = getattr(tensor, "op", None)  # eager tensors have none
+    if op is None or op.type not in ("ZerosLike", "Fill", "Const"):
         return False
-    op = tensor.op
     if op.type == "ZerosLike":
         return True
-    if op.type == "Fill":
-        value = tf.get_static_value(op.inputs[1])
-        return value is not None and not value.any()
-    if op.type == "Const":
-        value = tf.get_static_value(tensor)
-        return value is not None and not value.any()
-    return False
+    value = tf.get_static_value(op.inputs[1] if op.type == "Fill" else tensor)
+    return value is not None and not value.any()
 
 
 class OpContext:
@@ -71,24 +59,24 @@ class OpContext:
         saved: Whatever the forward pass returned to keep; constants under
             differentiation (values the math treats as constant, such as the
             shift of a softmax or Batch Renormalization's `r` and `d`).
+        recording: Whether a tape or forward accumulator has recorded (or is
+            recording) this op's backward pass: then it is differentiated.
     """
 
     def __init__(self, inputs):
         self.inputs = tuple(inputs)
-        self.outputs = ()
-        self.hidden = ()
+        self.outputs = self.hidden = ()
         self.saved = None
-        self._recorded = False
+        self.recording = False
 
     def live(self, upstream, hidden=True):
         """Whether an upstream gradient can be nonzero, so its terms count.
 
         False when it is structurally zero (an unused output in a graph).
-        Eagerly, while this op's backward pass is recorded (by a tape or a
-        forward accumulator, which transposes it), always True: the
-        gradient's value then does not matter, its dependents do. Otherwise,
-        eagerly, False for a hidden output (nothing can have reached it) and,
-        for a returned output, whether any entry is nonzero.
+        True in a graph, or eagerly while this op's backward pass is recorded
+        (its dependents then matter, not its value). Otherwise False for a
+        hidden output (nothing can have reached it), and for a returned
+        output whether any entry is nonzero.
         """
         if structurally_zero(upstream):
             return False
@@ -98,15 +86,10 @@ class OpContext:
         # the host (statistics are per-feature vectors).
         return not hidden and bool(tf.get_static_value(upstream).any())
 
-    @property
-    def recording(self):
-        """Whether a tape or forward accumulator has recorded (or is
-        recording) this op's backward pass: then it is differentiated."""
-        return self._recorded
-
-    def _note_recording(self):
-        if not self._recorded:
-            self._recorded = tape_could_record()
+    def _backward(self, backward, upstream, hidden_upstream):
+        """Calls `backward`, noting first whether a tape records it."""
+        self.recording = self.recording or tape_could_record()
+        return backward(self, upstream, hidden_upstream)
 
 
 def shape_of(tensor):
@@ -128,18 +111,15 @@ def custom_op(
             for the backward pass (`OpContext.saved`).
         backward: `backward(context, upstream, hidden_upstream)`, with
             `context` an `OpContext` and the upstream gradients as tuples,
-            returns one gradient per input. It must build them from
-            differentiable ops of `context.inputs`, `context.outputs` and
-            `context.hidden` (and the constants in `context.saved`), and add
-            each hidden output's own vector-Jacobian product for its upstream
-            gradient where `context.live(gradient)`.
+            returns one gradient per input, built as the module docstring
+            says; a hidden output's term only where `context.live(gradient)`.
         *inputs: Tensors.
         first_order_reads: The positions of the inputs whose values a
             first-order backward pass reads (default: all). Eagerly, where
             the backward pass cannot be differentiated, the others are
-            released once the op has run: `context.inputs` then holds a
-            `tf.TensorSpec` in their place (`shape_of` reads either), so the
-            op keeps no reference that holds a large input alive.
+            released once the op has run (`context.inputs` then holds a
+            `tf.TensorSpec` in their place, which `shape_of` reads), so the
+            op keeps no large input alive.
         first_order_output_reads: The same for the op's outputs (the caller
             keeps the outputs it uses; the op need not).
 
@@ -152,43 +132,36 @@ def custom_op(
     context = OpContext(inputs)
     if order == FIRST_ORDER:  # eager only: a graph is always HIGHER_ORDER
         outputs = _record_first_order(forward, backward, context)
-        return _release(context, outputs, first_order_reads, first_order_output_reads)
-    sizes = []
+        context.inputs = _specs_but(context.inputs, first_order_reads)
+        context.outputs = _specs_but(context.outputs, first_order_output_reads)
+        return outputs
 
     @tf.custom_gradient
     def op(*args):
         outputs, hidden, context.saved = forward(*[tf.stop_gradient(a) for a in args])
-        sizes.append(len(outputs))
         # A forward accumulator runs the backward pass (transposed) before
         # this op returns, on these values; the linked outputs replace them.
         context.outputs, context.hidden = tuple(outputs), tuple(hidden)
 
         def grad(*upstream):
-            context._note_recording()
-            n = sizes[0]
-            return tuple(backward(context, upstream[:n], upstream[n:]))
+            n = len(context.outputs)
+            return tuple(context._backward(backward, upstream[:n], upstream[n:]))
 
-        return tuple(outputs) + tuple(hidden), grad
+        return context.outputs + context.hidden, grad
 
     results = op(*inputs)
-    n = sizes[0]
+    n = len(context.outputs)
     context.outputs, context.hidden = tuple(results[:n]), tuple(results[n:])
     return context.outputs
 
 
 def _specs_but(tensors, kept):
+    """`tensors`, with a `tf.TensorSpec` in place of those not in `kept`
+    (all kept when None)."""
     return tuple(
         t if kept is None or i in kept else tf.TensorSpec(t.shape, t.dtype)
         for i, t in enumerate(tensors)
     )
-
-
-def _release(context, outputs, input_reads, output_reads):
-    """`outputs`, with the inputs and outputs the first-order backward pass
-    does not read replaced by their specs in `context` (see `custom_op`)."""
-    context.inputs = _specs_but(context.inputs, input_reads)
-    context.outputs = _specs_but(context.outputs, output_reads)
-    return outputs
 
 
 def _record_first_order(forward, backward, context):
@@ -212,8 +185,7 @@ def _record_first_order(forward, backward, context):
     none = (None,) * len(context.hidden)
 
     def grad(*upstream):
-        context._note_recording()
-        return list(backward(context, upstream, none))
+        return list(context._backward(backward, upstream, none))
 
     record_operation("keras_bn_custom_op", list(outputs), list(context.inputs), grad)
     return context.outputs

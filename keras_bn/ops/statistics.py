@@ -1,5 +1,4 @@
-r"""Batch statistics: the one computation behind the ops, the fused path and
-the layer.
+r"""Batch statistics, for the ops, the fused path and the layer.
 
 Per feature, over the `N` positions that statistics are taken over (all, or
 the unmasked ones): `mean = sum(x) / N` and the biased `variance =
@@ -7,11 +6,10 @@ sum((x - mean)^2) / N`; `N = 0` gives 0 for both, not NaN.
 
 `moments` uses a shifted two-pass algorithm. With `pivot` the values at the
 first position (per feature; with a mask, the plain mean of the unmasked
-values, as the first position may be padding), the first pass gives
-`mean = pivot + sum(x - pivot) / N`, the second `variance = sum((x - mean)^2)
-/ N`. The shift keeps the partial sums near the spread of `x` rather than its
-offset, so inputs with a large offset (1e4 + N(0, 1) in float32) keep accurate
-statistics; the second pass cannot go negative.
+values, as the first position may be padding), `mean = pivot + sum(x -
+pivot) / N`, then `variance = sum((x - mean)^2) / N`. The shift keeps the
+partial sums near the spread of `x` rather than its offset (accurate for
+1e4 + N(0, 1) in float32), and the variance cannot go negative.
 
 `combine_moments` merges the statistics of several parts of a batch (the
 replicas of `keras_bn.ops.sync`) as Chan et al. (1979) do:
@@ -57,18 +55,13 @@ def _as_float(count, dtype):
 
 
 def moments(x, reduced_axes, mask=None):
-    """Shifted two-pass statistics of `x`, kept at broadcast shape.
+    """Shifted two-pass statistics of `x` over `reduced_axes`, left out
+    where the optional `mask` (broadcastable to `x`) is False.
 
-    Args:
-        x: Float tensor, in the dtype the statistics are computed in.
-        reduced_axes: The axes statistics are taken over.
-        mask: Optional boolean tensor broadcastable to `x`: False positions
-            are left out.
-
-    Returns:
-        `(mean, variance, centred, count)`: `centred` is `x - mean` at every
-        position, masked or not, and `count` the number of (unmasked)
-        positions, possibly 0 (then mean and variance are 0).
+    Returns `(mean, variance, centred, count)` at broadcast shape, in the
+    dtype of `x`: `centred` is `x - mean` at every position, masked or not,
+    and `count` the number of unmasked positions (if 0, mean and variance
+    are 0).
     """
     dtype, red = x.dtype, reduced_axes
     if mask is None:
@@ -106,9 +99,8 @@ def combine_moments(counts, means, variances):
 
 def from_unbiased(mean, variance, count):
     """`(mean, biased variance, count)` from a kernel's unbiased variance
-    `sum((x - mean)^2) / (N - 1)`: the count as a float32 tensor, and 0 for
-    both statistics when `N = 0`. A Python int `N > 0` keeps the rescale one
-    multiply."""
+    `sum((x - mean)^2) / (N - 1)`; the count in float32, and 0 for both
+    statistics when `N = 0`."""
     if isinstance(count, int) and count > 0:
         return mean, variance * ((count - 1) / count), tf.constant(float(count))
     count = _as_float(count, tf.float32)

@@ -19,11 +19,9 @@ from keras_bn.ops import statistics
 
 
 def replica_context(synchronized):
-    """The replica context to synchronize over, or None.
-
-    None when `synchronized` is False, in a cross-replica context, or when
-    there is a single replica: statistics are then computed locally.
-    """
+    """The replica context to synchronize over, or None (statistics then
+    local): with `synchronized` False, in a cross-replica context, or with a
+    single replica."""
     if not synchronized:
         return None
     context = tf.distribute.get_replica_context()
@@ -33,10 +31,8 @@ def replica_context(synchronized):
 
 
 def combine_moments(context, count, mean, variance):
-    """Global `(count, mean, variance)` from each replica's local ones.
-
-    All arguments share one broadcast shape (size 1 on the reduced axes).
-    """
+    """Global `(count, mean, variance)` from each replica's local ones (of
+    one broadcast shape)."""
     count = tf.broadcast_to(count, tf.shape(mean))
     local = tf.stack([count, mean, variance])[None]
     gathered = context.all_gather(local, axis=0)

@@ -2,15 +2,12 @@
 
 A batch of `B` examples is viewed as `B / v` virtual batches of `v` examples,
 and the axis that numbers them joins the feature axes, so every virtual batch
-gets its own statistics from the same ops. Two groupings:
+gets its own statistics from the same ops (and the same hand-written
+gradient). Two groupings:
 
 - `"interleaved"` (tf-keras's): `[B, ...] -> [v, B / v, ...]`, so virtual
-  batch `j` holds examples `j, j + B/v, j + 2B/v, ...` (batch 6, `v = 3`:
-  examples 0, 2, 4 and 1, 3, 5);
-- `"consecutive"`: `[B, ...] -> [B / v, v, ...]` (0, 1, 2 and 3, 4, 5).
-
-The reshapes and the broadcast of per-feature parameters are linear bookkeeping
-around the hand-written batch-norm gradient.
+  batch `j` holds examples `j, j + B/v, j + 2B/v, ...`;
+- `"consecutive"`: `[B, ...] -> [B / v, v, ...]`.
 """
 
 import tensorflow as tf
@@ -32,10 +29,9 @@ def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleave
         grouping: `"interleaved"` or `"consecutive"` (module docstring).
 
     Returns:
-        `(x_split, axes, params)`: `x` viewed as `[v, B / v, ...]`
-        (interleaved) or `[B / v, v, ...]` (consecutive), the feature axes
-        shifted by one with the axis numbering the virtual batches joined to
-        them, and the parameters broadcast to `[B / v, ...]`.
+        `(x_split, axes, params)`: `x` split as the module docstring says, its
+        feature axes (shifted by one, joined by the axis that numbers the
+        virtual batches), and the parameters broadcast to `[B / v, ...]`.
 
     Raises:
         ValueError: If the batch size is known and not a multiple of
@@ -43,26 +39,19 @@ def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleave
             message when it is known only at run time.
     """
     batch = x.shape[0]
+    message = (
+        f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
+        "the batch size"
+    )
     if batch is not None and batch % virtual_batch_size:
-        raise ValueError(
-            f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
-            f"the batch size. Received: inputs.shape={x.shape}"
-        )
+        raise ValueError(f"{message}. Received: inputs.shape={x.shape}")
     shape = tf.shape(x)
     if batch is None:  # known only at run time
-        shape = divisible_at_run_time(
-            shape,
-            virtual_batch_size,
-            f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
-            "the batch size",
-        )
-    split = (
-        [virtual_batch_size, -1]
-        if grouping == "interleaved"
-        else [-1, virtual_batch_size]
-    )
+        shape = divisible_at_run_time(shape, virtual_batch_size, message)
+    interleaved = grouping == "interleaved"
+    split = [virtual_batch_size, -1] if interleaved else [-1, virtual_batch_size]
     x_split = tf.reshape(x, tf.concat([split, shape[1:]], axis=0))
-    numbering = 1 if grouping == "interleaved" else 0  # the virtual batches' axis
+    numbering = 1 if interleaved else 0  # the virtual batches' axis
     per_batch = tf.shape(x_split)[numbering : numbering + 1]
     params = [
         None
