@@ -108,7 +108,7 @@ def test_kernel_gradient_added_in_place_starts_from_zero(mode, monkeypatch):
     monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: 4)
     labels, hidden, kernel, bias, _ = problem([3, 4], 5, 12)
     inputs = [hidden, kernel, bias]
-    want = grads_of(lambda *a: dense_reduced(labels, None, "sum", 0.0, None, *a), inputs)
+    want = grads_of(lambda *a: dense_reduced(labels, None, "sum", 0, None, *a), inputs)
 
     def fused(*inputs):
         return linear_softmax_cross_entropy(

@@ -50,6 +50,7 @@ differentiable ops of the inputs and `lse`, so TensorFlow differentiates it,
 loops included, to any order: exact, but it keeps every chunk's
 intermediates.
 """
+
 import math
 
 import tensorflow as tf

@@ -41,6 +41,7 @@ watches the inputs; in a graph: a tape records), so evaluation costs one
 product. float16 and bfloat16 are computed in float32 (the kernel cast once,
 a float32 copy).
 """
+
 import tensorflow as tf
 
 from keras_bn._internals import NO_GRADIENT
