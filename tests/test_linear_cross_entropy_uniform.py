@@ -101,10 +101,10 @@ def test_reduced_matches_dense_autodiff_in_float64(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_kernel_gradient_added_in_place_starts_from_zero(mode, monkeypatch):
-    """Several blocks add into the kernel's gradient in place: each call of a
-    graph, and each op in it, starts from its own zeros (a shared or cached
-    buffer would carry the last call's sum)."""
+def test_kernel_gradient_written_in_place_starts_from_zero(mode, monkeypatch):
+    """Several blocks add into the kernel's gradient, written in place: each
+    call of a graph, and each op in it, starts from its own zeros (a shared
+    or cached buffer would carry the last call's sum)."""
     monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: 4)
     labels, hidden, kernel, bias, _ = problem([3, 4], 5, 12)
     inputs = [hidden, kernel, bias]

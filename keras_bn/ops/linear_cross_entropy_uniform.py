@@ -46,7 +46,6 @@ import tensorflow as tf
 
 from keras_bn._internals import NO_GRADIENT
 from keras_bn._internals import gradient_order
-from keras_bn._internals import in_xla_function
 from keras_bn._internals import tape_could_record
 from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
 from keras_bn.ops.linear_cross_entropy import _Chunks
@@ -188,7 +187,7 @@ def forward_with_gradient(
             tf.TensorArray(dtype, size=blocks, element_shape=shape)
             for shape in ([rows], [rows], [rows, features])
         ),
-        _fresh_zeros([features, num_classes], dtype),
+        _zeros_after(labels, [features, num_classes], dtype),
         None if b is None else _zeros_after(labels, [num_classes], dtype),
     )
     loss, lse, dh = (
@@ -230,13 +229,6 @@ def _add_columns(g, h_t, w_t, dkernel, dbias, chunks):
     covered add nothing again."""
     rows, features = h_t.shape
     weighted = h_t * w_t[:, None]
-    # `dkernel` seen as [features * count, size] has the chunk's columns as
-    # rows k, count + k, ...: InplaceAdd adds into them where they are, one
-    # read and write of the chunk (a slice, a sum and a write-back are
-    # three). It writes into its input's buffer unchecked: `dkernel` is
-    # this loop's own (`_fresh_zeros`). XLA and overlapping chunks write back.
-    in_place = not chunks.overlaps and not in_xla_function()
-    chunk_rows = tf.range(features) * chunks.count
 
     def body(k, dkernel, dbias):
         start = chunks.start(k)
@@ -244,14 +236,10 @@ def _add_columns(g, h_t, w_t, dkernel, dbias, chunks):
         fresh = chunks.fresh(k, start)
         if fresh is not None:
             g_k = tf.where(fresh, g_k, tf.zeros([], g_k.dtype))
-        product = tf.matmul(weighted, g_k, transpose_a=True)
-        if in_place:
-            flat = tf.reshape(dkernel, [-1, chunks.size])
-            flat = tf.raw_ops.InplaceAdd(x=flat, i=chunk_rows + k, v=product)
-            dkernel = tf.reshape(flat, dkernel.shape)
-        else:
-            old = tf.slice(dkernel, [0, start], [features, chunks.size])
-            dkernel = _write_columns(dkernel, old + product, start)
+        old = tf.slice(dkernel, [0, start], [features, chunks.size])
+        dkernel = _write_columns(
+            dkernel, old + tf.matmul(weighted, g_k, transpose_a=True), start
+        )
         if dbias is not None:
             old = tf.slice(dbias, [start], [chunks.size])
             new = old + tf.linalg.matvec(g_k, w_t, transpose_a=True)
@@ -259,9 +247,3 @@ def _add_columns(g, h_t, w_t, dkernel, dbias, chunks):
         return dkernel, dbias
 
     return _loop(chunks.count, body, dkernel, dbias)
-
-
-def _fresh_zeros(shape, dtype):
-    """A new buffer of zeros that no other op shares: `Empty` is never
-    constant-folded or merged with another op."""
-    return tf.raw_ops.Empty(shape=shape, dtype=dtype, init=True)
