@@ -115,7 +115,7 @@ def test_without_the_fast_gradient_no_gradient_is_formed_forward(rng, monkeypatc
     def refuse(*args):
         raise AssertionError("the gradient was formed in the forward pass")
 
-    monkeypatch.setattr(linear_cross_entropy_uniform, "_forward_with_gradient", refuse)
+    monkeypatch.setattr(linear_cross_entropy_uniform, "forward_with_gradient", refuse)
     x, y, w = data(rng)
     head = LinearCrossEntropyHead(VOCAB)  # the default: False
     model = fused_model(head)

@@ -100,6 +100,28 @@ def test_reduced_matches_dense_autodiff_in_float64(
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_gradient_written_in_place_starts_from_zero(mode, monkeypatch):
+    """Several blocks add into the kernel's gradient, written in place: each
+    call of a graph, and each op in it, starts from its own zeros (a shared
+    or cached buffer would carry the last call's sum)."""
+    monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: 4)
+    labels, hidden, kernel, bias, _ = problem([3, 4], 5, 12)
+    inputs = [hidden, kernel, bias]
+    want = grads_of(lambda *a: dense_reduced(labels, None, "sum", 0, None, *a), inputs)
+
+    def fused(*inputs):
+        return linear_softmax_cross_entropy(
+            labels, *inputs, chunk_size=4, reduction="sum"
+        )
+
+    twice = compiled(lambda: (grads_of(fused, inputs), grads_of(fused, inputs)), mode)
+    for _ in range(2):
+        for got in twice():
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-9)
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the gradient was formed in the forward pass")
 
@@ -227,7 +249,7 @@ def test_second_order_without_a_tape_raises():
 def test_no_gradient_work_without_a_tape(mode, monkeypatch):
     """Evaluation (no tape) computes the loss only, as the per-token path."""
     labels, hidden, kernel, bias, _ = problem([2, 3], 4, 9)
-    monkeypatch.setattr(uniform_module, "_forward_with_gradient", _refuse)
+    monkeypatch.setattr(uniform_module, "forward_with_gradient", _refuse)
     fn = compiled(
         lambda: linear_softmax_cross_entropy(
             labels, hidden, kernel, bias, reduction="sum"

@@ -55,11 +55,10 @@ class LinearCrossEntropyHead(keras.layers.Layer):
         ignore_class: Optional int, the label of padding tokens.
         chunk_size: Optional int, classes per chunk (default: automatic).
         gradient_in_forward: Whether training forms the gradients in the
-            forward pass (see above). Default False: that path takes about
-            1.15 times the dense step instead of 1.35, but more memory (a
-            block of tokens with every class: 855 MiB above the inputs at
-            8,192 tokens x 131,072 classes, against 618 MiB), and is slower
-            with `fit`'s `sample_weight`.
+            forward pass (see above). Default False: that path is faster
+            but holds a block of tokens with every class (more memory; both
+            measured in docs/performance.md), and is slower with `fit`'s
+            `sample_weight`.
         kernel_initializer: Initializer of the kernel `[features, units]`.
         bias_initializer: Initializer of the bias.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).

@@ -1,71 +1,54 @@
 r"""Softmax cross-entropy of a linear layer's output, never holding the logits.
 
 A language model's head computes logits `x = h W + b` (`N` tokens, `D`
-features, `V` classes) and the sparse cross-entropy of `x`. With a large
-vocabulary, `x` is by far the largest tensor of the step (8,192 tokens and
-131,072 classes are 4 GiB in float32), and the dense path holds it, its
-softmax and its gradient. Here the vocabulary is cut into chunks of `c`
-columns, and only one `[N, c]` block of logits exists at any time.
+features, `V` classes) and their sparse cross-entropy. With a large
+vocabulary `x` is the step's largest tensor (4 GiB in float32 at 8,192
+tokens and 131,072 classes), and the dense path holds it, its softmax and
+its gradient. Here the classes are cut into chunks of `c` columns, and only
+one `[N, c]` block of logits exists at a time.
 
-Forward pass: an online logsumexp over the chunks. For each chunk `k`, with
-`x_k = h W_k + b_k`, a running maximum `m` and a running sum `s`:
+Forward pass: an online logsumexp. For chunk `k`, `x_k = h W_k + b_k`, with
+a running maximum `m` and sum `s`:
 
-    m' = max(m, max_j x_kj)
-    s' = s exp(m - m') + sum_j exp(x_kj - m')
+    m' = max(m, max_j x_kj),    s' = s exp(m - m') + sum_j exp(x_kj - m')
 
 and `lse = m + log(s)` at the end. The chunk that holds the label gives
-`x_y`; with label smoothing `s_`, the row sum of `x` gives `mean(x)`, and
+`x_y`, the row sum gives `mean(x)`, and with label smoothing `s_`
 
     loss = lse - (1 - s_) x_y - s_ mean_j(x_j)
-
-which is `sparse_softmax_cross_entropy(labels, x)` (the shift by the row
-maximum cancels).
 
 Backward pass. For an upstream gradient `u` (one value per token, any
 values: weights, masks) the gradient to the logits is
 
     g = u (p - s_ / V - (1 - s_) onehot(y)),      p = exp(x - lse)
 
-and is formed chunk by chunk from recomputed logits, then contracted at
-once:
-
-    dh   += g_k W_k^T           (summed over chunks, [N, D])
-    dW_k  = h^T g_k             (its own columns of dW, [D, c])
-    db_k  = sum_n g_k           ([c])
-
-So the step keeps `dW` (as large as the kernel), `dh` and one chunk, and
-costs four products of the size of `h W` against the dense path's three
-(the logits are computed twice).
+formed chunk by chunk from recomputed logits and contracted at once:
+`dh += g_k W_k^T`, `dW_k = h^T g_k` (its own columns of `dW`),
+`db_k = sum_n g_k`. The step keeps `dW`, `dh` and one chunk, and costs four
+products of the size of `h W` against the dense path's three.
 
 Chunks. `c` is `chunk_size` or, by default, the power of two for which a
-chunk holds about 2^24 entries of the logits and at most as many of the
-kernel (64 MiB each in float32; 2,048 columns for 8,192 tokens of 1,024
-features), at most `V`. A vocabulary that is not a multiple of `c` is covered
-by a last chunk that starts at `V - c` and overlaps the one before: its
-already-counted columns are masked out of the logsumexp, the label pick,
-the row sum and `dh`, and the columns of `dW` and `db` it writes again get
-the same values. Nothing is padded (a padded kernel would be a copy of it).
+chunk holds about 2^24 logits and at most as many kernel entries (64 MiB in
+float32), at most `V`. If `c` does not divide `V`, the last chunk starts at
+`V - c`, overlapping the one before: its already-counted columns are masked
+out of the logsumexp, the label pick, the row sum and `dh`, and it writes
+the same values again into `dW` and `db`. Nothing is padded (a padded
+kernel would be a copy). The loops are `tf.while_loop`s over chunks of one
+static size (eager, `tf.function`, XLA); `dW` is a loop variable updated in
+place one slice at a time.
 
-The loops are `tf.while_loop`s with chunks of one static size, so the op
-runs eagerly, in a `tf.function` and under XLA. `dW` is a loop variable
-updated one slice at a time (`TensorStridedSliceUpdate`), which TensorFlow
-runs in place in a graph and XLA as a dynamic-update-slice.
+Dtypes: float16 and bfloat16 are computed in float32 (each kernel chunk cast
+as it is used); the loss is float32, the gradients take their input's dtype.
 
-Dtypes. float16 and bfloat16 inputs are computed in float32 (each kernel
-chunk is cast as it is used); the loss is float32 and the gradients take
-their input's dtype. float64 stays float64.
+Labels. Out-of-range labels (other than `ignore_class`) raise eagerly; in a
+graph that token's loss is NaN, and so are the gradients it reaches, as in
+the dense path. Tokens labelled `ignore_class` have loss 0 and gradient 0.
 
-Labels. Out-of-range labels (other than `ignore_class`) raise a ValueError
-eagerly; in a graph, that token's loss is NaN and so are the gradients it
-reaches (its row of `dh`, all of `dW` and `db`), as in the dense path.
-Tokens whose label is `ignore_class` have loss 0 and gradient 0.
-
-Higher orders. `lse` is a hidden output of the op (`keras_bn/ops/
-custom_op.py`): its own upstream gradient `v` adds `v p` to `g`, and the
-backward pass is built from differentiable ops of the original inputs and
-`lse`, so TensorFlow differentiates it (loops included) to any order,
-exactly. Those higher-order passes are ordinary autodiff of the loops and
-keep every chunk's intermediates: exact, but not memory-lean.
+Higher orders. `lse` is a hidden output of the op (`custom_op.py`): its
+upstream gradient `v` adds `v p` to `g`, and the backward pass is built from
+differentiable ops of the inputs and `lse`, so TensorFlow differentiates it,
+loops included, to any order: exact, but it keeps every chunk's
+intermediates.
 """
 
 import math
@@ -246,16 +229,20 @@ def _checked_weights(sample_weight, labels, hidden):
     if sample_weight is None:
         return None
     weights = float_tensor(sample_weight, "sample_weight")
-    if weights.shape.rank is not None and not (
-        weights.shape.rank == labels.shape.rank
-        and weights.shape.is_compatible_with(labels.shape)
+    _check_shape(weights, "sample_weight", labels.shape, "`labels`")
+    return tf.cast(weights, compute_dtype(hidden.dtype))
+
+
+def _check_shape(tensor, name, expected, description):
+    """Raises unless `tensor`'s static shape can be `expected`."""
+    shape = tensor.shape
+    if shape.rank is not None and not (
+        shape.rank == expected.rank and expected.is_compatible_with(shape)
     ):
         raise ValueError(
-            "`sample_weight` must have the shape of `labels`, "
-            f"{labels.shape.as_list()}. Received: sample_weight.shape="
-            f"{weights.shape.as_list()}"
+            f"`{name}` must have the shape of {description}, "
+            f"{expected.as_list()}. Received: {name}.shape={shape.as_list()}"
         )
-    return tf.cast(weights, compute_dtype(hidden.dtype))
 
 
 def _checked_parameters(hidden, kernel, bias):
@@ -304,14 +291,7 @@ def _checked_labels(labels, hidden):
             f"dtype: {labels.dtype.name}"
         )
     expected = hidden.shape[:-1]
-    if labels.shape.rank is not None and not (
-        labels.shape.rank == expected.rank and expected.is_compatible_with(labels.shape)
-    ):
-        raise ValueError(
-            "`labels` must have the shape of `hidden` without its last axis, "
-            f"{expected.as_list()}. Received: labels.shape="
-            f"{labels.shape.as_list()}, hidden.shape={hidden.shape.as_list()}"
-        )
+    _check_shape(labels, "labels", expected, "`hidden` without its last axis")
     if labels.shape.is_fully_defined() and expected.is_fully_defined():
         return labels
     # Unknown sizes: the reshape fails when they differ (no broadcasting).
@@ -478,15 +458,10 @@ def _forward_loop(labels, hidden, kernel, bias, chunks, dtype):
         if fresh is not None:
             logits = tf.where(fresh, logits, tf.zeros([], dtype))
         row_sum += tf.reduce_sum(logits, axis=1)
-        return k + 1, new_max, running_sum, picked, row_sum
+        return new_max, running_sum, picked, row_sum
 
-    start_max = tf.fill([rows], minus_inf)
-    _, running_max, running_sum, picked, row_sum = tf.while_loop(
-        lambda k, *_: k < chunks.count,
-        body,
-        (tf.constant(0), start_max, zeros, zeros, zeros),
-        maximum_iterations=chunks.count,
-        parallel_iterations=1,  # one chunk alive at a time
+    running_max, running_sum, picked, row_sum = _loop(
+        chunks.count, body, tf.fill([rows], minus_inf), zeros, zeros, zeros
     )
     return running_max + tf.math.log(running_sum), picked, row_sum
 
@@ -518,43 +493,52 @@ def _backward_loop(labels, hidden, kernel, bias, lse, coefficients, chunks):
         if dbias is not None:
             db = tf.cast(tf.reduce_sum(g, axis=0), bias.dtype)
             dbias = _write_columns(dbias, db, start)
-        return k + 1, dh, dkernel, dbias
+        return dh, dkernel, dbias
 
-    state = (
-        tf.constant(0),
+    dh, dkernel, dbias = _loop(
+        chunks.count,
+        body,
         _zeros_after(labels, tf.shape(h), dtype),
         _zeros_after(labels, [features, num_classes], kernel.dtype),
         None if bias is None else _zeros_after(labels, [num_classes], bias.dtype),
     )
-    if bias is None:
-        state = state[:3]
-        loop_body = lambda k, dh, dk: body(k, dh, dk, None)[:3]  # noqa: E731
-    else:
-        loop_body = body
-    result = tf.while_loop(
-        lambda k, *_: k < chunks.count,
-        loop_body,
-        state,
-        maximum_iterations=chunks.count,
-        parallel_iterations=1,  # one chunk alive at a time
+    dh = tf.cast(dh, hidden.dtype)
+    return (dh, dkernel) + (() if bias is None else (dbias,))
+
+
+def _loop(count, body, *state):
+    """`state` after `state = body(k, *state)` for `k` in `range(count)`, one
+    iteration at a time (one chunk alive); None entries stay None."""
+    live = [x is not None for x in state]
+
+    def step(k, *values):
+        values = iter(values)
+        new = body(k, *[next(values) if x else None for x in live])
+        return (k + 1,) + tuple(v for v, x in zip(new, live) if x)
+
+    result = iter(
+        tf.while_loop(
+            lambda k, *_: k < count,
+            step,
+            (tf.constant(0),) + tuple(v for v in state if v is not None),
+            maximum_iterations=count,
+            parallel_iterations=1,
+        )[1:]
     )
-    dh = tf.cast(result[1], hidden.dtype)
-    return (dh,) + tuple(result[2:])
+    return tuple(next(result) if x else None for x in live)
 
 
 def _zeros_after(labels, shape, dtype):
-    """Zeros of `shape` made from `labels` (a value, not a constant), as the
-    initial state of a loop that writes its columns in place.
+    """Zeros of `shape` computed from `labels`, as a loop's initial state.
 
-    TensorFlow builds a constant `tf.zeros` as a buffer that the first
-    update does not take over (with oneDNN off, a copy of the whole state:
-    512 MiB more at 131,072 classes), and builds it even in the untaken
-    branch of a `tf.cond` (the fast gradient's per-token fallback). Zeros
-    computed from a tensor are updated in place, and built only where their
-    branch runs.
+    A constant `tf.zeros` is a buffer the first in-place update does not
+    take over (with oneDNN off, a copy of the whole state: 512 MiB more at
+    131,072 classes), and TensorFlow builds it even in the untaken branch of
+    a `tf.cond` (the fast gradient's fallback). Zeros computed from a tensor
+    are updated in place, and built only where their branch runs. The
+    product is a float one: Grappler folds an integer `x * 0` into a
+    constant (float32 holds any label, and the minimum of none, finitely).
     """
-    # A float product: Grappler folds an integer `x * 0` into a constant.
-    # (float32 holds any label, and the minimum of no labels, finitely.)
     zero = tf.cast(tf.reduce_min(labels[:1]), tf.float32) * 0.0
     return tf.fill(shape, tf.cast(zero, dtype))
 

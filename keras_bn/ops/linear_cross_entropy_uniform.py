@@ -1,62 +1,45 @@
 r"""The linear cross-entropy with its gradient formed in the forward pass.
 
-`linear_softmax_cross_entropy` computes each chunk's logits twice, once for
-the logsumexp and once for the gradient: four products of the size of
-`h W` where the dense path has three. When the per-token loss is summed or
-averaged (a uniform upstream gradient `c` per token, as Keras's `fit`
-averages without `sample_weight`), the gradient is `c` times one that the
-forward pass can form while it has the logits at hand, as Liger-Kernel
-does. The softmax of a token needs its logsumexp over the whole
-vocabulary, so the chunks here are chunks of tokens, with every class:
+The per-token path computes each chunk's logits twice (four products of the
+size of `h W`, the dense path three). When the per-token loss is summed or
+averaged (one upstream value `c` per token, as Keras's `fit` averages), the
+gradient is `c` times one the forward pass can form while the logits are at
+hand. A token's softmax needs its logsumexp over every class, so here the
+blocks are blocks of tokens with all classes:
 
     x_t  = h_t W + b                          ([n, V], n tokens)
     lse  = logsumexp(x_t),  loss_t = lse - (1 - s) x_y - s mean(x_t)
-    g_t  = w (exp(x_t - lse) - s / V - (1 - s) onehot(y))
-    dh_t = g_t W^T,  db += sum_n g_t,  dW += h_t^T g_t
-
-with `w` the per-token weights (1 by default, 0 for `ignore_class`). A
-block of `n` tokens is one product `h_t W` into one `[n, V]` buffer.
-TensorFlow's fused `SparseSoftmaxCrossEntropyWithLogits` kernel turns it
-into `lse - x_y` and `p - onehot(y)` in one pass, written over the logits
-(label smoothing then subtracts `s / V` and adds `s` at the label). The
-weights scale rows of the products' small operands, not the block:
-
+    g'   = exp(x_t - lse) - s / V - (1 - s) onehot(y)
     dh_t = w (g' W^T),   dW += (w h_t)^T g',   db += w^T g'
 
-with `g'` the unweighted gradient. When all tokens fit one block, `dW` and
-`db` are whole products, as in the dense path; otherwise they are added a
-chunk of columns at a time (`dW[:, k] += (w h_t)^T g'[:, k]`, no
-kernel-sized temporary). So a step holds `dW`, `dh`, the block and a
-chunk, and costs three products of the size of `h W`, plus one pass over
-`dW` per block when there are several. `n` is the power of two for which a
-block holds about four times the logits of a chunk of the per-token path
-(2^26 by default, 256 MiB in float32: 512 tokens for 131,072 classes), at
-most the tokens; the tokens are padded with zero-weight rows to a multiple
-of `n` (a copy of `h`, not of the logits). A chunk of columns holds about
-2^23 entries of the block and at most as many of `dW` (or `chunk_size`
-columns): its update `dW[:, k] + (w h_t)^T g'[:, k]` is two such
-temporaries where TensorFlow does not fuse the sum into the product
-(oneDNN off).
+with `w` the per-token weights (1 by default, 0 for `ignore_class`), applied
+to the products' small operands, not to the block. TensorFlow's fused
+`SparseSoftmaxCrossEntropyWithLogits` kernel forms `lse - x_y` and
+`p - onehot(y)` in one pass, over the block's buffer (label smoothing then
+subtracts `s / V` and adds `s` at the label). With one block, `dW` and `db`
+are whole products; with several they are added a chunk of columns at a
+time (no kernel-sized temporary). A step holds `dW`, `dh`, the block and a
+chunk, and costs three products plus, with several blocks, one pass over
+`dW` per block. A block holds about four times the per-token path's chunk
+(2^26 logits by default, 256 MiB in float32: 512 tokens at 131,072
+classes); the tokens are padded with zero-weight rows to whole blocks (a
+copy of `h`, not of the logits). A chunk of columns holds about 2^23
+entries of the block and at most as many of `dW` (or `chunk_size` columns).
 
-The op returns the weighted per-token loss `w loss`. Its backward pass reads
-the upstream gradient `u`: if `u` takes one value `c` on every token that is
-not `ignore_class` (Keras's mean and sum, `reduce_sum`, `reduce_mean`), the
-gradients are `c` times the saved ones (for `c = 1`, the gradient of a
-reduced loss itself, the saved ones; otherwise the product takes over the
-saved gradient's buffer in a graph). Any other upstream, or one whose
-backward pass is itself differentiated (a tape or forward accumulator
-records it), gets the exact per-token backward pass of
-`linear_cross_entropy` (four products, differentiable to any order) with
-upstream `u w`: never a wrong result, only a slower one. Where a graph's
-first-order gradient is differentiated without a tape (`tf.gradients` of
-`tf.gradients`), the saved gradients raise a ValueError rather than return
-a second order that would miss their dependence on the inputs.
+The op returns `w loss`. Its backward pass reads the upstream gradient `u`:
+if `u` is one value `c` on every token not `ignore_class` (a mean or a
+sum), the gradients are `c` times the saved ones (for `c = 1`, the saved
+ones themselves). Any other upstream, or a backward pass that is itself
+differentiated (a tape or forward accumulator records it), takes the exact
+per-token backward pass with upstream `u w`: slower, never wrong. Where a
+graph's gradient is differentiated without a tape (`tf.gradients` of
+`tf.gradients`), the saved gradients raise a ValueError rather than miss
+their dependence on the inputs.
 
-The forward pass forms the gradients only where a gradient can be asked
-for (eagerly: a tape watches the inputs; in a graph: a tape records), so
-evaluation and prediction cost one product, as the per-token path.
-float16 and bfloat16 are computed in float32 as there (the kernel is cast
-once, a float32 copy of it), the gradients kept in float32 until scaled.
+The gradients are formed only where one can be asked for (eagerly: a tape
+watches the inputs; in a graph: a tape records), so evaluation costs one
+product. float16 and bfloat16 are computed in float32 (the kernel cast once,
+a float32 copy).
 """
 
 import tensorflow as tf
@@ -66,6 +49,7 @@ from keras_bn._internals import gradient_order
 from keras_bn._internals import tape_could_record
 from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
 from keras_bn.ops.linear_cross_entropy import _Chunks
+from keras_bn.ops.linear_cross_entropy import _loop
 from keras_bn.ops.linear_cross_entropy import _write_columns
 from keras_bn.ops.linear_cross_entropy import _zeros_after
 
@@ -79,25 +63,6 @@ def gradient_wanted(inputs):
     if tf.executing_eagerly():
         return gradient_order(inputs) != NO_GRADIENT
     return tape_could_record()
-
-
-def forward_with_gradient(
-    labels, hidden, kernel, bias, weights, smoothing, size, chunk_size
-):
-    """`(weights * loss, lse, (dh, dW[, db]))` per token of a flat `[N, D]`
-    `hidden`, in the compute dtype of `weights` (float `[N]`, masked);
-    `size` is the per-token path's chunk of classes, `chunk_size` the
-    caller's (None: automatic)."""
-    num_classes = kernel.shape[1]
-    rows = _token_rows(hidden.shape[0], size, num_classes)
-    # Chunks of about 2^23 entries (32 MiB) of the block and of dW.
-    columns = chunk_size or 2 ** max(
-        7, (_BLOCK_CHUNK_ENTRIES // max(rows, kernel.shape[0])).bit_length() - 1
-    )
-    chunks = _Chunks(num_classes, min(columns, num_classes))
-    return _forward_with_gradient(
-        labels, hidden, kernel, bias, weights, smoothing, chunks, rows
-    )
 
 
 def saved_gradients(upstream, ignored, saved, inputs, exact):
@@ -118,15 +83,14 @@ def _scaled(scale, saved, inputs):
     gradient of a reduced loss itself) passes the saved gradients through,
     so that no second kernel-sized tensor exists."""
 
-    def scaled():
-        return tuple(tf.cast(scale * g, x.dtype) for g, x in zip(saved, inputs))
-
-    def same():
-        return tuple(tf.cast(g, x.dtype) for g, x in zip(saved, inputs))
+    def cast(by=None):
+        return tuple(
+            tf.cast(g if by is None else by * g, x.dtype) for g, x in zip(saved, inputs)
+        )
 
     if tf.executing_eagerly():
-        return same() if bool(scale == 1) else scaled()
-    return tf.cond(tf.equal(scale, 1), same, scaled)
+        return cast() if bool(scale == 1) else cast(scale)
+    return tf.cond(tf.equal(scale, 1), cast, lambda: cast(scale))
 
 
 def _token_rows(tokens, size, num_classes):
@@ -170,13 +134,21 @@ def _refuse_differentiation(saved, inputs):
     return guard(*saved, *inputs)
 
 
-def _forward_with_gradient(
-    labels, hidden, kernel, bias, weights, smoothing, chunks, rows
+def forward_with_gradient(
+    labels, hidden, kernel, bias, weights, smoothing, size, chunk_size
 ):
-    """`(loss, lse, (dh, dW[, db]))` per token, over blocks of `rows` tokens
-    with all classes (module docstring); the gradients in the compute dtype."""
-    dtype = weights.dtype
+    """`(weights * loss, lse, (dh, dW[, db]))` per token of a flat `[N, D]`
+    `hidden`, over blocks of tokens with all classes (module docstring), in
+    the compute dtype of `weights` (float `[N]`, masked). `size` is the
+    per-token path's chunk of classes, `chunk_size` the caller's."""
     features, num_classes = kernel.shape
+    rows = _token_rows(hidden.shape[0], size, num_classes)
+    # Chunks of about 2^23 entries (32 MiB) of the block and of dW.
+    columns = chunk_size or 2 ** max(
+        7, (_BLOCK_CHUNK_ENTRIES // max(rows, features)).bit_length() - 1
+    )
+    chunks = _Chunks(num_classes, min(columns, num_classes))
+    dtype = weights.dtype
     h = tf.cast(hidden, dtype)
     w = tf.cast(kernel, dtype)  # a copy only for float16/bfloat16
     b = None if bias is None else tf.cast(bias, dtype)
@@ -206,33 +178,23 @@ def _forward_with_gradient(
         )
         dkernel, dbias = _add_columns(g, h_t, w_t, dkernel, dbias, chunks)
         dh = dh.write(t, tf.matmul(g, w, transpose_b=True) * w_t[:, None])
-        loss = loss.write(t, loss_t * w_t)
-        lse = lse.write(t, lse_t)
-        return t + 1, loss, lse, dh, dkernel, dbias
+        return loss.write(t, loss_t * w_t), lse.write(t, lse_t), dh, dkernel, dbias
 
-    def arrays(shape):
-        return tf.TensorArray(dtype, size=blocks, element_shape=shape)
-
-    state = (
-        tf.constant(0),
-        arrays([rows]),
-        arrays([rows]),
-        arrays([rows, features]),
+    *arrays, dkernel, dbias = _loop(
+        blocks,
+        body,
+        *(
+            tf.TensorArray(dtype, size=blocks, element_shape=shape)
+            for shape in ([rows], [rows], [rows, features])
+        ),
         _zeros_after(labels, [features, num_classes], dtype),
         None if b is None else _zeros_after(labels, [num_classes], dtype),
     )
-    if b is None:
-        state = state[:5]
-        loop_body = lambda *s: body(*s, None)[:5]  # noqa: E731
-    else:
-        loop_body = body
-    result = _loop(blocks, loop_body, state)
     loss, lse, dh = (
-        tf.reshape(a.stack(), [-1] + s)
-        for a, s in zip(result[1:4], ([], [], [features]))
+        tf.reshape(a.stack(), [-1] + s)[:tokens]
+        for a, s in zip(arrays, ([], [], [features]))
     )
-    grads = (dh[:tokens],) + tuple(result[4:])
-    return loss[:tokens], lse[:tokens], grads
+    return loss, lse, (dh, dkernel) + (() if b is None else (dbias,))
 
 
 def _block(h, labels, w, b, smoothing):
@@ -261,16 +223,6 @@ def _block(h, labels, w, b, smoothing):
     return loss, lse, g
 
 
-def _loop(count, body, state):
-    return tf.while_loop(
-        lambda k, *_: k < count,
-        body,
-        state,
-        maximum_iterations=count,
-        parallel_iterations=1,  # one chunk alive at a time
-    )
-
-
 def _add_columns(g, h_t, w_t, dkernel, dbias, chunks):
     """`(dkernel + (w_t h_t)^T g, dbias + w_t^T g)`, a chunk of columns at a
     time, in place: no kernel-sized temporary. Columns an earlier chunk
@@ -292,13 +244,6 @@ def _add_columns(g, h_t, w_t, dkernel, dbias, chunks):
             old = tf.slice(dbias, [start], [chunks.size])
             new = old + tf.linalg.matvec(g_k, w_t, transpose_a=True)
             dbias = _write_columns(dbias, new, start)
-        return k + 1, dkernel, dbias
+        return dkernel, dbias
 
-    state = (tf.constant(0), dkernel, dbias)
-    if dbias is None:
-        state = state[:2]
-        loop_body = lambda *s: body(*s, None)[:2]  # noqa: E731
-    else:
-        loop_body = body
-    result = _loop(chunks.count, loop_body, state)
-    return result[1], result[2] if dbias is not None else None
+    return _loop(chunks.count, body, dkernel, dbias)
