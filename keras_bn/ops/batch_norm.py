@@ -102,8 +102,7 @@ def _reshape_params(params, shape, dtype):
 
 
 def _param_gradients(grads, names, values):
-    """The gradients `grads[name]` of the parameters `values`, in their shapes
-    and dtypes."""
+    """`grads[name]` for each parameter, in its shape and dtype."""
     return tuple(
         tf.cast(tf.reshape(grads[name], tf.shape(v)), v.dtype)
         for name, v in zip(names, values)
@@ -251,8 +250,7 @@ def normalize_with_batch_statistics(
     replica = replica_context(synchronized)
     sync = replica is not None
     if use_fused(fused, x, axes, epsilon, mask, renorm is not None, sync):
-        gamma, beta = params.get("gamma"), params.get("beta")
-        return fused_batch_norm_train(x, gamma, beta, axes[0], epsilon)
+        return fused_batch_norm_train(x, params, axes[0], epsilon)
     mask, per_feature = _prepare_mask(mask, x, axes)
     dtype = compute_dtype(x.dtype)
     groups = merge_adjacent_axes(rank, axes)
@@ -613,10 +611,7 @@ def _normalize_with(x, params, axes, epsilon, fused):
     the fused kernel (one pass over `x`), or `x * scale + offset` with
     per-feature `scale` and `offset`; plain ops either way."""
     if fused:
-        p = params
-        return fused_batch_norm_inference(
-            x, p["mean"], p["variance"], p.get("gamma"), p.get("beta"), axes[0], epsilon
-        )
+        return fused_batch_norm_inference(x, params, axes[0], epsilon)
     dtype = compute_dtype(x.dtype)
     # Vectors broadcast along the last axis as they are: an export converter
     # then folds the multiply-add into the layer before, as it does Keras's.

@@ -82,8 +82,7 @@ class OpContext:
             return False
         if not tf.executing_eagerly() or self.recording:
             return True
-        # A returned output's gradient is at hand: its values decide, read on
-        # the host (statistics are per-feature vectors).
+        # Read on the host: the statistics' gradients are per-feature vectors.
         return not hidden and bool(tf.get_static_value(upstream).any())
 
     def _backward(self, backward, upstream, hidden_upstream):

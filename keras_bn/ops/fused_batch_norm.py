@@ -85,20 +85,21 @@ def _scale(gamma, x, axis):
     return tf.ones([x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]])
 
 
-def _fused(x, gamma, beta, axis, epsilon, mean=None, variance=None):
-    """`FusedBatchNormV3` on `x` viewed as 4-D, in training mode without
-    `mean` and `variance`: `(outputs, x4, data_format)`."""
-    scale = _scale(gamma, x, axis)
+def _fused(x, params, axis, epsilon):
+    """`FusedBatchNormV3` on `x` viewed as 4-D, in training mode unless
+    `params` (by name) holds `mean` and `variance`: `(outputs, x4, data_format)`."""
+    scale = _scale(params.get("gamma"), x, axis)
+    beta = params.get("beta")
     offset = tf.zeros_like(scale) if beta is None else tf.cast(beta, tf.float32)
     x4, data_format = _as_4d(x, axis)
-    training = mean is None
+    training = "mean" not in params
     empty = tf.constant([], tf.float32)
     out = tf.raw_ops.FusedBatchNormV3(
         x=x4,
         scale=scale,
         offset=offset,
-        mean=empty if training else tf.cast(mean, tf.float32),
-        variance=empty if training else tf.cast(variance, tf.float32),
+        mean=empty if training else tf.cast(params["mean"], tf.float32),
+        variance=empty if training else tf.cast(params["variance"], tf.float32),
         epsilon=epsilon,
         data_format=data_format,
         is_training=training,
@@ -106,21 +107,21 @@ def _fused(x, gamma, beta, axis, epsilon, mean=None, variance=None):
     return out, x4, data_format
 
 
-def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
+def fused_batch_norm_train(x, params, axis, epsilon):
     """`batch_norm_train` on the fused kernels, for the single non-negative
-    feature axis `axis` (`fused_unavailable_reason` checked):
-    `(y, batch_mean, batch_variance, count)`, statistics in float32.
+    feature axis `axis` (`fused_unavailable_reason` checked) and the given
+    `gamma` and `beta` in `params` (by name): `(y, batch_mean,
+    batch_variance, count)`, statistics in float32.
 
     The backward pass reads the original `x` and `gamma` (not the stopped
     copies) and the op's own outputs, so it differentiates again: in a graph
     through TensorFlow's registered gradient of `FusedBatchNormGradV3`, and
     where a tape records it through `_closed_form_backward`.
     """
-    names = tuple(k for k, v in (("gamma", gamma), ("beta", beta)) if v is not None)
+    names = tuple(params)
 
     def forward(x, *values):
-        p = dict(zip(names, values))
-        out, x4, data_format = _fused(x, p.get("gamma"), p.get("beta"), axis, epsilon)
+        out, x4, data_format = _fused(x, dict(zip(names, values)), axis, epsilon)
         count = count_positions(x, [a for a in range(x.shape.rank) if a != axis])
         mean, variance, count = from_unbiased(out.batch_mean, out.batch_variance, count)
         reserve = (out.reserve_space_1, out.reserve_space_2, out.reserve_space_3)
@@ -139,9 +140,10 @@ def fused_batch_norm_train(x, gamma, beta, axis, epsilon):
             tf.cast(grads[name], v.dtype) for name, v in zip(names, values)
         )
 
-    params = [v for v in (gamma, beta) if v is not None]
     # The backward pass reads x (its 4-D view) and the statistics, not y.
-    return custom_op(forward, backward, x, *params, first_order_output_reads=(1, 2, 3))
+    return custom_op(
+        forward, backward, x, *params.values(), first_order_output_reads=(1, 2, 3)
+    )
 
 
 def _kernel_backward(context, dy, scale, axis, epsilon):
@@ -215,8 +217,8 @@ def _add_statistics_gradient(context, dx, dmean, dvariance, axis):
     return tf.cond(live, with_statistics, lambda: dx)
 
 
-def fused_batch_norm_inference(x, mean, variance, gamma, beta, axis, epsilon):
-    """The inference forward pass on the fused kernel (one pass over `x`):
-    `y` only, which `batch_norm_inference` wraps with its backward pass."""
-    out, _, _ = _fused(x, gamma, beta, axis, epsilon, mean, variance)
-    return _from_4d(out.y, x, axis)
+def fused_batch_norm_inference(x, params, axis, epsilon):
+    """The inference forward pass on the fused kernel (one pass over `x`),
+    `params` by name: `y` only, which `batch_norm_inference` wraps with its
+    backward pass."""
+    return _from_4d(_fused(x, params, axis, epsilon)[0].y, x, axis)

@@ -48,12 +48,6 @@ def count_positions(x, reduced_axes):
     return tf.reduce_prod(tf.gather(tf.shape(x, out_type=tf.int64), reduced_axes))
 
 
-def _as_float(count, dtype):
-    if isinstance(count, int):
-        return tf.constant(count, dtype)
-    return tf.cast(count, dtype)
-
-
 def moments(x, reduced_axes, mask=None):
     """Shifted two-pass statistics of `x` over `reduced_axes`, left out
     where the optional `mask` (broadcastable to `x`) is False.
@@ -65,7 +59,7 @@ def moments(x, reduced_axes, mask=None):
     """
     dtype, red = x.dtype, reduced_axes
     if mask is None:
-        count = _as_float(count_positions(x, red), dtype)
+        count = tf.cast(count_positions(x, red), dtype)
         count = tf.reshape(count, [1] * x.shape.rank)
         safe_count = tf.maximum(count, 1.0)
         # The values at the first position (0 if there is none).
@@ -103,7 +97,7 @@ def from_unbiased(mean, variance, count):
     statistics when `N = 0`."""
     if isinstance(count, int) and count > 0:
         return mean, variance * ((count - 1) / count), tf.constant(float(count))
-    count = _as_float(count, tf.float32)
+    count = tf.cast(count, tf.float32)
     has_positions = count > 0
     safe_count = tf.maximum(count, 1.0)
     mean = tf.where(has_positions, mean, 0.0)

@@ -18,25 +18,13 @@ GROUPINGS = ("interleaved", "consecutive")
 
 
 def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleaved"):
-    """The layer's training input as virtual batches, for the batch-norm ops.
-
-    Args:
-        x: The input, `[B, ...]`.
-        axes: Its feature axes (sorted, non-negative, not 0).
-        virtual_batch_size: `v`, which must divide `B`.
-        params: Per-feature tensors (or None), broadcast to one copy per
-            virtual batch.
-        grouping: `"interleaved"` or `"consecutive"` (module docstring).
-
-    Returns:
-        `(x_split, axes, params)`: `x` split as the module docstring says, its
-        feature axes (shifted by one, joined by the axis that numbers the
-        virtual batches), and the parameters broadcast to `[B / v, ...]`.
-
-    Raises:
-        ValueError: If the batch size is known and not a multiple of
-            `virtual_batch_size`; an InvalidArgumentError with the same
-            message when it is known only at run time.
+    """The layer's training input `x` (`[B, ...]`, feature `axes` sorted,
+    non-negative, not 0) split into virtual batches of `virtual_batch_size`
+    examples by `grouping` (module docstring): `(x_split, axes, params)`, the
+    axes shifted by one and joined by the one that numbers the virtual
+    batches, and the per-feature `params` (or None) broadcast to one copy per
+    virtual batch. A size that does not divide a known batch size raises a
+    ValueError; one known only at run time an InvalidArgumentError.
     """
     batch = x.shape[0]
     message = (
@@ -54,9 +42,7 @@ def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleave
     numbering = 1 if interleaved else 0  # the virtual batches' axis
     per_batch = tf.shape(x_split)[numbering : numbering + 1]
     params = [
-        None
-        if v is None
-        else tf.broadcast_to(v, tf.concat([per_batch, tf.shape(v)], 0))
+        v if v is None else tf.broadcast_to(v, tf.concat([per_batch, tf.shape(v)], 0))
         for v in params
     ]
     return x_split, (numbering,) + tuple(a + 1 for a in axes), params
