@@ -144,38 +144,19 @@ def linear_softmax_cross_entropy(
     array([0.40761, 1.55144], dtype=float32)
     """
     reduction = check_choice(reduction, "reduction", (None, "sum", "mean"))
-    ignore_class = check_optional_int(ignore_class, "ignore_class")
-    if reduction == "mean":
-        # The division goes into the weights: the sum's gradient is then
-        # exactly 1 per token, and the saved gradients pass through unscaled.
-        sample_weight = _mean_weights(labels, sample_weight, hidden, ignore_class)
     loss = linear_sparse(
         labels,
         hidden,
         kernel,
         bias,
         check_label_smoothing(label_smoothing),
-        ignore_class,
+        check_optional_int(ignore_class, "ignore_class"),
         check_optional_positive_int(chunk_size, "chunk_size"),
         sample_weight,
         uniform=reduction is not None,
+        mean=reduction == "mean",
     )
     return loss if reduction is None else tf.reduce_sum(loss)
-
-
-def _mean_weights(labels, sample_weight, hidden, ignore_class):
-    """`sample_weight` (or ones) over the number of tokens not labelled
-    `ignore_class` (0 weights if there are none)."""
-    labels = tf.convert_to_tensor(labels)
-    dtype = compute_dtype(float_tensor(hidden, "hidden").dtype)
-    if ignore_class is None:
-        count = tf.size(labels)
-    else:
-        count = tf.math.count_nonzero(labels != ignore_class, dtype=tf.int32)
-    if sample_weight is None:
-        sample_weight = tf.ones(tf.shape(labels), dtype)
-    weights = tf.cast(float_tensor(sample_weight, "sample_weight"), dtype)
-    return tf.math.divide_no_nan(weights, tf.cast(count, dtype))
 
 
 def linear_sparse(
@@ -188,14 +169,27 @@ def linear_sparse(
     chunk_size,
     sample_weight=None,
     uniform=False,
+    mean=False,
 ):
     """`linear_softmax_cross_entropy` on checked Python arguments: the
-    per-token loss times `sample_weight`. With `uniform`, the gradients are
-    formed in the forward pass for an upstream gradient that is one value on
-    every token (exact, and slower, for any other)."""
+    per-token loss times `sample_weight` (over the number of tokens not
+    `ignore_class`, with `mean`). With `uniform`, the gradients are formed
+    in the forward pass for an upstream gradient that is one value on every
+    token (exact, and slower, for any other)."""
     hidden, kernel, bias = _checked_parameters(hidden, kernel, bias)
     labels = _checked_labels(labels, hidden)
     weights = _checked_weights(sample_weight, labels, hidden)
+    if mean:
+        # The division goes into the weights: the sum's gradient is then
+        # exactly 1 per token, and the saved gradients pass through unscaled.
+        dtype = compute_dtype(hidden.dtype)
+        count = tf.size(labels)
+        if ignore_class is not None:
+            count = tf.math.count_nonzero(labels != ignore_class, dtype=tf.int32)
+        weights = tf.math.divide_no_nan(
+            tf.ones(tf.shape(labels), dtype) if weights is None else weights,
+            tf.cast(count, dtype),
+        )
     num_classes = kernel.shape[1]
     if tf.executing_eagerly():
         labels, in_range, ignored = _checked_eager_labels(
