@@ -198,7 +198,16 @@ class ActivationStatistics(keras.callbacks.Callback):
                 "Nothing recorded yet: pass this callback to `fit` first."
             )
         if isinstance(path_or_ax, str | os.PathLike):
-            return self._save_figure(path_or_ax)
+            # A bare Figure draws without pyplot, whatever the GUI backend.
+            from matplotlib.figure import Figure
+
+            n_layers = len(self.layer_names)
+            figure = Figure(figsize=(5 * n_layers, 3.5), layout="constrained")
+            axes = figure.subplots(1, n_layers, squeeze=False)[0]
+            for ax, name in zip(axes, self.layer_names):
+                self._draw(ax, name)
+            figure.savefig(path_or_ax, dpi=120)
+            return path_or_ax
         if layer is None:
             layer = self.layer_names[0]
         elif layer not in self.layer_names:
@@ -208,18 +217,6 @@ class ActivationStatistics(keras.callbacks.Callback):
             )
         self._draw(path_or_ax, layer)
         return path_or_ax
-
-    def _save_figure(self, path):
-        # A bare Figure draws without pyplot, whatever the GUI backend.
-        from matplotlib.figure import Figure
-
-        n_layers = len(self.layer_names)
-        figure = Figure(figsize=(5 * n_layers, 3.5), layout="constrained")
-        axes = figure.subplots(1, n_layers, squeeze=False)[0]
-        for ax, name in zip(axes, self.layer_names):
-            self._draw(ax, name)
-        figure.savefig(path, dpi=120)
-        return path
 
     def _draw(self, ax, layer):
         values = self.percentiles[layer]
