@@ -448,9 +448,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             # Each feature counts its own batches: one that skipped a batch
             # (NaN there) must not dilute its average with the initial value.
             accepted = tf.broadcast_to(accept, tf.shape(mean))
-            tracked = self.num_batches_tracked + tf.cast(
-                accepted, self.num_batches_tracked.dtype
-            )
+            tracked = self.num_batches_tracked + tf.cast(accepted, "int64")
             self.num_batches_tracked.assign(tracked)
             momentum = 1.0 - 1.0 / tf.maximum(tf.cast(tracked, mean.dtype), 1.0)
 
