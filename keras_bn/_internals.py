@@ -1,12 +1,6 @@
-"""Every reach into TensorFlow's and Keras's internals, each with its fallback.
-
-keras_bn uses public APIs everywhere else. What stands here has no public
-equivalent: TensorFlow's tape set and XLA flag (`tensorflow.python`), Keras's
-table of loss names, and the attributes `_keras_mask` and `_keras_logits`
-that Keras's layers set on tensors. docs/testing.md tabulates each function's
-fallback; `KERAS_BN_NO_INTERNALS=1`, read at import, turns every internal off
-so that the fallbacks can be tested (`tests/test_internals.py`).
-"""
+"""Every reach into TensorFlow's and Keras's internals (no public equivalent),
+each with its fallback, as docs/testing.md tabulates. `KERAS_BN_NO_INTERNALS=1`,
+read at import, turns every internal off (`tests/test_internals.py`)."""
 
 import importlib
 import os
@@ -56,13 +50,11 @@ def tape_could_record():
 
 
 def gradient_order(tensors):
-    """What the active tapes can ask of `tensors`, eagerly: NO_GRADIENT
-    (none watches them), FIRST_ORDER, or HIGHER_ORDER (several tapes, a
-    persistent one, or a tape under a forward accumulator), as TensorFlow's
-    own functions ask to pick their backward passes. HIGHER_ORDER in a graph,
-    where `tf.gradients` needs no tape. Fallback: HIGHER_ORDER, the general
-    path; also if `record_operation`, which FIRST_ORDER needs, is gone.
-    """
+    """What the active tapes can ask of `tensors`, eagerly: NO_GRADIENT,
+    FIRST_ORDER, or HIGHER_ORDER (several tapes, a persistent one, a forward
+    accumulator), as TensorFlow's own functions ask. HIGHER_ORDER in a graph
+    (`tf.gradients` needs no tape) and as the fallback, also without
+    `record_operation`, which FIRST_ORDER needs."""
     possible = FOUND.get("PossibleTapeGradientTypes")
     if tf.executing_eagerly() and possible and "record_operation" in FOUND:
         return possible(tensors)
@@ -70,22 +62,19 @@ def gradient_order(tensors):
 
 
 def stop_recording():
-    """A context that pauses the tapes (only reached after `gradient_order`
-    gave FIRST_ORDER, so never without its internal)."""
+    """A context that pauses the tapes (only after FIRST_ORDER: no fallback)."""
     return FOUND["stop_recording"]()
 
 
 def record_operation(name, outputs, inputs, backward):
-    """Records `outputs` on the active tapes as one op of `inputs` whose
-    gradient is `backward` (reached only as `stop_recording` is)."""
+    """Records `outputs` on the tapes as one op of `inputs` with gradient
+    `backward` (only after FIRST_ORDER: no fallback)."""
     FOUND["record_operation"](name, outputs, inputs, backward)
 
 
 def in_xla_function():
-    """Whether ops are being traced into a function that XLA compiles
-    (`tf.function(jit_compile=True)`, as Keras's `jit_compile=True`, and the
-    functions it calls), where the ops pick the formulation XLA compiles to
-    faster loops. Fallback: False (the same values)."""
+    """Whether ops are traced into a function that XLA compiles (`jit_compile`,
+    and the functions it calls). Fallback: False (the same values)."""
     in_context = FOUND.get("GraphOrParentsInXlaContext")
     if tf.executing_eagerly() or in_context is None:
         return False

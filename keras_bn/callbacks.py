@@ -80,7 +80,7 @@ class ActivationStatistics(keras.callbacks.Callback):
             (str, keras.layers.Layer),
             "a non-empty list of layers or layer names",
         )
-        self.layer_names = [_layer_name(ref) for ref in self.layer_refs]
+        self.layer_names = [getattr(ref, "name", ref) for ref in self.layer_refs]
         if len(set(self.layer_names)) != len(self.layer_names):
             raise ValueError(
                 "Argument `layers` must not repeat a layer. "
@@ -125,8 +125,11 @@ class ActivationStatistics(keras.callbacks.Callback):
     def _build_probe_model(self):
         layers = [self._resolve_layer(ref) for ref in self.layer_refs]
         try:
+            # A single input as a bare tensor, so the probe array matches it.
+            inputs = self.model.inputs or ()
+            inputs = inputs[0] if len(inputs) == 1 else self.model.input
             outputs = [layer.input for layer in layers]
-            probe_model = keras.Model(self._model_inputs(), outputs)
+            probe_model = keras.Model(inputs, outputs)
         except (AttributeError, ValueError) as error:
             raise ValueError(
                 "`layers`: cannot read the inputs of "
@@ -144,15 +147,8 @@ class ActivationStatistics(keras.callbacks.Callback):
                 )
         return probe_model
 
-    def _model_inputs(self):
-        # A single input as a bare tensor, so the probe array matches it.
-        inputs = self.model.inputs
-        if inputs is not None and len(inputs) == 1:
-            return inputs[0]
-        return self.model.input
-
     def _resolve_layer(self, ref):
-        name = _layer_name(ref)
+        name = getattr(ref, "name", ref)  # a layer or a layer's name
         try:
             layer = self.model.get_layer(name)
         except ValueError as error:  # it lists the model's layers
@@ -202,7 +198,16 @@ class ActivationStatistics(keras.callbacks.Callback):
                 "Nothing recorded yet: pass this callback to `fit` first."
             )
         if isinstance(path_or_ax, str | os.PathLike):
-            return self._save_figure(path_or_ax)
+            # A bare Figure draws without pyplot, whatever the GUI backend.
+            from matplotlib.figure import Figure
+
+            n_layers = len(self.layer_names)
+            figure = Figure(figsize=(5 * n_layers, 3.5), layout="constrained")
+            axes = figure.subplots(1, n_layers, squeeze=False)[0]
+            for ax, name in zip(axes, self.layer_names):
+                self._draw(ax, name)
+            figure.savefig(path_or_ax, dpi=120)
+            return path_or_ax
         if layer is None:
             layer = self.layer_names[0]
         elif layer not in self.layer_names:
@@ -212,18 +217,6 @@ class ActivationStatistics(keras.callbacks.Callback):
             )
         self._draw(path_or_ax, layer)
         return path_or_ax
-
-    def _save_figure(self, path):
-        # A bare Figure draws without pyplot, whatever the GUI backend.
-        from matplotlib.figure import Figure
-
-        n_layers = len(self.layer_names)
-        figure = Figure(figsize=(5 * n_layers, 3.5), layout="constrained")
-        axes = figure.subplots(1, n_layers, squeeze=False)[0]
-        for ax, name in zip(axes, self.layer_names):
-            self._draw(ax, name)
-        figure.savefig(path, dpi=120)
-        return path
 
     def _draw(self, ax, layer):
         values = self.percentiles[layer]
@@ -304,11 +297,8 @@ class RecomputeStatistics(keras.callbacks.Callback):
     def recompute(self):
         """Recomputes the statistics of `self.model` now."""
         current = self._recomputation
-        if (
-            current is None
-            or current.model is not self.model
-            or not current.is_current()
-        ):
+        stale = current is None or current.model is not self.model
+        if stale or not current.is_current():
             current = self._recomputation = Recomputation(self.model)
         current.run(self.batches, self.verbose)
         self._fresh = True
@@ -331,7 +321,3 @@ class RecomputeStatistics(keras.callbacks.Callback):
         self._in_fit = False
         if self.on == "train_end":
             self.recompute()
-
-
-def _layer_name(ref):
-    return ref if isinstance(ref, str) else ref.name

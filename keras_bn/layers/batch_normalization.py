@@ -269,53 +269,41 @@ class BatchNormalization(keras.layers.BatchNormalization):
                     initializer=getattr(self, f"{name}_initializer"),
                     regularizer=getattr(self, f"{name}_regularizer"),
                     constraint=getattr(self, f"{name}_constraint"),
-                    trainable=True,
                     autocast=False,
                 )
                 setattr(self, name, weight)
-        self.moving_mean = self._add_statistic(
-            "moving_mean", shape, self.moving_mean_initializer
-        )
-        self.moving_variance = self._add_statistic(
-            "moving_variance", shape, self.moving_variance_initializer
-        )
+        statistics = [
+            ("moving_mean", self.moving_mean_initializer),
+            ("moving_variance", self.moving_variance_initializer),
+        ]
         if self.renorm:
-            self._add_renorm_statistics(shape)
+            # As Keras starts them: the stddevs at the root of the variance
+            # initializer's values, from fresh copies of the initializers, so
+            # that random ones do not repeat their values.
+            def stddev(shape, dtype=None):
+                variance = _copy_initializer(self.moving_variance_initializer)
+                return tf.sqrt(variance(shape, dtype=dtype))
+
+            mean = _copy_initializer(self.moving_mean_initializer)
+            statistics += [
+                ("moving_stddev", stddev),
+                ("renorm_mean", mean),
+                ("renorm_stddev", stddev),
+            ]
         if self.momentum is None:
-            self.num_batches_tracked = self._add_statistic(
-                "num_batches_tracked", shape, "zeros", dtype="int64"
+            statistics.append(("num_batches_tracked", "zeros"))
+        for name, initializer in statistics:
+            weight = self.add_weight(
+                shape=shape,
+                name=name,
+                initializer=initializer,
+                dtype="int64" if name == "num_batches_tracked" else None,
+                trainable=False,
+                autocast=False,
             )
+            setattr(self, name, weight)
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in self._axes}
-        )
-
-    def _add_renorm_statistics(self, shape):
-        """`moving_stddev`, `renorm_mean` and `renorm_stddev`, as Keras starts
-        them (stddevs at the root of the variance initializer's values), from
-        fresh initializer copies, so random ones do not repeat their values."""
-
-        def stddev_initializer(shape, dtype=None):
-            variance = _copy_initializer(self.moving_variance_initializer)
-            return tf.sqrt(variance(shape, dtype=dtype))
-
-        self.moving_stddev = self._add_statistic(
-            "moving_stddev", shape, stddev_initializer
-        )
-        self.renorm_mean = self._add_statistic(
-            "renorm_mean", shape, _copy_initializer(self.moving_mean_initializer)
-        )
-        self.renorm_stddev = self._add_statistic(
-            "renorm_stddev", shape, stddev_initializer
-        )
-
-    def _add_statistic(self, name, shape, initializer, dtype=None):
-        return self.add_weight(
-            shape=shape,
-            name=name,
-            initializer=initializer,
-            dtype=dtype,
-            trainable=False,
-            autocast=False,
         )
 
     def _value(self, weight):
@@ -446,13 +434,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
 
     def _update_statistics(self, mean, variance, count):
-        """Moves the averages towards this batch's statistics.
-
-        A feature keeps its averages when the batch holds no (unmasked)
-        position or, with `skip_nonfinite_updates`, when its statistics are
-        NaN or Inf. `count` is the number of positions per statistic (global
-        when synchronized; per virtual batch with `virtual_batch_size`).
-        """
+        """Moves the averages towards this batch's statistics, except for a
+        feature with no (unmasked) position in `count` or, with
+        `skip_nonfinite_updates`, with NaN or Inf statistics."""
         accept = count > 0
         if self.skip_nonfinite_updates:
             accept = accept & tf.math.is_finite(mean) & tf.math.is_finite(variance)
@@ -464,9 +448,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             # Each feature counts its own batches: one that skipped a batch
             # (NaN there) must not dilute its average with the initial value.
             accepted = tf.broadcast_to(accept, tf.shape(mean))
-            tracked = self.num_batches_tracked + tf.cast(
-                accepted, self.num_batches_tracked.dtype
-            )
+            tracked = self.num_batches_tracked + tf.cast(accepted, "int64")
             self.num_batches_tracked.assign(tracked)
             momentum = 1.0 - 1.0 / tf.maximum(tf.cast(tracked, mean.dtype), 1.0)
 

@@ -99,17 +99,16 @@ def check_optional_positive_int(value, arg_name):
 def check_float_list(values, arg_name, low, high):
     """A non-empty list (any iterable but a string) of floats in [low, high],
     as a tuple of Python floats."""
-    expected = f"a non-empty list of floats in [{low}, {high}]"
+    message = (
+        f"Argument `{arg_name}` must be a non-empty list of floats in "
+        f"[{low}, {high}]. Received: {arg_name}={values!r}"
+    )
     try:  # a string's characters are strings: refused too
         floats = tuple(check_float(value, arg_name) for value in values)
-        in_range = floats and all(low <= value <= high for value in floats)
-        error = None if in_range else ValueError
     except TypeError:
-        error = TypeError
-    if error is not None:
-        raise error(
-            f"Argument `{arg_name}` must be {expected}. Received: {arg_name}={values!r}"
-        )
+        raise TypeError(message) from None
+    if not floats or not all(low <= value <= high for value in floats):
+        raise ValueError(message)
     return floats
 
 
