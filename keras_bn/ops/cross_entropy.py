@@ -62,8 +62,6 @@ from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
-_INTS = (tf.int32, tf.int64)
-
 
 def _class_axis(x, axis, name):
     """`axis` (an int) as a non-negative int, checked against the rank of `x`."""
@@ -106,11 +104,12 @@ def _dense_inputs(labels, x, axis, name):
     return _check_shapes(labels, x, axis, sparse=False, name=name), x, axis
 
 
-def _class_iota(logits, axis, dtype):
-    """The class index along `axis`, broadcastable against `logits`."""
-    shape = [1] * logits.shape.rank
+def _label_hits(x, labels, axis):
+    """True at the label positions along `axis` (a class iota against labels)."""
+    shape = [1] * x.shape.rank
     shape[axis] = -1
-    return tf.reshape(tf.range(tf.shape(logits, out_type=dtype)[axis]), shape)
+    iota = tf.reshape(tf.range(tf.shape(x, out_type=labels.dtype)[axis]), shape)
+    return tf.equal(iota, tf.expand_dims(labels, axis))
 
 
 def _num_classes(logits, axis, dtype):
@@ -236,7 +235,7 @@ def _sparse_inputs(labels, x, axis, ignore_class, name):
     x = float_tensor(x, name)
     axis = _class_axis(x, axis, name)
     labels = tf.convert_to_tensor(labels)
-    if labels.dtype not in _INTS:
+    if labels.dtype not in (tf.int32, tf.int64):
         raise TypeError(
             "`labels` must be an int32 or int64 tensor of class ids. Received "
             f"dtype: {labels.dtype.name}"
@@ -277,7 +276,7 @@ def _pick(z, labels, axis):
     rank = z.shape.rank
     if axis == rank - 1:
         return tf.gather(z, labels, batch_dims=rank - 1)
-    hit = tf.equal(_class_iota(z, axis, labels.dtype), tf.expand_dims(labels, axis))
+    hit = _label_hits(z, labels, axis)
     return tf.reduce_sum(tf.where(hit, z, tf.zeros([], z.dtype)), axis=axis)
 
 
@@ -298,9 +297,7 @@ def _subtract_at_labels(values, labels, amounts, axis):
             flat, tf.stack([rows, flat_labels], axis=1), flat_amounts
         )
         return flat if rank == 2 else tf.reshape(flat, tf.shape(values))
-    hit = tf.equal(
-        _class_iota(values, axis, labels.dtype), tf.expand_dims(labels, axis)
-    )
+    hit = _label_hits(values, labels, axis)
     return tf.where(hit, values - tf.expand_dims(amounts, axis), values)
 
 
