@@ -245,9 +245,7 @@ def _sparse_inputs(labels, x, axis, ignore_class, name):
         return x, axis, *_checked_eager_labels(labels, x.shape[axis], ignore_class)
     num_classes = tf.shape(x, out_type=labels.dtype)[axis]
     in_range = tf.logical_and(labels >= 0, labels < num_classes)
-    ignored = None
-    if ignore_class is not None:
-        ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
+    ignored = None if ignore_class is None else tf.equal(labels, ignore_class)
     return x, axis, labels, in_range, ignored
 
 
@@ -266,8 +264,7 @@ def _checked_eager_labels(labels, num_classes, ignore_class):
             + f". Received out-of-range labels: {values[bad][:5].tolist()}"
         )
     in_range = tf.constant(~outside) if outside.any() else None
-    if ignored is not None:
-        ignored = tf.constant(ignored) if ignored.any() else None
+    ignored = tf.constant(ignored) if ignored is not None and ignored.any() else None
     return labels, in_range, ignored
 
 
@@ -383,7 +380,6 @@ def _sparse_cross_entropy(logits, axis, labels, in_range, ignored, smoothing):
         (logits,) = context.inputs
         exp_z, total = context.hidden
         upstream = _per_example_mask(tf.cast(upstream[0], dtype), in_range, ignored)
-        # upstream * softmax, then the smoothing and label terms.
         dlogits = exp_z * tf.expand_dims(upstream / total, axis)
         if smoothing:
             off = smoothing / _num_classes(logits, axis, dtype)
