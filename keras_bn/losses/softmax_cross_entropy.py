@@ -38,9 +38,9 @@ def _times(x, weight):
 
 
 def _class_weighted_mean(losses, weights, sample_weight, mask, reduction):
-    """The mean of `losses` (class weights `weights` applied; None: all 1),
-    `sum(losses * sample_weight * mask) / sum(w * mask)`, with `w * sample_weight
-    * mask` below for "mean_with_sample_weight" (docs/losses.md)."""
+    """The mean of `losses` (class weights `weights` applied; None: all 1):
+    `sum(losses * sample_weight * mask) / sum(w * mask)`, or over `sum(w *
+    sample_weight * mask)` for "mean_with_sample_weight" (docs/losses.md)."""
     dtype = losses.dtype
     if weights is None:
         weights = tf.ones_like(losses)
