@@ -535,12 +535,7 @@ def _clipped_log(probabilities, epsilon, dtype):
 
 
 def sparse_probability_cross_entropy(
-    labels,
-    probabilities,
-    axis=-1,
-    label_smoothing=0.0,
-    ignore_class=None,
-    epsilon=1e-7,
+    labels, probabilities, axis=-1, label_smoothing=0.0, ignore_class=None, epsilon=1e-7
 ):
     r"""Sparse cross-entropy from probabilities, clipped as Keras does.
 
