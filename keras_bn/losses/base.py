@@ -14,15 +14,6 @@ import tensorflow as tf
 from keras_bn._internals import keras_logits
 from keras_bn.ops.checks import check_not_ragged
 
-__all__ = [
-    "BaseLoss",
-    "check_dense_loss_inputs",
-    "logits_behind",
-    "sparse_class_ids",
-    "squeeze_or_expand_to_same_rank",
-]
-
-
 _DENSE_HINT = (
     "Pad it to a dense tensor (`.to_tensor()`) and give the padding zero "
     "`sample_weight` (or an `ignore_class` label)."
@@ -31,13 +22,9 @@ _DENSE_HINT = (
 
 def check_dense_loss_inputs(loss, y_true, y_pred, sample_weight):
     """Refuses ragged and sparse labels, predictions and sample weights."""
-    owner = type(loss).__name__
-    for name, value in (
-        ("y_true", y_true),
-        ("y_pred", y_pred),
-        ("sample_weight", sample_weight),
-    ):
-        check_not_ragged(value, name, owner, _DENSE_HINT)
+    names = ("y_true", "y_pred", "sample_weight")
+    for name, value in zip(names, (y_true, y_pred, sample_weight)):
+        check_not_ragged(value, name, type(loss).__name__, _DENSE_HINT)
 
 
 class BaseLoss(keras.losses.Loss):
@@ -68,15 +55,9 @@ def squeeze_or_expand_to_same_rank(x1, x2):
     x1, x2 = tf.convert_to_tensor(x1), tf.convert_to_tensor(x2)
     rank1, rank2 = x1.shape.rank, x2.shape.rank
     if rank1 == rank2 + 1 and x1.shape[-1] == 1:
-        if rank2 == 1:
-            x2 = tf.expand_dims(x2, -1)
-        else:
-            x1 = tf.squeeze(x1, -1)
+        return (x1, tf.expand_dims(x2, -1)) if rank2 == 1 else (tf.squeeze(x1, -1), x2)
     if rank2 == rank1 + 1 and x2.shape[-1] == 1:
-        if rank1 == 1:
-            x1 = tf.expand_dims(x1, -1)
-        else:
-            x2 = tf.squeeze(x2, -1)
+        return (tf.expand_dims(x1, -1), x2) if rank1 == 1 else (x1, tf.squeeze(x2, -1))
     return x1, x2
 
 
@@ -88,9 +69,8 @@ def logits_behind(y_pred, from_logits, fn_name):
     logits and `from_logits=True`. Returns `(tensor, from_logits)`.
     """
     logits = keras_logits(y_pred)
-    if logits is None and tf.is_symbolic_tensor(y_pred):
-        if y_pred.op.type == "Softmax":
-            logits = y_pred.op.inputs[0]
+    if logits is None and tf.is_symbolic_tensor(y_pred) and y_pred.op.type == "Softmax":
+        logits = y_pred.op.inputs[0]
     if logits is None:
         return y_pred, from_logits
     if from_logits:

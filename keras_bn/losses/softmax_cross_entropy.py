@@ -38,19 +38,9 @@ def _times(x, weight):
 
 
 def _class_weighted_mean(losses, weights, sample_weight, mask, reduction):
-    """The mean of `losses`, which include the class weights `weights` (None:
-    all 1), with the mask and sample weight aligned as Keras aligns them.
-
-    Each entry of the broadcast `losses * sample_weight * mask` is one term,
-    counted with the class weight `w` of its example:
-
-        sum(losses * sample_weight * mask) / sum(w * mask)
-            for "sum_over_batch_size" and "mean" (PyTorch's weighted mean),
-        sum(losses * sample_weight * mask) / sum(w * sample_weight * mask)
-            for "mean_with_sample_weight",
-
-    scaled for distribution as Keras scales it.
-    """
+    """The mean of `losses` (class weights `weights` applied; None: all 1):
+    `sum(losses * sample_weight * mask) / sum(w * mask)`, or over `sum(w *
+    sample_weight * mask)` for "mean_with_sample_weight" (docs/losses.md)."""
     dtype = losses.dtype
     if weights is None:
         weights = tf.ones_like(losses)
@@ -64,9 +54,7 @@ def _class_weighted_mean(losses, weights, sample_weight, mask, reduction):
     count = tf.reduce_sum(_times(weights, counted_by))
     loss = tf.math.divide_no_nan(total, count)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        loss *= 1.0 / replicas
-    return loss
+    return loss * (1.0 / replicas) if replicas > 1 else loss  # as Keras scales it
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -79,14 +67,10 @@ class SoftmaxCrossEntropy(BaseLoss):
     `keras_bn.ops.cross_entropy`, with hand-written gradients.
 
     **Class weights** (PyTorch's `weight`) scale each example by the weight
-    of its true class (`sum_c w_c * labels_c` for dense labels, unsmoothed),
-    and the mean reductions divide by the sum of those weights,
-    `sum(w_i * l_i) / sum(w_i)` (`sum(w_i * sample_weight_i)` with
-    "mean_with_sample_weight"), over the examples neither masked nor
-    ignored; a batch with nothing to count gives 0. Every entry of the
-    broadcast `losses * sample_weight` counts once, with or without class
-    weights. Examples labelled `ignore_class` get loss 0 and gradient 0 and
-    are left out of the mean, as in Keras. Details: `docs/losses.md`.
+    of its true class, and the mean reductions divide by the sum of those
+    weights, `sum(w_i * l_i) / sum(w_i)`. Examples labelled `ignore_class` get
+    loss 0 and gradient 0 and are left out of the mean, as in Keras. Details
+    (soft labels, sample weights, empty batches): `docs/losses.md`.
 
     Args:
         sparse: Whether labels are integer class ids (shaped as the logits
@@ -162,10 +146,8 @@ class SoftmaxCrossEntropy(BaseLoss):
             y_pred = keras.ops.convert_to_tensor(y_pred, dtype=self.dtype)
             y_true = keras.ops.convert_to_tensor(y_true, dtype=self.dtype)
             losses, weights, valid = self._losses_and_weights(y_true, y_pred)
-            if valid is not None and mask is not None:
-                mask = tf.logical_and(tf.cast(mask, tf.bool), valid)
-            elif valid is not None:
-                mask = valid
+            if valid is not None:
+                mask = valid if mask is None else tf.cast(mask, tf.bool) & valid
             return _class_weighted_mean(
                 losses, weights, sample_weight, mask, self.reduction
             )

@@ -62,8 +62,6 @@ from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
-_INTS = (tf.int32, tf.int64)
-
 
 def _class_axis(x, axis, name):
     """`axis` (an int) as a non-negative int, checked against the rank of `x`."""
@@ -106,11 +104,12 @@ def _dense_inputs(labels, x, axis, name):
     return _check_shapes(labels, x, axis, sparse=False, name=name), x, axis
 
 
-def _class_iota(logits, axis, dtype):
-    """The class index along `axis`, broadcastable against `logits`."""
-    shape = [1] * logits.shape.rank
+def _label_hits(x, labels, axis):
+    """True at the label positions along `axis` (a class iota against labels)."""
+    shape = [1] * x.shape.rank
     shape[axis] = -1
-    return tf.reshape(tf.range(tf.shape(logits, out_type=dtype)[axis]), shape)
+    iota = tf.reshape(tf.range(tf.shape(x, out_type=labels.dtype)[axis]), shape)
+    return tf.equal(iota, tf.expand_dims(labels, axis))
 
 
 def _num_classes(logits, axis, dtype):
@@ -236,7 +235,7 @@ def _sparse_inputs(labels, x, axis, ignore_class, name):
     x = float_tensor(x, name)
     axis = _class_axis(x, axis, name)
     labels = tf.convert_to_tensor(labels)
-    if labels.dtype not in _INTS:
+    if labels.dtype not in (tf.int32, tf.int64):
         raise TypeError(
             "`labels` must be an int32 or int64 tensor of class ids. Received "
             f"dtype: {labels.dtype.name}"
@@ -246,9 +245,7 @@ def _sparse_inputs(labels, x, axis, ignore_class, name):
         return x, axis, *_checked_eager_labels(labels, x.shape[axis], ignore_class)
     num_classes = tf.shape(x, out_type=labels.dtype)[axis]
     in_range = tf.logical_and(labels >= 0, labels < num_classes)
-    ignored = None
-    if ignore_class is not None:
-        ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
+    ignored = None if ignore_class is None else tf.equal(labels, ignore_class)
     return x, axis, labels, in_range, ignored
 
 
@@ -267,8 +264,7 @@ def _checked_eager_labels(labels, num_classes, ignore_class):
             + f". Received out-of-range labels: {values[bad][:5].tolist()}"
         )
     in_range = tf.constant(~outside) if outside.any() else None
-    if ignored is not None:
-        ignored = tf.constant(ignored) if ignored.any() else None
+    ignored = tf.constant(ignored) if ignored is not None and ignored.any() else None
     return labels, in_range, ignored
 
 
@@ -277,7 +273,7 @@ def _pick(z, labels, axis):
     rank = z.shape.rank
     if axis == rank - 1:
         return tf.gather(z, labels, batch_dims=rank - 1)
-    hit = tf.equal(_class_iota(z, axis, labels.dtype), tf.expand_dims(labels, axis))
+    hit = _label_hits(z, labels, axis)
     return tf.reduce_sum(tf.where(hit, z, tf.zeros([], z.dtype)), axis=axis)
 
 
@@ -298,9 +294,7 @@ def _subtract_at_labels(values, labels, amounts, axis):
             flat, tf.stack([rows, flat_labels], axis=1), flat_amounts
         )
         return flat if rank == 2 else tf.reshape(flat, tf.shape(values))
-    hit = tf.equal(
-        _class_iota(values, axis, labels.dtype), tf.expand_dims(labels, axis)
-    )
+    hit = _label_hits(values, labels, axis)
     return tf.where(hit, values - tf.expand_dims(amounts, axis), values)
 
 
@@ -386,7 +380,6 @@ def _sparse_cross_entropy(logits, axis, labels, in_range, ignored, smoothing):
         (logits,) = context.inputs
         exp_z, total = context.hidden
         upstream = _per_example_mask(tf.cast(upstream[0], dtype), in_range, ignored)
-        # upstream * softmax, then the smoothing and label terms.
         dlogits = exp_z * tf.expand_dims(upstream / total, axis)
         if smoothing:
             off = smoothing / _num_classes(logits, axis, dtype)
@@ -542,12 +535,7 @@ def _clipped_log(probabilities, epsilon, dtype):
 
 
 def sparse_probability_cross_entropy(
-    labels,
-    probabilities,
-    axis=-1,
-    label_smoothing=0.0,
-    ignore_class=None,
-    epsilon=1e-7,
+    labels, probabilities, axis=-1, label_smoothing=0.0, ignore_class=None, epsilon=1e-7
 ):
     r"""Sparse cross-entropy from probabilities, clipped as Keras does.
 
