@@ -18,6 +18,7 @@ from keras_bn.models._graph import sole_input_producers
 from keras_bn.models._graph import warn_lost_classes
 from keras_bn.models._state import copy_state
 from keras_bn.models._state import copy_trainable_everywhere
+from keras_bn.models.scope import KERAS_VALUES
 from keras_bn.models.scope import target_arguments
 from keras_bn.ops import canonicalize_axes
 
@@ -217,11 +218,8 @@ def set_folded_weights(new, linear, bn):
 
 def _keras_inference_config(layer):
     """Config of a Keras layer with `layer`'s inference, or None (warned)."""
-    training_only = {
-        "virtual_batch_size": None,
-        "moving_variance_estimator": "biased",
-        "momentum": 0.99 if layer.momentum is None else layer.momentum,
-    }
+    momentum = 0.99 if layer.momentum is None else layer.momentum
+    training_only = {**KERAS_VALUES, "momentum": momentum}
     try:
         config = layer.get_config()
         keras_class = keras.layers.BatchNormalization
