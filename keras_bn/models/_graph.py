@@ -118,18 +118,17 @@ def reachable_batch_normalization(
     return found
 
 
-def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
+def copy_model(model, clone_layer, skip=(), rebuild=None):
     """A copy of a graph model, nested graph models copied recursively.
 
     `clone_layer(operation)` is called once per operation that is not a graph
     model (it may return the operation, to share it); `skip` lists layers
-    called on one tensor, cut out; `compile` compiles a compiled original's
-    copy from its compile config, as `clone_model` does; `rebuild(graph)`, if
-    given, is tried first on each Functional subclass (a keras-hub
-    `Backbone`): a model of its class with its state set, or None to copy the
-    graph. Returns `(copy, pairs, models)`: `(original, new)` for every call
-    of `clone_layer`, `(original, new, rebuilt)` for every graph model, outer
-    models first.
+    called on one tensor, cut out; `rebuild(graph)`, if given, is tried first
+    on each Functional subclass (a keras-hub `Backbone`): a model of its class
+    with its state set, or None to copy the graph. Returns `(copy, pairs,
+    models)`: `(original, new)` for every call of `clone_layer`, `(original,
+    new, rebuilt)` for every graph model, outer models first; the copy is not
+    compiled.
     """
     skip_ids = {id(layer) for layer in skip}
     cache, pairs, models = {}, [], []
@@ -171,10 +170,7 @@ def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
         models[entry] = (graph_model, copied, False)
         return copied
 
-    copied = copy(model)
-    if compile and model.compiled:
-        copied.compile_from_config(model.get_compile_config())
-    return copied, pairs, models
+    return copy(model), pairs, models
 
 
 def warn_lost_classes(models, function_name, why, reasons=None):
