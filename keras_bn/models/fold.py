@@ -167,9 +167,6 @@ def _can_fold(linear, bn):
     if canonicalize_axes(bn.axis, len(shape)) != (channel_axis,):
         return False
     if channels_first and shape[-1] in (None, shape[1]):
-        # Keras 3's `ops.add` (TensorFlow) adds a bias of shape (1, C, 1, ...)
-        # along the last axis when that axis also has C entries: the folded
-        # layer's bias would land on the wrong axis.
         warnings.warn(
             f"`{FUNCTION_NAME}`: layer {bn.name!r} stays unfolded: "
             f"{linear.name!r} is channels_first with output shape {shape}, "
