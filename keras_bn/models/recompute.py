@@ -213,7 +213,7 @@ class Recomputation:
                 for layer, name, _ in arguments:
                     setattr(layer, name, PASS_ARGUMENTS[name])
                 for recorder in self.recorders:
-                    recorder.reset()
+                    recorder.sums.assign(keras.ops.zeros_like(recorder.sums))
                 taken = 0
                 for taken, inputs in enumerate(batches, 1):
                     self.step(keras.tree.map_structure(tf.convert_to_tensor, inputs))
@@ -273,9 +273,6 @@ class _Recorder(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
-
-    def reset(self):
-        self.sums.assign(keras.ops.zeros_like(self.sums))
 
     def call(self, inputs, training=None, mask=None):
         outputs = self.layer(inputs, training=training, mask=mask)
