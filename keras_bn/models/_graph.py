@@ -118,25 +118,17 @@ def reachable_batch_normalization(
     return found
 
 
-def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
-    """A copy of a graph model, with nested graph models copied recursively.
+def copy_model(model, clone_layer, skip=(), rebuild=None):
+    """A copy of a graph model, nested graph models copied recursively.
 
-    Args:
-        model: a built Sequential or Functional model.
-        clone_layer: `fn(layer) -> layer`, called once per operation that is
-            not a graph model (a layer or a `keras.ops` call); it may return
-            the operation itself to share it.
-        skip: layers called on one tensor, cut out of the copy.
-        compile: whether a compiled original's copy is compiled from its
-            compile config (a fresh optimizer), as `clone_model` does.
-        rebuild: None, or `fn(graph_model) -> model or None`, tried first on
-            each graph model of a subclass (a keras-hub `Backbone`): a model
-            of its class with its state set, or None to copy the graph.
-
-    Returns:
-        `(copy, pairs, models)`: the built copy; `(original, new)` for every
-        call of `clone_layer`; `(original, new, rebuilt)` for every graph
-        model, outer models first.
+    `clone_layer(operation)` is called once per operation that is not a graph
+    model (it may return the operation, to share it); `skip` lists layers
+    called on one tensor, cut out; `rebuild(graph)`, if given, is tried first
+    on each Functional subclass (a keras-hub `Backbone`): a model of its class
+    with its state set, or None to copy the graph. Returns `(copy, pairs,
+    models)`: `(original, new)` for every call of `clone_layer`, `(original,
+    new, rebuilt)` for every graph model, outer models first; the copy is not
+    compiled.
     """
     skip_ids = {id(layer) for layer in skip}
     cache, pairs, models = {}, [], []
@@ -178,10 +170,7 @@ def copy_model(model, clone_layer, skip=(), compile=False, rebuild=None):
         models[entry] = (graph_model, copied, False)
         return copied
 
-    copied = copy(model)
-    if compile and model.compiled:
-        copied.compile_from_config(model.get_compile_config())
-    return copied, pairs, models
+    return copy(model), pairs, models
 
 
 def warn_lost_classes(models, function_name, why, reasons=None):

@@ -42,23 +42,18 @@ class StructureMismatch(ValueError):
 
 def layer_pairs(old, new, visited):
     """`(old, new)` for `old` and every layer in it not in `visited` (ids),
-    parents first.
-
-    Raises:
-        StructureMismatch: where their sublayers differ (nothing is rolled
-            back; the caller drops the copy).
-    """
+    parents first; a `StructureMismatch` where their sublayers differ."""
     if id(old) in visited or not isinstance(old, keras.layers.Layer):
         return  # done already, or an operation without state (`ops.pad`)
     visited.add(id(old))
     yield old, new
     old_children, new_children = child_layers(old), child_layers(new)
-    # A layer's sublayers may be named anew (automatic names count instances).
-    describe = _kind if not isinstance(old, keras.Model) else _model_layer_kind
-    if [describe(c) for c in old_children] != [describe(c) for c in new_children]:
+    in_model = isinstance(old, keras.Model)
+    old_kinds = [_kind(child, in_model) for child in old_children]
+    new_kinds = [_kind(child, in_model) for child in new_children]
+    if old_kinds != new_kinds:
         raise StructureMismatch(
-            f"layer {old.name!r} holds {[describe(c) for c in old_children]}, "
-            f"its copy {[describe(c) for c in new_children]}"
+            f"layer {old.name!r} holds {old_kinds}, its copy {new_kinds}"
         )
     for old_child, new_child in zip(old_children, new_children, strict=True):
         yield from layer_pairs(old_child, new_child, visited)
@@ -70,7 +65,8 @@ def copy_state(original, copy, visited=None):
     visited = set() if visited is None else visited
     for old, new in layer_pairs(original, copy, visited):
         if exactly_batch_normalization(old) and exactly_batch_normalization(new):
-            copy_batch_normalization_weights(old, new)
+            weights = {variable.name: variable.numpy() for variable in old.weights}
+            set_batch_normalization_weights(new, weights)  # `num_batches_tracked`: 0
         elif type(old) is not type(new):
             raise StructureMismatch(
                 f"layer {old.name!r} ({type(old).__name__}) was rebuilt as "
@@ -103,12 +99,11 @@ def _config(layer):
     return {k: v for k, v in layer.get_config().items() if k != "name"}
 
 
-def _model_layer_kind(layer):
-    """A model's layers keep their config's names; inputs may be named anew."""
-    return _kind(layer) if isinstance(layer, keras.layers.InputLayer) else layer.name
-
-
-def _kind(layer):
+def _kind(layer, in_model):
+    """A model's layers keep their config's names (inputs may be named anew);
+    a layer's sublayers may be named anew (automatic names count instances)."""
+    if in_model and not isinstance(layer, keras.layers.InputLayer):
+        return layer.name
     if exactly_batch_normalization(layer):
         return "batch normalization"
     return type(layer).__name__
@@ -133,26 +128,20 @@ def _value(value):
     return np.array(value, copy=True) if isinstance(value, np.ndarray) else value
 
 
-def copy_batch_normalization_weights(old, new):
-    """Copies weights by name (dropping those `new` lacks); renorm statistics
-    `old` lacks start consistent, `num_batches_tracked` at 0."""
-    values = {variable.name: variable.numpy() for variable in old.weights}
-    variance = values["moving_variance"].astype("float64")
-    defaults = renorm_statistics(values["moving_mean"], variance, new.epsilon)
-    for variable in new.weights:
-        value = values.get(variable.name, defaults.get(variable.name))
+def set_batch_normalization_weights(layer, values):
+    """Assigns `values` to `layer`'s weights by name (skipping the others);
+    renorm statistics `values` lacks start consistent with the moving ones."""
+    stddev = np.sqrt(np.asarray(values["moving_variance"], "float64") + layer.epsilon)
+    renorm = {"moving_stddev": stddev, "renorm_stddev": stddev}
+    renorm["renorm_mean"] = values["moving_mean"]
+    for variable in layer.weights:
+        value = values.get(variable.name, renorm.get(variable.name))
         if value is None:
             continue
         if tuple(np.shape(value)) != tuple(variable.shape):
             raise ValueError(
                 f"`convert_batch_normalization`: weight {variable.name!r} of layer "
-                f"{old.name!r} has shape {np.shape(value)}, the converted "
+                f"{layer.name!r} has shape {np.shape(value)}, the converted "
                 f"layer's has {tuple(variable.shape)} (an `axis` override?)."
             )
         variable.assign(np.asarray(value).astype(variable.dtype))
-
-
-def renorm_statistics(mean, variance, epsilon):
-    """Renorm's statistics consistent with the moving ones, by name."""
-    stddev = np.sqrt(variance + epsilon)
-    return {"moving_stddev": stddev, "renorm_mean": mean, "renorm_stddev": stddev}

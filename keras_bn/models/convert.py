@@ -75,20 +75,12 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     """
     target = check_target(to, overrides, FUNCTION_NAME)
     check_graph_model(model, FUNCTION_NAME, SUBCLASSED_ADVICE)
+    # The scope below builds the layers; this raises its ValueError first, as
+    # Keras's `from_config` would turn it into a TypeError.
     found = reachable_batch_normalization(model, FUNCTION_NAME, hidden=lambda _: None)
-    configs = {
-        id(layer): target_arguments(
-            layer.get_config(), target, overrides, FUNCTION_NAME
-        )
-        for layer in found
-        if exactly_batch_normalization(layer)
-    }
+    for layer in filter(exactly_batch_normalization, found):
+        target_arguments(layer.get_config(), target, overrides, FUNCTION_NAME)
     reasons = {}
-
-    def clone(layer):
-        if id(layer) in configs:
-            return target.from_config(configs[id(layer)])
-        return clone_from_config(layer)
 
     def rebuild(graph_model):
         try:
@@ -105,9 +97,9 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     # Inside the scope, batch normalization made by any code (a layer's
     # `from_config`, a Backbone's constructor) is of the target class.
     with _scope(target, overrides, FUNCTION_NAME):
-        converted, pairs, models = copy_model(
-            model, clone, compile=True, rebuild=rebuild
-        )
+        converted, pairs, models = copy_model(model, clone_from_config, rebuild=rebuild)
+        if model.compiled:  # as `clone_model` does, with a fresh optimizer
+            converted.compile_from_config(model.get_compile_config())
         visited = set()
         for old, new in pairs:
             copy_state(old, new, visited)

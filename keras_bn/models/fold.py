@@ -18,6 +18,7 @@ from keras_bn.models._graph import sole_input_producers
 from keras_bn.models._graph import warn_lost_classes
 from keras_bn.models._state import copy_state
 from keras_bn.models._state import copy_trainable_everywhere
+from keras_bn.models.scope import KERAS_VALUES
 from keras_bn.models.scope import target_arguments
 from keras_bn.ops import canonicalize_axes
 
@@ -166,9 +167,6 @@ def _can_fold(linear, bn):
     if canonicalize_axes(bn.axis, len(shape)) != (channel_axis,):
         return False
     if channels_first and shape[-1] in (None, shape[1]):
-        # Keras 3's `ops.add` (TensorFlow) adds a bias of shape (1, C, 1, ...)
-        # along the last axis when that axis also has C entries: the folded
-        # layer's bias would land on the wrong axis.
         warnings.warn(
             f"`{FUNCTION_NAME}`: layer {bn.name!r} stays unfolded: "
             f"{linear.name!r} is channels_first with output shape {shape}, "
@@ -217,11 +215,8 @@ def set_folded_weights(new, linear, bn):
 
 def _keras_inference_config(layer):
     """Config of a Keras layer with `layer`'s inference, or None (warned)."""
-    training_only = {
-        "virtual_batch_size": None,
-        "moving_variance_estimator": "biased",
-        "momentum": 0.99 if layer.momentum is None else layer.momentum,
-    }
+    momentum = 0.99 if layer.momentum is None else layer.momentum
+    training_only = {**KERAS_VALUES, "momentum": momentum}
     try:
         config = layer.get_config()
         keras_class = keras.layers.BatchNormalization

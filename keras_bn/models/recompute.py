@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import reachable_batch_normalization
-from keras_bn.models._state import renorm_statistics
+from keras_bn.models._state import set_batch_normalization_weights
 from keras_bn.ops import canonicalize_axes
 from keras_bn.ops.checks import check_arrays
 from keras_bn.ops.checks import check_optional_positive_int
@@ -208,30 +208,29 @@ class Recomputation:
             if hasattr(layer, name)
         ]
         progress = keras.utils.Progbar(batches.count, verbose=verbose, unit_name="step")
-        try:
-            for layer, name, _ in arguments:
-                setattr(layer, name, PASS_ARGUMENTS[name])
-            with self.strategy.scope():
+        with self.strategy.scope():
+            try:
+                for layer, name, _ in arguments:
+                    setattr(layer, name, PASS_ARGUMENTS[name])
                 for recorder in self.recorders:
-                    recorder.reset()
+                    recorder.sums.assign(keras.ops.zeros_like(recorder.sums))
                 taken = 0
-                for inputs in batches:
+                for taken, inputs in enumerate(batches, 1):
                     self.step(keras.tree.map_structure(tf.convert_to_tensor, inputs))
-                    taken += 1
                     progress.update(taken)
-            if not taken:
-                raise ValueError("Argument `data` yielded no batch.")
-            results = [recorder.result() for recorder in self.recorders]
-            _check_results(self.recorders, results)
-        finally:
-            for layer, name, value in arguments:
-                setattr(layer, name, value)
-            with self.strategy.scope():
+                if not taken:
+                    raise ValueError("Argument `data` yielded no batch.")
+                results = [recorder.result() for recorder in self.recorders]
+                _check_results(self.recorders, results)
+            finally:
+                for layer, name, value in arguments:
+                    setattr(layer, name, value)
                 for variable, value in saved:
                     variable.assign(value)
-        with self.strategy.scope():
-            for recorder, result in zip(self.recorders, results):
-                set_statistics(recorder.layer, *result)
+            for recorder, (_, mean, variance, tracked) in zip(self.recorders, results):
+                statistics = {"moving_mean": mean, "moving_variance": variance}
+                statistics["num_batches_tracked"] = tracked  # per feature
+                set_batch_normalization_weights(recorder.layer, statistics)
         return [recorder.layer for recorder in self.recorders]
 
 
@@ -275,9 +274,6 @@ class _Recorder(keras.layers.Layer):
             autocast=False,
         )
 
-    def reset(self):
-        self.sums.assign(keras.ops.zeros_like(self.sums))
-
     def call(self, inputs, training=None, mask=None):
         outputs = self.layer(inputs, training=training, mask=mask)
         count = _count(inputs, mask, self.feature_axes)
@@ -315,17 +311,6 @@ def _count(x, mask, feature_axes):
         for axis in feature_axes:
             weights = tf.expand_dims(weights, axis)
     return tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), reduced)
-
-
-def set_statistics(layer, count, mean, variance, batches):
-    """Writes recomputed statistics into a layer, renorm's consistently."""
-    values = renorm_statistics(mean, variance, layer.epsilon)
-    values.update(moving_mean=mean, moving_variance=variance)
-    values["num_batches_tracked"] = batches  # per feature
-    for variable in layer.weights:
-        if variable.name in values:
-            value = np.reshape(values[variable.name], variable.shape)
-            variable.assign(value.astype(variable.dtype))
 
 
 def _check_results(recorders, results):

@@ -21,6 +21,7 @@ KERAS_BN_ONLY = (
     "virtual_batch_grouping",
     "moving_variance_estimator",
 )
+KERAS_VALUES = {"virtual_batch_size": None, "moving_variance_estimator": "biased"}
 
 
 @contextlib.contextmanager
@@ -173,14 +174,9 @@ def target_arguments(config, target, overrides, function_name):
             problems.append(f"axis={axis} (Keras takes one feature axis)")
     if config["momentum"] is None:
         problems.append("momentum=None (a cumulative average)")
-    if config.get("virtual_batch_size") is not None:
-        problems.append(
-            f"virtual_batch_size={config['virtual_batch_size']} (ghost batches)"
-        )
-    if config.get("moving_variance_estimator", "biased") != "biased":
-        problems.append(
-            f"moving_variance_estimator={config['moving_variance_estimator']!r}"
-        )
+    for key, keras_value in KERAS_VALUES.items():
+        if config.get(key, keras_value) != keras_value:
+            problems.append(f"{key}={config[key]!r}")
     if problems:
         raise ValueError(
             f"`{function_name}`: layer {name!r} cannot become a "
