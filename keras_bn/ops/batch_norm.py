@@ -98,7 +98,13 @@ def _params(x, axes, **params):
 
 
 def _reshape_params(params, shape, dtype):
-    return {k: tf.cast(tf.reshape(v, shape), dtype) for k, v in params.items()}
+    """`params` in `shape` and `dtype`. For `[-1]`, vectors are kept as they
+    are: eagerly, each reshape is one more op per call."""
+    keep = isinstance(shape, list) and shape == [-1]
+    return {
+        k: tf.cast(v if keep and v.shape.rank == 1 else tf.reshape(v, shape), dtype)
+        for k, v in params.items()
+    }
 
 
 def _param_gradients(grads, names, values):
