@@ -179,17 +179,6 @@ def linear_sparse(
     hidden, kernel, bias = _checked_parameters(hidden, kernel, bias)
     labels = _checked_labels(labels, hidden)
     weights = _checked_weights(sample_weight, labels, hidden)
-    if mean:
-        # The division goes into the weights: the sum's gradient is then
-        # exactly 1 per token, and the saved gradients pass through unscaled.
-        dtype = compute_dtype(hidden.dtype)
-        count = tf.size(labels)
-        if ignore_class is not None:
-            count = tf.math.count_nonzero(labels != ignore_class, dtype=tf.int32)
-        weights = tf.math.divide_no_nan(
-            tf.ones(tf.shape(labels), dtype) if weights is None else weights,
-            tf.cast(count, dtype),
-        )
     num_classes = kernel.shape[1]
     if tf.executing_eagerly():
         labels, in_range, ignored = _checked_eager_labels(
@@ -200,6 +189,17 @@ def linear_sparse(
         ignored = None
         if ignore_class is not None:
             ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
+    if mean:
+        # The division goes into the weights: the sum's gradient is then
+        # exactly 1 per token, and the saved gradients pass through unscaled.
+        dtype = compute_dtype(hidden.dtype)
+        count = tf.size(labels)
+        if ignored is not None:
+            count -= tf.math.count_nonzero(ignored, dtype=tf.int32)
+        weights = tf.math.divide_no_nan(
+            tf.ones(tf.shape(labels), dtype) if weights is None else weights,
+            tf.cast(count, dtype),
+        )
     flat = [-1]
     masks = [None if t is None else tf.reshape(t, flat) for t in (in_range, ignored)]
     flat_hidden = tf.reshape(hidden, [-1, kernel.shape[0]])
@@ -365,13 +365,16 @@ def _fused_loss(labels, masks, hidden, kernel, bias, weights, smoothing, sizes):
     def forward(hidden, kernel, *maybe_bias):
         bias = maybe_bias[0] if has_bias else None
         if uniform:
-            ones = tf.ones(tf.shape(labels), dtype)
+            if weights is None:
+                weights_or_ones = tf.ones(tf.shape(labels), dtype)
+            else:
+                weights_or_ones = weights
             loss, lse, grads = fast.forward_with_gradient(
                 labels,
                 hidden,
                 kernel,
                 bias,
-                _mask(ones if weights is None else weights, in_range, ignored),
+                _mask(weights_or_ones, in_range, ignored),
                 smoothing,
                 size,
                 chunk_size,
