@@ -19,6 +19,7 @@ def _find_internals():
         ("tensorflow.python.eager.record", "could_possibly_record"),
         ("tensorflow.python.eager.record", "stop_recording"),
         ("tensorflow.python.eager.record", "record_operation"),
+        ("tensorflow.python.eager.record", "record_operation_forwardprop_only"),
         ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
         ("tensorflow.python.ops.control_flow_util", "GraphOrParentsInXlaContext"),
     ):
@@ -70,6 +71,19 @@ def record_operation(name, outputs, inputs, backward):
     """Records `outputs` on the tapes as one op of `inputs` with gradient
     `backward` (only after FIRST_ORDER: no fallback)."""
     FOUND["record_operation"](name, outputs, inputs, backward)
+
+
+def can_record_for_forward_accumulators():
+    """Whether `record_for_forward_accumulators` is at hand. Fallback: False
+    (`custom_op` then lets the accumulators differentiate its forward pass)."""
+    return "record_operation_forwardprop_only" in FOUND
+
+
+def record_for_forward_accumulators(name, outputs, inputs, backward):
+    """Records `outputs` on the active forward accumulators (not on the
+    tapes) as one op of `inputs`, whose JVP is `backward` transposed (only
+    after `can_record_for_forward_accumulators`: no fallback)."""
+    FOUND["record_operation_forwardprop_only"](name, outputs, inputs, backward, None)
 
 
 def in_xla_function():

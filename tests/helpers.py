@@ -28,6 +28,25 @@ def needs_internal(what):
     )
 
 
+def forward_mode_in_function(fn, jit_compile=None):
+    """`fn` (which runs a forward accumulator) as a `tf.function`. Without the
+    internal that records the ops' own JVPs in a graph, calling it raises a
+    clear error: checked here, and the test then skips that mode."""
+    from keras_bn import _internals
+
+    traced = tf.function(fn, jit_compile=jit_compile)
+    if _internals.can_record_for_forward_accumulators():
+        return traced
+
+    def refused(*args, **kwargs):
+        # A LookupError, which tracing wraps in a StagingError.
+        with pytest.raises(Exception, match="forward mode .* needs TensorFlow's"):
+            traced(*args, **kwargs)
+        pytest.skip("forward mode in a tf.function: refused without its internal")
+
+    return refused
+
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 MODES = ("eager", "function", "xla")
 

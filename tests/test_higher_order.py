@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import autodiff_batch_norm_train
+from helpers import forward_mode_in_function
 from helpers import penalty_gradients
 from helpers import weighted_loss
 
@@ -209,27 +210,37 @@ def _direction(inputs, seed=1):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("mode", ["reverse", "forward", "forward_in_function"])
 def test_hessian_vector_products_match_autodiff(name, mode):
     ours, reference, inputs, w = _setup(name)
     vector = _direction(inputs)
     hvp = _hvp_reverse if mode == "reverse" else _hvp_forward
+    if mode == "forward_in_function":
+        hvp = forward_mode_in_function(hvp)
     got = hvp(weighted_loss(ours, w, False), inputs, vector)
     want = _hvp_reverse(weighted_loss(reference, w, False), inputs, vector)
     _assert_all_close(got, want, _tolerance(inputs[0].dtype))
 
 
+def _jvp(fn, inputs, vector):
+    with tf.autodiff.ForwardAccumulator(inputs, vector) as acc:
+        y = fn(*inputs)
+    return acc.jvp(y)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_accumulator_jvp_matches_autodiff(name):
+@pytest.mark.parametrize("in_function", [False, True], ids=["eager", "function"])
+def test_forward_accumulator_jvp_matches_autodiff(name, in_function):
+    """Also inside a `tf.function`, where an accumulator keeps the first
+    tangent it sees for a tensor: the op's own, not the stopped inputs'."""
     ours, reference, inputs, w = _setup(name)
     vector = _direction(inputs)
-    with tf.autodiff.ForwardAccumulator(inputs, vector) as acc:
-        y = ours(*inputs)
-    got = acc.jvp(y)
-    with tf.autodiff.ForwardAccumulator(inputs, vector) as acc:
-        y = reference(*inputs)
-    want = acc.jvp(y)
+    got = (forward_mode_in_function(_jvp) if in_function else _jvp)(
+        ours, inputs, vector
+    )
+    want = _jvp(reference, inputs, vector)
     _assert_all_close([got], [want], _tolerance(inputs[0].dtype))
+    assert float(tf.reduce_max(tf.abs(want))) > 1e-3  # a zero JVP would fail
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ def test_the_switch_finds_every_internal_or_none():
         "could_possibly_record",
         "stop_recording",
         "record_operation",
+        "record_operation_forwardprop_only",
         "PossibleTapeGradientTypes",
         "GraphOrParentsInXlaContext",
         "ALL_OBJECTS_DICT",

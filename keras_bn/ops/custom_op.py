@@ -22,13 +22,22 @@ when the graph is built, so its term costs nothing. Eagerly, the tapes that
 watch the inputs tell whether the backward pass can be differentiated at all:
 only then are the hidden outputs given to the tape; with no tape watching,
 the op runs as its plain forward pass.
+
+Forward mode in a graph: an accumulator keeps the first tangent it is given
+for a tensor, and `tf.custom_gradient` passes on the stopped inputs' (zero)
+before it records the op. So `custom_op` records its outputs on the
+accumulators first, with the backward pass to transpose, as eagerly. Without
+that internal (`keras_bn/_internals.py`), an accumulator that reaches the op
+in a graph raises an error that says so.
 """
 
 import tensorflow as tf
 
 from keras_bn._internals import FIRST_ORDER
 from keras_bn._internals import NO_GRADIENT
+from keras_bn._internals import can_record_for_forward_accumulators
 from keras_bn._internals import gradient_order
+from keras_bn._internals import record_for_forward_accumulators
 from keras_bn._internals import record_operation
 from keras_bn._internals import stop_recording
 from keras_bn._internals import tape_could_record
@@ -137,7 +146,11 @@ def custom_op(
 
     @tf.custom_gradient
     def op(*args):
-        outputs, hidden, context.saved = forward(*[tf.stop_gradient(a) for a in args])
+        record_jvp = not tf.executing_eagerly()
+        cut = tf.stop_gradient
+        if record_jvp and not can_record_for_forward_accumulators():
+            record_jvp, cut = False, _refuse_forward_mode
+        outputs, hidden, context.saved = forward(*[cut(a) for a in args])
         # A forward accumulator runs the backward pass (transposed) before
         # this op returns, on these values; the linked outputs replace them.
         context.outputs, context.hidden = tuple(outputs), tuple(hidden)
@@ -146,12 +159,33 @@ def custom_op(
             n = len(context.outputs)
             return tuple(context._backward(backward, upstream[:n], upstream[n:]))
 
+        if record_jvp:
+            # In a graph an accumulator keeps the first tangent it is given
+            # for a tensor, and `tf.custom_gradient` gives the outputs the
+            # stopped inputs' (zero): this op's own JVP is recorded first.
+            record_for_forward_accumulators(
+                "keras_bn_custom_op", list(outputs) + list(hidden), list(args), grad
+            )
+
         return context.outputs + context.hidden, grad
 
     results = op(*inputs)
     n = len(context.outputs)
     context.outputs, context.hidden = tuple(results[:n]), tuple(results[n:])
     return context.outputs
+
+
+def _refuse_forward_mode(tensor):
+    """`tensor` stopped, but first through an op whose gradient raises: a
+    forward accumulator that reaches it in a graph (it differentiates the
+    gradient) gets a clear error, not the zero tangent of a stopped input."""
+    refused = tf.raw_ops.PreventGradient(
+        input=tensor,
+        message="keras_bn: forward mode (tf.autodiff.ForwardAccumulator) inside "
+        "a tf.function needs TensorFlow's record_operation_forwardprop_only, "
+        "which this TensorFlow lacks; compute the JVP eagerly",
+    )
+    return tf.stop_gradient(refused)
 
 
 def _specs_but(tensors, kept):
