@@ -75,7 +75,7 @@ def record_operation(name, outputs, inputs, backward):
 
 def can_record_for_forward_accumulators():
     """Whether `record_for_forward_accumulators` is at hand. Fallback: False
-    (`custom_op` then lets the accumulators differentiate its forward pass)."""
+    (`custom_op` then refuses forward mode in a graph with a clear error)."""
     return "record_operation_forwardprop_only" in FOUND
 
 

@@ -28,14 +28,14 @@ def needs_internal(what):
     )
 
 
-def forward_mode_in_function(fn, jit_compile=None):
-    """`fn` (which runs a forward accumulator) as a `tf.function`. Without the
-    internal that records the ops' own JVPs in a graph, calling it raises a
-    clear error: checked here, and the test then skips that mode."""
+def forward_mode_in(fn, mode):
+    """`compiled(fn, mode)`, for an `fn` that runs a forward accumulator.
+    Without the internal that records the ops' own JVPs in a graph, a traced
+    `fn` raises a clear error: checked here, and the test then skips."""
     from keras_bn import _internals
 
-    traced = tf.function(fn, jit_compile=jit_compile)
-    if _internals.can_record_for_forward_accumulators():
+    traced = compiled(fn, mode)
+    if mode == "eager" or _internals.can_record_for_forward_accumulators():
         return traced
 
     def refused(*args, **kwargs):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import autodiff_batch_norm_train
-from helpers import forward_mode_in_function
+from helpers import forward_mode_in
 from helpers import penalty_gradients
 from helpers import weighted_loss
 
@@ -216,7 +216,7 @@ def test_hessian_vector_products_match_autodiff(name, mode):
     vector = _direction(inputs)
     hvp = _hvp_reverse if mode == "reverse" else _hvp_forward
     if mode == "forward_in_function":
-        hvp = forward_mode_in_function(hvp)
+        hvp = forward_mode_in(hvp, "function")
     got = hvp(weighted_loss(ours, w, False), inputs, vector)
     want = _hvp_reverse(weighted_loss(reference, w, False), inputs, vector)
     _assert_all_close(got, want, _tolerance(inputs[0].dtype))
@@ -229,15 +229,13 @@ def _jvp(fn, inputs, vector):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("in_function", [False, True], ids=["eager", "function"])
-def test_forward_accumulator_jvp_matches_autodiff(name, in_function):
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_forward_accumulator_jvp_matches_autodiff(name, mode):
     """Also inside a `tf.function`, where an accumulator keeps the first
     tangent it sees for a tensor: the op's own, not the stopped inputs'."""
     ours, reference, inputs, w = _setup(name)
     vector = _direction(inputs)
-    got = (forward_mode_in_function(_jvp) if in_function else _jvp)(
-        ours, inputs, vector
-    )
+    got = forward_mode_in(_jvp, mode)(ours, inputs, vector)
     want = _jvp(reference, inputs, vector)
     _assert_all_close([got], [want], _tolerance(inputs[0].dtype))
     assert float(tf.reduce_max(tf.abs(want))) > 1e-3  # a zero JVP would fail

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from helpers import MODES
 from helpers import compiled
-from helpers import forward_mode_in_function
+from helpers import forward_mode_in
 from test_linear_cross_entropy import assert_rounded_once
 from test_linear_cross_entropy import dense_reference
 from test_linear_cross_entropy import problem
@@ -269,10 +269,7 @@ def test_forward_mode_matches_dense(mode, reduction):
             return dense_reference(labels, *inputs, 0.1, 0) * weights
         return dense_reduced(labels, weights, reduction, 0.1, 0, *inputs)
 
-    run = lambda: jvps(fused)  # noqa: E731
-    if mode != "eager":
-        run = forward_mode_in_function(run, jit_compile=mode == "xla")
-    got = run()
+    got = forward_mode_in(lambda: jvps(fused), mode)()
     want = jvps(dense)
     for g, w in zip(got, want):
         assert g is not None

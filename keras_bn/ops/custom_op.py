@@ -146,10 +146,9 @@ def custom_op(
 
     @tf.custom_gradient
     def op(*args):
-        record_jvp = not tf.executing_eagerly()
-        cut = tf.stop_gradient
-        if record_jvp and not can_record_for_forward_accumulators():
-            record_jvp, cut = False, _refuse_forward_mode
+        in_graph = not tf.executing_eagerly()
+        record_jvp = in_graph and can_record_for_forward_accumulators()
+        cut = _refuse_forward_mode if in_graph and not record_jvp else tf.stop_gradient
         outputs, hidden, context.saved = forward(*[cut(a) for a in args])
         # A forward accumulator runs the backward pass (transposed) before
         # this op returns, on these values; the linked outputs replace them.
@@ -159,12 +158,12 @@ def custom_op(
             n = len(context.outputs)
             return tuple(context._backward(backward, upstream[:n], upstream[n:]))
 
-        if record_jvp:
-            # In a graph an accumulator keeps the first tangent it is given
-            # for a tensor, and `tf.custom_gradient` gives the outputs the
-            # stopped inputs' (zero): this op's own JVP is recorded first.
+        if record_jvp:  # first, as the module docstring says
             record_for_forward_accumulators(
-                "keras_bn_custom_op", list(outputs) + list(hidden), list(args), grad
+                "keras_bn_custom_op",
+                list(context.outputs + context.hidden),
+                list(args),
+                grad,
             )
 
         return context.outputs + context.hidden, grad
