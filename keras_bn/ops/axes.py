@@ -40,8 +40,7 @@ def canonicalize_axes(axis, rank, arg_name="axis", require_reduced_axis=True):
 
 
 def axes_for_rank(axes, rank, arg_name="axis", require_reduced_axis=True):
-    """`canonicalize_axes` for an `axis` whose type `check_axis` has checked
-    (the cores of the ops, called by layers that checked it when built)."""
+    """`canonicalize_axes` for `axes` that passed `check_axis`."""
     axes = [axes] if isinstance(axes, int) else list(axes)
     given = axes[0] if len(axes) == 1 else axes
     for a in axes:
@@ -79,10 +78,7 @@ def static_rank(x, arg_name="inputs"):
 
 
 def broadcast_shape(x, axes):
-    """Shape that broadcasts a per-feature vector against `x` (1 elsewhere).
-
-    Static where the feature dimensions are known, a tensor otherwise.
-    """
+    """The shape of `x` with 1 on every non-feature axis; static if known."""
     rank = x.shape.rank
     if all(x.shape[a] is not None for a in axes):
         return [x.shape[a] if a in axes else 1 for a in range(rank)]
@@ -91,31 +87,17 @@ def broadcast_shape(x, axes):
 
 
 def merge_adjacent_axes(rank, axes):
-    """Groups `range(rank)` into `(is_feature, [axis, ...])` runs of adjacent
-    feature (in the sorted `axes`) or reduced axes, in axis order.
-
-    A reduction over several adjacent axes equals one over their product, and
-    compilers (XLA on CPU especially) emit faster loops for the merged form:
-    `[32, 56, 56, 128]` with feature axis 3 is viewed as `[100352, 128]`.
-
-    Example:
-
-    >>> merge_adjacent_axes(4, (3,))
-    [(False, [0, 1, 2]), (True, [3])]
-    >>> merge_adjacent_axes(5, (0, 4))
-    [(True, [0]), (False, [1, 2, 3]), (True, [4])]
-    """
+    """`range(rank)` as `(is_feature, [axis, ...])` runs of adjacent feature
+    (in the sorted `axes`) or reduced axes: `[(False, [0, 1, 2]), (True, [3])]`
+    for `(4, (3,))`. A reduction over adjacent axes equals one over their
+    product, which compilers (XLA on CPU especially) loop over faster."""
     runs = itertools.groupby(range(rank), lambda a: a in axes)
     return [(is_feature, list(run)) for is_feature, run in runs]
 
 
 def merged_shape(x, groups, features=True, reduced=True):
-    """The shape of `x` with each run of `groups` merged into one axis.
-
-    Runs of a kind that is not kept (`features=False` or `reduced=False`)
-    get size 1, for tensors that broadcast against the merged `x`. Static
-    where the sizes are known, a tensor otherwise.
-    """
+    """The shape of `x` with each run of `groups` merged into one axis, and
+    size 1 for runs of a kind not kept; static where the sizes are known."""
     static = x.shape.as_list()
     keep = {True: features, False: reduced}
     runs = [run if keep[is_feature] else [] for is_feature, run in groups]

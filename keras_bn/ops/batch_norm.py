@@ -43,12 +43,13 @@ renorm's `r` and `d` stay constants.
 """
 
 import warnings
-from functools import partial
 from typing import NamedTuple
 
 import tensorflow as tf
 
-from keras_bn._internals import in_xla_function
+from keras_bn import _internals
+from keras_bn.ops import statistics
+from keras_bn.ops import sync
 from keras_bn.ops.axes import broadcast_shape
 from keras_bn.ops.axes import canonicalize_axes
 from keras_bn.ops.axes import merge_adjacent_axes
@@ -58,48 +59,32 @@ from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_epsilon
 from keras_bn.ops.checks import check_optional_bool
 from keras_bn.ops.checks import check_renorm_clipping
+from keras_bn.ops.checks import checked_at_run_time
 from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
-from keras_bn.ops.custom_op import shape_of
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_inference
 from keras_bn.ops.fused_batch_norm import fused_batch_norm_train
 from keras_bn.ops.fused_batch_norm import fused_unavailable_reason
-from keras_bn.ops.statistics import masked
-from keras_bn.ops.statistics import moments
-from keras_bn.ops.statistics import sum_over
-from keras_bn.ops.sync import combine_moments
-from keras_bn.ops.sync import replica_context
-from keras_bn.ops.sync import sum_over_replicas
-
-
-def _shapes_differ(expected, got):
-    """Whether two shapes (lists, None for unknown sizes) cannot be equal."""
-    return len(got) != len(expected) or any(
-        e is not None and g is not None and e != g for e, g in zip(expected, got)
-    )
 
 
 def _params(x, axes, **params):
-    """The given (not None) parameters, by name, as float tensors checked to
-    have the shape of the feature axes of `x`."""
+    """The given (not None) `params` as float tensors, of `x`'s feature shape."""
     params = {k: float_tensor(v, k) for k, v in params.items() if v is not None}
     expected = [x.shape[a] for a in axes]
     for name, value in params.items():
-        got = value.shape.as_list() if value.shape.rank is not None else expected
-        if _shapes_differ(expected, got):
+        if not value.shape.is_compatible_with(expected):
             raise ValueError(
                 f"`{name}` must have shape {expected} (the sizes of the "
                 f"feature axes {list(axes)} of `x`). Received: "
-                f"{name}.shape={got}, x.shape={x.shape.as_list()}"
+                f"{name}.shape={value.shape.as_list()}, x.shape={x.shape.as_list()}"
             )
     return params
 
 
 def _reshape_params(params, shape, dtype):
-    """`params` in `shape` and `dtype`. For `[-1]`, vectors are kept as they
-    are: eagerly, each reshape is one more op per call."""
+    """`params` in `shape` and `dtype`; vectors kept as they are for `[-1]`."""
     keep = isinstance(shape, list) and shape == [-1]
     return {
         k: tf.cast(v if keep and v.shape.rank == 1 else tf.reshape(v, shape), dtype)
@@ -116,16 +101,11 @@ def _param_gradients(grads, names, values):
 
 
 def _prepare_mask(mask, x, axes):
-    """`(mask, per_feature)`: `mask` (as `batch_norm_train` takes it) as a
-    boolean mask broadcastable to `x`, or None. `per_feature`: whether it may
-    differ between features (a full-rank mask not of size 1 on every feature
-    axis); it is then broadcast to the whole shape of `x`.
-    """
+    """`(mask, per_feature)`: `mask` as a boolean mask broadcastable to `x` (or
+    None), and whether it differs by feature (then broadcast to all of `x`)."""
     if mask is None:
         return None, False
-    mask = tf.convert_to_tensor(mask)
-    if mask.dtype != tf.bool:
-        mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+    mask = tf.cast(mask, tf.bool)
     rank, shape = x.shape.rank, x.shape.as_list()
     got = mask.shape.as_list() if mask.shape.rank is not None else None
     if mask.shape.rank == rank:
@@ -139,15 +119,10 @@ def _prepare_mask(mask, x, axes):
         if None in got or None in shape:
             sizes = tf.shape(mask)
             fits = tf.reduce_all((sizes == 1) | (sizes == target))
-            check = tf.debugging.assert_equal(
-                fits, True, message="`mask` must broadcast to the shape of the inputs"
-            )
-            with tf.control_dependencies([check]):
-                mask = tf.identity(mask)
+            message = "`mask` must broadcast to the shape of the inputs"
+            mask = checked_at_run_time(mask, fits, message)
         if not per_feature:
-            target = tf.tensor_scatter_nd_update(
-                target, [[a] for a in axes], tf.ones([len(axes)], target.dtype)
-            )
+            target = tf.stack([1 if a in axes else target[a] for a in range(rank)])
         return tf.broadcast_to(mask, target), per_feature
     kept = [i for i in range(rank) if i not in axes]
     expected = [shape[i] for i in kept]
@@ -155,7 +130,7 @@ def _prepare_mask(mask, x, axes):
         "`mask` must have the shape of the inputs with the feature axes "
         f"{list(axes)} removed"
     )
-    if got is None or _shapes_differ(expected, got):
+    if got is None or not mask.shape.is_compatible_with(expected):
         raise ValueError(
             f"{message}, i.e. {expected}, or the rank of the inputs and a shape "
             f"that broadcasts to theirs. Received: mask.shape={got}, "
@@ -170,9 +145,7 @@ def _prepare_mask(mask, x, axes):
 
 
 def _renorm_correction(mean, variance, renorm, epsilon):
-    """Batch Renormalization's `r` and `d` (Ioffe, 2017), from the forward
-    pass's stopped statistics: as in the paper, no gradient flows through
-    them."""
+    """Batch Renormalization's `r` and `d`, constants as in the paper."""
     stddev = tf.sqrt(variance + epsilon)
     renorm_stddev = tf.maximum(renorm.stddev, tf.sqrt(tf.cast(epsilon, mean.dtype)))
     r = stddev / renorm_stddev
@@ -186,15 +159,13 @@ def _renorm_correction(mean, variance, renorm, epsilon):
     return r, d
 
 
-# In a graph, below this many elements the closed form is faster than the
-# fused kernels on CPU (measured in docs/layer.md); eagerly they win at every
-# size.
+# In a graph, below this many elements the closed form beats the fused kernels
+# on CPU (docs/layer.md); eagerly they win at every size.
 FUSED_MIN_ELEMENTS_IN_A_GRAPH = 2**17
 
 
 def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=False):
-    """Resolves the `fused` argument (None, True or False) to True or False,
-    as the layer's docstring says (`benchmarks/run.py`, docs/performance.md)."""
+    """`fused` (None, True or False) resolved as the layer's docstring says."""
     if fused is False:
         return False
     reason = fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized)
@@ -206,15 +177,14 @@ def use_fused(fused, x, axes, epsilon, mask=None, renorm=False, synchronized=Fal
     if fused is None and not tf.executing_eagerly():
         elements = x.shape.num_elements()
         small = elements is not None and elements < FUSED_MIN_ELEMENTS_IN_A_GRAPH
-        if small or in_xla_function():
+        if small or _internals.in_xla_function():
             return False
     return reason is None
 
 
 class Renorm(NamedTuple):
-    """Batch Renormalization's inputs: the moving statistics it corrects
-    towards (shaped as `gamma`) and the optional clipping bounds of `r`
-    (`[rmin, rmax]`) and `d` (`[-dmax, dmax]`)."""
+    """Batch Renormalization's moving statistics (shaped as `gamma`) and the
+    optional bounds of `r` (`[rmin, rmax]`) and `d` (`[-dmax, dmax]`)."""
 
     mean: tf.Tensor
     stddev: tf.Tensor
@@ -223,163 +193,121 @@ class Renorm(NamedTuple):
     dmax: float = None
 
 
-class _Layout(NamedTuple):
-    """The static layout of one training-mode call, shared by both passes."""
-
-    view: object  # x's shape with adjacent reduced (and feature) axes merged
-    red: list  # the reduced axes of the view
-    shape: object  # the broadcast shape of a per-feature tensor on the view
-    features: object  # the shape of a per-feature output (as `gamma`)
-    mask: object  # boolean, broadcastable to the view, or None
-    per_feature: bool  # whether the mask (so the count) differs by feature
-    names: tuple  # the parameters given, of ("gamma", "beta")
-    dtype: tf.DType  # the compute dtype
-    epsilon: float
-    replica: object  # the replica context to synchronize over, or None
-    renorm: Renorm  # with statistics at `shape`, or None
-
-
 def normalize_with_batch_statistics(
     x, gamma, beta, axes, epsilon, mask=None, renorm=None, fused=None,
     synchronized=False,
 ):  # fmt: skip
-    """The training op on checked arguments: `(y, mean, variance, count)`.
-
-    The core of `batch_norm_train` (`renorm=None`) and `batch_renorm_train`,
-    which the layer calls with the arguments it checked once: `x` a float
-    tensor, `axes` sorted and non-negative (`canonicalize_axes`), `epsilon` a
-    float > 0, `fused` None, True or False, `renorm` a `Renorm` with checked
-    bounds, or None. The other tensors are checked here.
-    """
+    """`(y, mean, variance, count)` of `batch_norm_train` (with a `Renorm`,
+    `batch_renorm_train`) on checked arguments; the layer checks them once."""
     rank = static_rank(x, "x")
     params = _params(x, axes, gamma=gamma, beta=beta)
-    replica = replica_context(synchronized)
-    sync = replica is not None
-    if use_fused(fused, x, axes, epsilon, mask, renorm is not None, sync):
+    names = tuple(params)
+    replica = sync.replica_context(synchronized)
+    synced = replica is not None
+    if use_fused(fused, x, axes, epsilon, mask, renorm is not None, synced):
         return fused_batch_norm_train(x, params, axes[0], epsilon)
     mask, per_feature = _prepare_mask(mask, x, axes)
     dtype = compute_dtype(x.dtype)
+    # x is viewed with adjacent reduced (and feature) axes merged: `red` are
+    # the view's reduced axes, `shape` a per-feature tensor's broadcast shape.
     groups = merge_adjacent_axes(rank, axes)
+    view = merged_shape(x, groups)
+    red = [i for i, (is_feature, _) in enumerate(groups) if not is_feature]
     shape = merged_shape(x, groups, reduced=False)
+    features = [x.shape[a] for a in axes]
+    features = tf.gather(tf.shape(x), axes) if None in features else features
     if mask is not None:
         mask = tf.reshape(mask, merged_shape(x, groups, features=per_feature))
     if renorm is not None:
         stats = _params(x, axes, renorm_mean=renorm.mean, renorm_stddev=renorm.stddev)
         mean, stddev = _reshape_params(stats, shape, dtype).values()
         renorm = renorm._replace(mean=mean, stddev=stddev)
-    features = [x.shape[a] for a in axes]
-    layout = _Layout(
-        view=merged_shape(x, groups),
-        red=[i for i, (is_feature, _) in enumerate(groups) if not is_feature],
-        shape=shape,
-        features=tf.gather(tf.shape(x), axes) if None in features else features,
-        mask=mask,
-        per_feature=per_feature,
-        names=tuple(params),
-        dtype=dtype,
-        epsilon=epsilon,
-        replica=replica,
-        renorm=renorm,
-    )
-    forward = partial(_train_forward, layout)
-    backward = partial(_train_backward, layout)
+
+    def forward(x, *values):
+        """`(y, mean, variance, count)`, the hidden `x - mean` on the view, and
+        saved the broadcast count, renorm's `(r, d)` and the shape of `x`."""
+        p = _reshape_params(dict(zip(names, values)), shape, dtype)
+        xf = tf.cast(tf.reshape(x, view), dtype)
+        mean, variance, centred, count = statistics.moments(xf, red, mask)
+        if synced:
+            count, mean, variance = sync.combine_moments(replica, count, mean, variance)
+            centred = xf - mean  # from the global mean
+        inv = tf.math.rsqrt(variance + epsilon)
+        gamma = p.get("gamma")
+        scale = inv if gamma is None else inv * gamma
+        offset = p.get("beta", tf.zeros([], dtype))
+        correction = None
+        if renorm is not None:
+            correction = _renorm_correction(mean, variance, renorm, epsilon)
+            r, d = correction
+            scale = scale * r
+            offset = offset + (d if gamma is None else d * gamma)
+        y = centred * scale + offset
+        x_shape = tf.shape(x)
+        outputs = (
+            tf.reshape(tf.cast(y, x.dtype), x_shape),
+            tf.reshape(mean, features),
+            tf.reshape(variance, features),
+            # Equal for every feature (a scalar) unless the mask varies by feature.
+            tf.reshape(count, features) if per_feature else tf.reduce_max(count),
+        )
+        return outputs, (centred,), (count, correction, x_shape)
+
+    def backward(context, upstream, hidden_upstream):
+        """The module docstring's, differentiable again. `S1` and `S2` sum over
+        every position (a masked output depends on the statistics too), while
+        `N`, `b`, `c` and the hidden output's `- sum(dc) / N` count only the
+        unmasked ones; renorm's `r` multiplies `scale = gamma * inv`."""
+        x, *values = context.inputs
+        (centred,) = context.hidden
+        dy, dmean, dvariance, _ = upstream  # a count has no gradient
+        (dcentred,) = hidden_upstream
+        count, correction, x_shape = context.saved
+        safe_count = tf.maximum(count, 1.0)
+        p = _reshape_params(dict(zip(names, values)), shape, dtype)
+        inv = tf.math.rsqrt(tf.reshape(context.outputs[2], shape) + epsilon)
+        scale = inv * p["gamma"] if "gamma" in p else inv
+        if correction is not None:
+            scale = scale * correction[0]
+        dy = tf.cast(tf.reshape(dy, view), dtype)
+        s1 = statistics.sum_over(dy, red)
+        s2 = statistics.sum_over(dy * centred, red)  # sum(dy * (x - mean))
+        sums = {"s1": s1, "s2": s2}
+        # Gradients reaching the returned statistics, unless no loss uses them
+        # (the usual case, known when the graph is built).
+        if context.live(dmean, hidden=False) or context.live(dvariance, hidden=False):
+            for name, g in (("dmean", dmean), ("dvariance", dvariance)):
+                g = tf.zeros_like(s1) if g is None else tf.cast(g, dtype)
+                sums[name] = tf.reshape(g, shape)
+        if context.live(dcentred):
+            dcentred = tf.cast(dcentred, dtype)
+            sums["dcentred"] = statistics.sum_over(dcentred, red)
+        total = sums
+        if synced:
+            total = dict(zip(sums, sync.sum_over_replicas(replica, *sums.values())))
+        b = -scale * tf.square(inv) * total["s2"] / safe_count
+        c = -scale * total["s1"] / safe_count
+        if "dmean" in total:
+            b += 2.0 * total["dvariance"] / safe_count
+            c += total["dmean"] / safe_count
+        # Only the unmasked positions move the statistics.
+        dx = dy * scale + statistics.masked(centred * b + c, mask)
+        if "dcentred" in total:
+            dx += dcentred - statistics.masked(total["dcentred"] / safe_count, mask)
+        # Per-replica contributions: the strategy sums them across replicas.
+        grads = {"beta": s1, "gamma": inv * s2}
+        if correction is not None:
+            r, d = correction
+            grads["gamma"] = r * inv * s2 + d * s1
+        dx = tf.cast(tf.reshape(dx, x_shape), x.dtype)
+        return (dx,) + _param_gradients(grads, names, values)
+
     # The backward pass reads x - mean (hidden) and the parameters, not x or y.
     reads = tuple(range(1, 1 + len(params)))
     return custom_op(
         forward, backward, x, *params.values(), first_order_reads=reads,
         first_order_output_reads=(1, 2, 3),
     )  # fmt: skip
-
-
-def _train_forward(layout, x, *values):
-    """The training forward pass for `custom_op`: outputs `(y, mean,
-    variance, count)`, the hidden `x - mean` on the view (the one input-sized
-    tensor the backward pass keeps), and saved the count at broadcast shape
-    and renorm's constant `(r, d)`."""
-    p = _reshape_params(dict(zip(layout.names, values)), layout.shape, layout.dtype)
-    xf = tf.cast(tf.reshape(x, layout.view), layout.dtype)
-    mean, variance, centred, count = moments(xf, layout.red, layout.mask)
-    if layout.replica is not None:
-        count, mean, variance = combine_moments(layout.replica, count, mean, variance)
-        centred = xf - mean  # from the global mean
-    inv = tf.math.rsqrt(variance + layout.epsilon)
-    gamma = p.get("gamma")
-    scale = inv if gamma is None else inv * gamma
-    offset = p.get("beta", tf.zeros([], layout.dtype))
-    correction = None
-    if layout.renorm is not None:
-        correction = _renorm_correction(mean, variance, layout.renorm, layout.epsilon)
-        r, d = correction
-        scale = scale * r
-        offset = offset + (d if gamma is None else d * gamma)
-    y = centred * scale + offset
-    features = layout.features
-    outputs = (
-        tf.reshape(tf.cast(y, x.dtype), tf.shape(x)),
-        tf.reshape(mean, features),
-        tf.reshape(variance, features),
-        # Equal for every feature (a scalar) unless the mask varies by feature.
-        tf.reshape(count, features) if layout.per_feature else tf.reduce_max(count),
-    )
-    return outputs, (centred,), (count, correction)
-
-
-def _train_backward(layout, context, upstream, hidden_upstream):
-    """The training backward pass of the module docstring, built to be
-    differentiated again. `S1` and `S2` sum over every position (a masked
-    output depends on the statistics too), while `N`, `b`, `c` and the hidden
-    output's `- sum(dc) / N` count only the unmasked ones; renorm's `r`
-    multiplies `scale = gamma * inv` (`batch_renorm_train`)."""
-    x, *values = context.inputs
-    (centred,) = context.hidden
-    dy, dmean, dvariance, _ = upstream  # a count has no gradient
-    (dcentred,) = hidden_upstream
-    count, correction = context.saved
-    mask, red, shape, dtype = layout.mask, layout.red, layout.shape, layout.dtype
-    safe_count = tf.maximum(count, 1.0)
-    p = _reshape_params(dict(zip(layout.names, values)), shape, dtype)
-    inv = tf.math.rsqrt(tf.reshape(context.outputs[2], shape) + layout.epsilon)
-    scale = inv * p["gamma"] if "gamma" in p else inv
-    if correction is not None:
-        scale = scale * correction[0]
-    dy = tf.cast(tf.reshape(dy, layout.view), dtype)
-    s1 = sum_over(dy, red)
-    s2 = sum_over(dy * centred, red)  # sum(dy * (x - mean))
-    sums = {"s1": s1, "s2": s2}
-    # Gradients reaching the returned statistics, unless no loss uses them
-    # (the usual case, known when the graph is built).
-    if context.live(dmean, hidden=False) or context.live(dvariance, hidden=False):
-        sums["dmean"] = _upstream(dmean, s1, shape)
-        sums["dvariance"] = _upstream(dvariance, s1, shape)
-    if context.live(dcentred):
-        dcentred = tf.cast(dcentred, dtype)
-        sums["dcentred"] = sum_over(dcentred, red)
-    total = sums
-    if layout.replica is not None:
-        total = dict(zip(sums, sum_over_replicas(layout.replica, *sums.values())))
-    b = -scale * tf.square(inv) * total["s2"] / safe_count
-    c = -scale * total["s1"] / safe_count
-    if "dmean" in total:
-        b += 2.0 * total["dvariance"] / safe_count
-        c += total["dmean"] / safe_count
-    # Only the unmasked positions move the statistics.
-    dx = dy * scale + masked(centred * b + c, mask)
-    if "dcentred" in total:
-        dx += dcentred - masked(total["dcentred"] / safe_count, mask)
-    # Per-replica contributions: the strategy sums them across replicas.
-    grads = {"beta": s1, "gamma": inv * s2}
-    if correction is not None:
-        r, d = correction
-        grads["gamma"] = r * inv * s2 + d * s1
-    dx = tf.cast(tf.reshape(dx, shape_of(x)), x.dtype)
-    return (dx,) + _param_gradients(grads, layout.names, values)
-
-
-def _upstream(gradient, like, shape):
-    """An upstream statistic gradient at broadcast shape (zeros when None)."""
-    if gradient is None:
-        return tf.zeros_like(like)
-    return tf.reshape(tf.cast(gradient, like.dtype), shape)
 
 
 def batch_norm_train(
@@ -504,8 +432,7 @@ def batch_renorm_train(
 
 
 def _checked(x, axis, epsilon):
-    """`(x, axes, epsilon)` of a public op: a float tensor, its sorted
-    non-negative feature axes and a float > 0."""
+    """A public op's float `x`, its sorted non-negative `axes`, and `epsilon`."""
     x = float_tensor(x, "x")
     return x, canonicalize_axes(axis, static_rank(x, "x")), check_epsilon(epsilon)
 
@@ -569,16 +496,13 @@ def normalize_with_given_statistics(
     x, mean, variance, gamma, beta, axes, epsilon, fused=None,
     statistics_gradients=True,
 ):  # fmt: skip
-    """`batch_norm_inference` on checked arguments (as in
-    `normalize_with_batch_statistics`); the layer's inference path with
-    `statistics_gradients=False`."""
+    """`batch_norm_inference` on checked arguments (the layer's inference)."""
     params = _params(x, axes, mean=mean, variance=variance, gamma=gamma, beta=beta)
     if "mean" not in params or "variance" not in params:
         raise ValueError("`mean` and `variance` are required (got None).")
     if not statistics_gradients and fused is None and x.shape.rank != 4:
-        # The kernel would view other ranks as 4-D (ExpandDims/Squeeze),
-        # which export converters keep; the multiply-add folds into the
-        # layer before as Keras's does, and costs one pass as the kernel.
+        # The kernel's 4-D view of other ranks survives export converters;
+        # the multiply-add (one pass too) folds into the layer before.
         fused = False
     fused = use_fused(fused, x, axes, epsilon)
     if not statistics_gradients:
@@ -591,36 +515,31 @@ def normalize_with_given_statistics(
         y = _normalize_with(x, dict(zip(names, values)), axes, epsilon, fused)
         return (y,), (), None
 
-    backward = partial(_inference_backward, names, axes, epsilon)
+    def backward(context, upstream, hidden_upstream):
+        """The module docstring's, from the inputs only: differentiable again."""
+        x, *values = context.inputs
+        dtype = compute_dtype(x.dtype)
+        red = [a for a in range(x.shape.rank) if a not in axes]
+        p = _reshape_params(dict(zip(names, values)), broadcast_shape(x, axes), dtype)
+        inv = tf.math.rsqrt(p["variance"] + epsilon)
+        scale = inv * p["gamma"] if "gamma" in p else inv
+        dy = tf.cast(upstream[0], dtype)
+        s1 = statistics.sum_over(dy, red)
+        s2 = statistics.sum_over(dy * (tf.cast(x, dtype) - p["mean"]), red)
+        grads = {"mean": -scale * s1, "gamma": inv * s2, "beta": s1}
+        grads["variance"] = -0.5 * scale * tf.square(inv) * s2
+        dx = tf.cast(dy * scale, x.dtype)
+        return (dx,) + _param_gradients(grads, names, values)
+
     return custom_op(forward, backward, x, *params.values())[0]
 
 
-def _inference_backward(names, axes, epsilon, context, upstream, hidden_upstream):
-    """The inference backward pass (module docstring), from the original
-    inputs only, so it differentiates again to every order."""
-    x, *values = context.inputs
-    dtype = compute_dtype(x.dtype)
-    red = [a for a in range(x.shape.rank) if a not in axes]
-    p = _reshape_params(dict(zip(names, values)), broadcast_shape(x, axes), dtype)
-    inv = tf.math.rsqrt(p["variance"] + epsilon)
-    scale = inv * p["gamma"] if "gamma" in p else inv
-    dy = tf.cast(upstream[0], dtype)
-    s1 = sum_over(dy, red)
-    s2 = sum_over(dy * (tf.cast(x, dtype) - p["mean"]), red)
-    grads = {"mean": -scale * s1, "gamma": inv * s2, "beta": s1}
-    grads["variance"] = -0.5 * scale * tf.square(inv) * s2
-    return (tf.cast(dy * scale, x.dtype),) + _param_gradients(grads, names, values)
-
-
 def _normalize_with(x, params, axes, epsilon, fused):
-    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta`, given statistics:
-    the fused kernel (one pass over `x`), or `x * scale + offset` with
-    per-feature `scale` and `offset`; plain ops either way."""
+    """`y` on the fused kernel, or as `x * scale + offset`; plain ops."""
     if fused:
         return fused_batch_norm_inference(x, params, axes[0], epsilon)
     dtype = compute_dtype(x.dtype)
-    # Vectors broadcast along the last axis as they are: an export converter
-    # then folds the multiply-add into the layer before, as it does Keras's.
+    # Vectors, kept as they are, let converters fold the multiply-add.
     last = list(axes) == [x.shape.rank - 1]
     p = _reshape_params(params, [-1] if last else broadcast_shape(x, axes), dtype)
     scale = tf.math.rsqrt(p["variance"] + epsilon)

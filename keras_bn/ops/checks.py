@@ -1,9 +1,7 @@
 """keras_bn's argument checks, one function per kind of argument, and the
-checks of shapes known only when a graph runs (docs/guarantees.md, "Errors"
-and "Shapes known only at run time"). A wrong type raises a TypeError and a
-wrong value a ValueError, both naming the argument. Strings are never read
-as numbers or booleans: `bool("False")` is True and `int("1")` would hide a
-typo.
+checks of shapes known only when a graph runs (docs/guarantees.md). A wrong
+type raises a TypeError and a wrong value a ValueError, both naming the
+argument. Strings are never read as numbers or booleans (`bool("False")` is True).
 """
 
 import math
@@ -15,10 +13,9 @@ import tensorflow as tf
 
 def check_float(value, arg_name, expected="a float"):
     """`value` as a Python float; numbers pass, strings and booleans do not."""
+    refused = isinstance(value, (bool, np.bool_, str, bytes))
     try:
-        if isinstance(value, (bool, np.bool_, str, bytes)) or not hasattr(
-            value, "__float__"
-        ):
+        if refused or not hasattr(value, "__float__"):
             raise TypeError
         return float(value)
     except (TypeError, ValueError):  # also an array of several numbers
@@ -67,8 +64,7 @@ def _integer(value):
 
 
 def check_int(value, arg_name, positive=False, optional=False):
-    """`value` as a Python int (NumPy integers pass, booleans do not), >= 1 if
-    `positive`; None passes if `optional`."""
+    """`value` as an int (not a bool), >= 1 if `positive`; None if `optional`."""
     if optional and value is None:
         return None
     expected = "a positive int" if positive else "an int"
@@ -97,8 +93,7 @@ def check_optional_positive_int(value, arg_name):
 
 
 def check_float_list(values, arg_name, low, high):
-    """A non-empty list (any iterable but a string) of floats in [low, high],
-    as a tuple of Python floats."""
+    """A non-empty iterable (not a string) of floats in [low, high], as a tuple."""
     message = (
         f"Argument `{arg_name}` must be a non-empty list of floats in "
         f"[{low}, {high}]. Received: {arg_name}={values!r}"
@@ -130,9 +125,8 @@ def check_list_of(values, arg_name, types, expected):
 
 
 def check_arrays(value, arg_name, expected="an array or a list/dict of arrays"):
-    """An array, or a list/tuple/dict of arrays, each with a non-empty batch
-    axis (the examples); returned with NumPy arrays as leaves. `expected`
-    says what else the argument may be, for the TypeError."""
+    """An array, or a list/tuple/dict of arrays with non-empty batch axes, as
+    NumPy arrays; `expected` says what it may be, for the TypeError."""
     try:
         arrays = tf.nest.map_structure(np.asarray, value)
         leaves = tf.nest.flatten(arrays)
@@ -151,8 +145,7 @@ def check_arrays(value, arg_name, expected="an array or a list/dict of arrays"):
 
 
 def check_choice(value, arg_name, choices):
-    """`value` if it is one of `choices` (strings or ints), else a ValueError
-    that lists them."""
+    """`value` if one of `choices` (strings or ints), else a ValueError."""
     if isinstance(value, bool) or value not in choices:
         raise ValueError(
             f"Argument `{arg_name}` must be one of {list(choices)}. "
@@ -162,13 +155,8 @@ def check_choice(value, arg_name, choices):
 
 
 def check_axis(axis, arg_name="axis", single=False):
-    """An int, or a non-empty list of distinct ints (a tuple becomes a list).
-
-    With `single=True` only an int passes (a class axis). A TypeError for an
-    entry that is not an integer (1.5, "1", True), a ValueError for a repeated
-    one; whether the axes exist, and `[1, -1]` for rank 2, is checked with the
-    input's rank (`keras_bn.ops.axes`).
-    """
+    """An int, or a non-empty list of distinct ints (only an int if `single`);
+    whether they exist is checked with the input's rank (`keras_bn.ops.axes`)."""
     expected = "a single int" if single else "an int or a non-empty list/tuple of ints"
     try:
         if isinstance(axis, (list, tuple)) and not single:
@@ -205,9 +193,8 @@ def check_label_smoothing(label_smoothing):
 
 
 def check_not_ragged(value, arg_name, owner, hint):
-    """Refuses ragged and sparse tensors (tf or Keras symbolic): a ValueError
-    naming `arg_name` (`"inputs"`), `owner` (the refusing class) and `hint`
-    (what to do instead)."""
+    """A ValueError for ragged and sparse tensors (tf or Keras), naming
+    `arg_name`, `owner` (the refusing class) and `hint` (what to do instead)."""
     for kind, tf_type in (("ragged", tf.RaggedTensor), ("sparse", tf.SparseTensor)):
         if isinstance(value, tf_type) or getattr(value, kind, False) is True:
             raise ValueError(
@@ -216,22 +203,20 @@ def check_not_ragged(value, arg_name, owner, hint):
             )
 
 
-RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-
-
 def check_renorm_clipping(renorm_clipping):
     """The clipping dict with float (or None) values, keys and bounds checked."""
+    keys = ["rmax", "rmin", "dmax"]
     received = f"Received: renorm_clipping={renorm_clipping!r}"
     if not isinstance(renorm_clipping, dict):
         raise TypeError(
-            "Argument `renorm_clipping` must be a dict with optional keys "
-            f"{list(RENORM_CLIPPING_KEYS)}. {received}"
+            f"Argument `renorm_clipping` must be a dict with optional keys {keys}. "
+            f"{received}"
         )
-    unknown = sorted(set(renorm_clipping) - set(RENORM_CLIPPING_KEYS))
+    unknown = sorted(set(renorm_clipping) - set(keys))
     if unknown:
         raise ValueError(  # Keras's wording, which its own test suite pins
             f"Received invalid keys for `renorm_clipping` argument: {unknown}. "
-            f"Supported keys: {list(RENORM_CLIPPING_KEYS)}. {received}"
+            f"Supported keys: {keys}. {received}"
         )
     clip = {}
     for key, value in renorm_clipping.items():
@@ -263,29 +248,23 @@ def check_verbose(verbose):
     return 1 if verbose == "auto" else int(verbose)
 
 
+def checked_at_run_time(tensor, condition, message):
+    """`tensor`, once the boolean scalar `condition` holds: else an
+    InvalidArgumentError with `message` (not under XLA, which drops asserts)."""
+    assertion = tf.debugging.assert_equal(condition, True, message=message)
+    with tf.control_dependencies([assertion]):
+        return tf.identity(tensor)
+
+
 def shape_at_run_time(tensor, expected, message):
-    """`tensor` (a boolean tensor with some sizes unknown until run time),
-    checked to have exactly the int64 shape `expected`: to be used in its
-    place. A mismatch raises an InvalidArgumentError with `message` in graph
-    mode and fails to broadcast under XLA."""
+    """`tensor` (boolean, some sizes known only at run time) checked to have
+    the int64 shape `expected`, as `checked_at_run_time` and under XLA too."""
     assertion = tf.debugging.assert_equal(
         tf.shape(tensor, out_type=tf.int64), expected, message=message
     )
     with tf.control_dependencies([assertion]):
-        # broadcast_to fails unless each size is the expected one or 1, and
-        # the reshape unless the sizes multiply to the same count: together,
-        # unless the shape is the expected one. Both are free at run time.
+        # broadcast_to fails unless each size is the expected one or 1, the
+        # reshape unless the sizes multiply to the same count. Both are free.
         same = tf.broadcast_to(tensor, expected)
         counted = tf.reshape(tensor, expected)
     return tf.logical_and(same, counted)
-
-
-def divisible_at_run_time(shape, divisor, message):
-    """`shape`, checked at run time to have a first size that `divisor` (an
-    int) divides: an InvalidArgumentError with `message` in graph mode (under
-    XLA, the caller's reshape to `[-1, divisor, ...]` fails instead)."""
-    assertion = tf.debugging.assert_equal(
-        tf.math.floormod(shape[0], divisor), tf.zeros([], shape.dtype), message=message
-    )
-    with tf.control_dependencies([assertion]):
-        return tf.identity(shape)

@@ -40,19 +40,15 @@ outputs (`exp(z - m)` and its row sums; `p / sum(p)` and `sum(p)` for
 probabilities), each with its own vector-Jacobian product, so differentiating
 them runs through the op again (`keras_bn/ops/custom_op.py`).
 
-Out-of-range labels, shapes, dtypes (float16 and bfloat16 computed, and the
-loss returned, in float32) and the implementation choices: `docs/losses.md`.
-The public ops check their Python arguments and call the cores (`dense`,
-`sparse`, `dense_from_probabilities`, `sparse_from_probabilities`), which the
-losses call with arguments they checked once, in their constructors.
+Out-of-range labels, shapes, dtypes and the implementation choices:
+`docs/losses.md`. The public ops check their arguments and call the cores
+(`dense`, `sparse`, `dense_from_probabilities`, `sparse_from_probabilities`),
+which the losses call with arguments they checked once.
 """
 
 import tensorflow as tf
 
-from keras_bn._internals import HIGHER_ORDER
-from keras_bn._internals import NO_GRADIENT
-from keras_bn._internals import gradient_order
-from keras_bn._internals import in_xla_function
+from keras_bn import _internals
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_clipping_epsilon
@@ -87,9 +83,8 @@ def _check_shapes(labels, logits, axis, sparse, name="logits"):
         )
     if labels.shape.is_fully_defined() and expected.is_fully_defined():
         return labels
-    # Unknown dimensions: reshaping to the shape of `logits` fails when the
-    # sizes differ, so a size-1 dimension can never broadcast silently. Free
-    # at run time, and unlike an assert it is not dropped by XLA.
+    # Unknown sizes: a reshape to the expected shape fails where they differ
+    # (no size 1 broadcasts silently), free and, unlike an assert, under XLA.
     dynamic = tf.shape(logits, out_type=tf.int64)
     if sparse:
         dynamic = tf.concat([dynamic[:axis], dynamic[axis + 1 :]], axis=0)
@@ -172,7 +167,7 @@ def dense(labels, logits, axis, smoothing):
         target = _smooth(tf.cast(labels, dtype), num_classes, smoothing)
         sum_exp = tf.reduce_sum(exp_z, axis=axis, keepdims=True)
         loss_terms = target * (tf.math.log(sum_exp) - z)  # t * -log p
-        if in_xla_function():
+        if _internals.in_xla_function():
             # The loss and sum(t) in one reduction: one kernel instead of two
             # under XLA, which runs each reduction as its own kernel.
             sums = tf.reduce_sum(tf.stack([loss_terms, target]), axis=axis + 1)
@@ -185,7 +180,7 @@ def dense(labels, logits, axis, smoothing):
 
     # Asked while the tapes that watch the inputs are active: eagerly, no
     # label gradient is built for labels that no tape watches.
-    labels_watched = gradient_order([labels]) != NO_GRADIENT
+    labels_watched = _internals.gradient_order([labels]) != _internals.NO_GRADIENT
 
     def backward(context, upstream, hidden_upstream):
         r"""From the inputs and the hidden outputs `u = exp(x - m)`,
@@ -221,12 +216,12 @@ def _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis=None):
     """`dlogits + u * (du + dS)` for the hidden `u = exp(z)` and `S = sum(u)`
     (`dS` expanded at `axis` when given, else already at broadcast shape)."""
     du, dsum = hidden_upstream
-    terms = [du] if context.live(du) else []
     if context.live(dsum):
-        terms.append(dsum if axis is None else tf.expand_dims(dsum, axis))
-    if not terms:
+        dsum = dsum if axis is None else tf.expand_dims(dsum, axis)
+        du = du + dsum if context.live(du) else dsum
+    elif not context.live(du):
         return dlogits
-    return dlogits + exp_z * (terms[0] if len(terms) == 1 else terms[0] + terms[1])
+    return dlogits + exp_z * du
 
 
 def _sparse_inputs(labels, x, axis, ignore_class, name):
@@ -278,9 +273,8 @@ def _pick(z, labels, axis):
 
 
 def _subtract_at_labels(values, labels, amounts, axis):
-    """`values - amounts * onehot(labels)`, no one-hot built: with the class
-    axis last a scatter at the label positions, elsewhere (class axis 1 for
-    per-pixel losses) the cheaper select against a class iota."""
+    """`values - amounts * onehot(labels)`: a scatter with the class axis last,
+    elsewhere the cheaper select against a class iota."""
     rank = values.shape.rank
     if axis == rank - 1:
         if rank == 2:
@@ -359,8 +353,13 @@ def sparse(labels, logits, axis, smoothing, ignore_class):
 def _sparse_cross_entropy(logits, axis, labels, in_range, ignored, smoothing):
     """The sparse loss on the outputs of `_sparse_inputs`."""
     dtype = compute_dtype(logits.dtype)
-    if _kernel_applies(logits, in_range, ignored, axis, smoothing):
-        return _sparse_cross_entropy_on_kernel(logits, labels, dtype)
+    # Eagerly, TensorFlow's kernel gives the loss and `softmax - onehot(y)` in
+    # one op; its gradient is a value, which no tape may differentiate. Graphs
+    # keep the closed form, which compiles to fewer passes.
+    plain = in_range is None and ignored is None and not smoothing
+    if plain and tf.executing_eagerly() and axis == logits.shape.rank - 1:
+        if _internals.gradient_order([logits]) != _internals.HIGHER_ORDER:
+            return _sparse_cross_entropy_on_kernel(logits, labels, dtype)
     safe_labels = labels
     if in_range is not None:
         safe_labels = tf.where(in_range, labels, tf.zeros([], labels.dtype))
@@ -397,28 +396,9 @@ def _sparse_cross_entropy(logits, axis, labels, in_range, ignored, smoothing):
     return custom_op(forward, backward, logits, first_order_reads=())[0]
 
 
-def _kernel_applies(logits, in_range, ignored, axis, smoothing):
-    """Whether the eager first-order case runs on TensorFlow's kernel.
-
-    `SparseSoftmaxCrossEntropyWithLogits` gives the loss and `softmax -
-    onehot(y)` in one op (eagerly, an op costs about as much as an entry for
-    common sizes). Its gradient is a value, so no tape may differentiate the
-    backward pass. Graphs keep the closed form, which compiles to fewer passes.
-    """
-    return (
-        tf.executing_eagerly()
-        and axis == logits.shape.rank - 1
-        and in_range is None
-        and ignored is None
-        and not smoothing
-        and gradient_order([logits]) != HIGHER_ORDER
-    )
-
-
 def _sparse_cross_entropy_on_kernel(logits, labels, dtype):
     """`loss = lse - z_y`, `dlogits = upstream * (softmax - onehot(y))`, on
-    the kernel that computes both (`_kernel_applies` says when)."""
-
+    `SparseSoftmaxCrossEntropyWithLogits`, which computes both."""
     flat = logits.shape.rank == 2  # else viewed as [-1, classes] (static in eager)
 
     def forward(logits):
@@ -432,7 +412,6 @@ def _sparse_cross_entropy_on_kernel(logits, labels, dtype):
         return (loss if flat else tf.reshape(loss, labels.shape),), (), backprop
 
     def backward(context, upstream, hidden_upstream):
-        del hidden_upstream  # none
         (logits,) = context.inputs
         dlogits = tf.reshape(upstream[0], [-1, 1]) * context.saved
         if not flat:
@@ -522,7 +501,6 @@ def _clipped_log(probabilities, epsilon, dtype):
         return (tf.math.log(clipped),), (), None
 
     def backward(context, upstream, hidden_upstream):
-        del hidden_upstream  # none
         (p,) = context.inputs
         pf = tf.cast(p, dtype)
         clipped = tf.clip_by_value(pf, epsilon, 1.0 - epsilon)

@@ -47,13 +47,9 @@ def fused_unavailable_reason(x, axes, epsilon, mask, renorm, synchronized):
 
 
 def _as_4d(x, axis):
-    """Views `x` as the kernels' 4-D input: returns (x4, data_format).
-
-    Ranks 2 and 3 gain size-1 axes (`ExpandDims` with constant axes, which
-    export converters fold away, unlike a reshape to a shape computed at run
-    time): `[N, C]` as `[N, 1, 1, C]` (NHWC) or `[N, C, 1, 1]` (NCHW). Higher
-    ranks merge their middle axes.
-    """
+    """`(x4, data_format)`: `x` as the kernels' 4-D input, ranks 2 and 3 with
+    size-1 axes (`ExpandDims`, which export converters fold away), higher
+    ranks with their middle axes merged."""
     rank = x.shape.rank
     last = axis == rank - 1
     data_format = "NHWC" if last else "NCHW"
@@ -86,8 +82,7 @@ def _scale(gamma, x, axis):
 
 
 def _fused(x, params, axis, epsilon):
-    """`FusedBatchNormV3` on `x` viewed as 4-D, in training mode unless
-    `params` (by name) holds `mean` and `variance`: `(outputs, x4, data_format)`."""
+    """`(FusedBatchNormV3's outputs, x4, data_format)`, training without `mean`."""
     scale = _scale(params.get("gamma"), x, axis)
     beta = params.get("beta")
     offset = tf.zeros_like(scale) if beta is None else tf.cast(beta, tf.float32)
@@ -108,16 +103,9 @@ def _fused(x, params, axis, epsilon):
 
 
 def fused_batch_norm_train(x, params, axis, epsilon):
-    """`batch_norm_train` on the fused kernels, for the single non-negative
-    feature axis `axis` (`fused_unavailable_reason` checked) and the given
-    `gamma` and `beta` in `params` (by name): `(y, batch_mean,
-    batch_variance, count)`, statistics in float32.
-
-    The backward pass reads the original `x` and `gamma` (not the stopped
-    copies) and the op's own outputs, so it differentiates again: in a graph
-    through TensorFlow's registered gradient of `FusedBatchNormGradV3`, and
-    where a tape records it through `_closed_form_backward`.
-    """
+    """`batch_norm_train` on the fused kernels (statistics in float32). Its
+    backward pass differentiates again: through `FusedBatchNormGradV3`'s
+    gradient, or, where a tape records it, `_closed_form_backward`."""
     names = tuple(params)
 
     def forward(x, *values):
@@ -147,14 +135,11 @@ def fused_batch_norm_train(x, params, axis, epsilon):
 
 
 def _kernel_backward(context, dy, scale, axis, epsilon):
-    """`(dx, dscale, doffset)` from `FusedBatchNormGradV3`, for `dy` alone
-    (the statistics' upstream terms are added by the caller)."""
+    """`(dx, dscale, doffset)` from `FusedBatchNormGradV3`, for `dy` alone."""
     x = context.inputs[0]
     reserve, data_format, x4 = context.saved
     if not tf.executing_eagerly():
-        # tf.gradients may differentiate this graph again: the view of the
-        # original x, not of the stopped one. (Eagerly, an unrecorded
-        # backward pass is never differentiated.)
+        # tf.gradients may differentiate this graph again: view the original x.
         x4, _ = _as_4d(x, axis)
     dx4, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
         y_backprop=_as_4d(dy, axis)[0],
@@ -171,11 +156,9 @@ def _kernel_backward(context, dy, scale, axis, epsilon):
 
 
 def _closed_form_backward(context, dy, scale, axis, epsilon):
-    """The kernels' backward pass in plain ops of the original `x` and the
-    op's outputs, for a backward pass that a tape records: TensorFlow's
-    registered gradient of `FusedBatchNormGradV3` holds a nested tape that a
-    forward accumulator cannot see through (JVPs None eagerly, zero in a
-    graph)."""
+    """The kernels' backward pass in plain ops of `x` and the outputs, for a
+    tape to record: the registered gradient of `FusedBatchNormGradV3` holds a
+    nested tape that a forward accumulator cannot see through."""
     x = context.inputs[0]
     _, mean, variance, count = context.outputs
     shape = [-1 if a == axis else 1 for a in range(x.shape.rank)]
@@ -192,11 +175,7 @@ def _closed_form_backward(context, dy, scale, axis, epsilon):
 
 
 def _add_statistics_gradient(context, dx, dmean, dvariance, axis):
-    """dx + dmean / N + 2 * dvariance * (x - mean) / N, when those are nonzero.
-
-    From the original `x` and the op's `mean` output, so a differentiated
-    backward pass runs through this op again.
-    """
+    """`dx + dmean / N + 2 * dvariance * (x - mean) / N`, if those are nonzero."""
     if not (context.live(dmean, hidden=False) or context.live(dvariance, hidden=False)):
         return dx
     x = context.inputs[0]
@@ -211,14 +190,10 @@ def _add_statistics_gradient(context, dx, dmean, dvariance, axis):
 
     if tf.executing_eagerly() or context.recording:
         return with_statistics()
-    live = tf.reduce_any(tf.not_equal(dmean, 0.0)) | tf.reduce_any(
-        tf.not_equal(dvariance, 0.0)
-    )
+    live = tf.reduce_any(tf.not_equal(dmean, 0.0) | tf.not_equal(dvariance, 0.0))
     return tf.cond(live, with_statistics, lambda: dx)
 
 
 def fused_batch_norm_inference(x, params, axis, epsilon):
-    """The inference forward pass on the fused kernel (one pass over `x`),
-    `params` by name: `y` only, which `batch_norm_inference` wraps with its
-    backward pass."""
+    """`y` of `batch_norm_inference` on the fused kernel, `params` by name."""
     return _from_4d(_fused(x, params, axis, epsilon)[0].y, x, axis)

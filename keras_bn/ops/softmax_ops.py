@@ -24,12 +24,9 @@ Backward pass of log-softmax. With `y = log_softmax(x)`,
 
 which needs only the output as well: the softmax is recovered as `exp(y)`.
 
-Both backward passes read the op's own output, so differentiating them runs
-through the op again: every order is exact (`keras_bn/ops/custom_op.py`).
-
-Both ops keep one input-sized tensor for the backward pass (the output, in the
-compute dtype). float16 and bfloat16 inputs are computed in float32 and the
-output cast back; float64 stays float64.
+Both backward passes read the op's own output (the one input-sized tensor
+kept, in float32 for float16 and bfloat16 inputs), so differentiating them
+runs through the op again: every order is exact (`keras_bn/ops/custom_op.py`).
 """
 
 import tensorflow as tf
@@ -94,8 +91,7 @@ def log_softmax(x, axis=-1):
 
 
 def softmax_over(x, axis, log=False):
-    """`softmax` (`log_softmax` if `log`) for an `axis` that `check_axis`
-    passed (the `Softmax` layer checks it when constructed)."""
+    """`softmax` (`log_softmax` if `log`) for an `axis` that passed `check_axis`."""
     x = float_tensor(x, "x")
     axes = list(axes_for_rank(axis, static_rank(x, "x"), require_reduced_axis=False))
     dtype = compute_dtype(x.dtype)

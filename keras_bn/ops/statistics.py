@@ -40,8 +40,7 @@ def masked(t, mask):
 
 
 def count_positions(x, reduced_axes):
-    """`N` without a mask: a Python int where the sizes are known when the
-    graph is built, else an int64 scalar tensor."""
+    """`N` without a mask: a Python int if known statically, else int64."""
     sizes = [x.shape[a] for a in reduced_axes]
     if None not in sizes:
         return math.prod(sizes)
@@ -49,29 +48,21 @@ def count_positions(x, reduced_axes):
 
 
 def moments(x, reduced_axes, mask=None):
-    """Shifted two-pass statistics of `x` over `reduced_axes`, left out
-    where the optional `mask` (broadcastable to `x`) is False.
-
-    Returns `(mean, variance, centred, count)` at broadcast shape, in the
-    dtype of `x`: `centred` is `x - mean` at every position, masked or not,
-    and `count` the number of unmasked positions (if 0, mean and variance
-    are 0).
-    """
-    dtype, red = x.dtype, reduced_axes
+    """`(mean, variance, centred, count)` of `x` over `reduced_axes` (module
+    docstring), at broadcast shape: positions where the optional `mask` is
+    False left out, but `centred = x - mean` everywhere."""
+    dtype, red, rank = x.dtype, reduced_axes, x.shape.rank
     if mask is None:
-        count = tf.cast(count_positions(x, red), dtype)
-        count = tf.reshape(count, [1] * x.shape.rank)
+        count = tf.reshape(tf.cast(count_positions(x, red), dtype), [1] * rank)
         safe_count = tf.maximum(count, 1.0)
-        # The values at the first position (0 if there is none).
-        first = tuple(
-            slice(0, 1) if a in red else slice(None) for a in range(x.shape.rank)
-        )
+        # The shift: the values at the first position (0 if there is none).
+        first = tuple(slice(0, 1) if a in red else slice(None) for a in range(rank))
         pivot = sum_over(x[first], red)
     else:
         count = sum_over(tf.cast(mask, dtype), red)
         safe_count = tf.maximum(count, 1.0)
         # The first position may be masked-out padding far from the data: the
-        # shift is the plain mean of the unmasked values instead (one pass more).
+        # shift is the plain mean of the unmasked values instead.
         pivot = sum_over(masked(x, mask), red) / safe_count
     mean = pivot + sum_over(masked(x - pivot, mask), red) / safe_count
     centred = x - mean
@@ -80,8 +71,7 @@ def moments(x, reduced_axes, mask=None):
 
 
 def combine_moments(counts, means, variances):
-    """`(count, mean, variance)` of the union of parts stacked on axis 0,
-    from each part's own (module docstring)."""
+    """`(count, mean, variance)` of the parts stacked on axis 0, together."""
     total = tf.reduce_sum(counts, axis=0)
     safe_total = tf.maximum(total, 1.0)
     mean = tf.reduce_sum(counts * means, axis=0) / safe_total
@@ -92,9 +82,8 @@ def combine_moments(counts, means, variances):
 
 
 def from_unbiased(mean, variance, count):
-    """`(mean, biased variance, count)` from a kernel's unbiased variance
-    `sum((x - mean)^2) / (N - 1)`; the count in float32, and 0 for both
-    statistics when `N = 0`."""
+    """`(mean, biased variance, count)` from a kernel's unbiased variance, the
+    count in float32 (0 for both statistics when `N = 0`)."""
     if isinstance(count, int) and count > 0:
         return mean, variance * ((count - 1) / count), tf.constant(float(count))
     count = tf.cast(count, tf.float32)
@@ -106,6 +95,5 @@ def from_unbiased(mean, variance, count):
 
 
 def unbiased_variance(variance, count):
-    """Bessel's correction, `variance * N / (N - 1)`; the biased value for
-    `N <= 1`."""
+    """Bessel's correction, `variance * N / (N - 1)` (none for `N <= 1`)."""
     return variance * count / tf.maximum(count - 1.0, 1.0)

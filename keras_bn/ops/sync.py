@@ -19,9 +19,8 @@ from keras_bn.ops import statistics
 
 
 def replica_context(synchronized):
-    """The replica context to synchronize over, or None (statistics then
-    local): with `synchronized` False, in a cross-replica context, or with a
-    single replica."""
+    """The replica context to synchronize over, or None (local statistics):
+    not `synchronized`, in a cross-replica context, or one replica."""
     if not synchronized:
         return None
     context = tf.distribute.get_replica_context()
@@ -31,8 +30,7 @@ def replica_context(synchronized):
 
 
 def combine_moments(context, count, mean, variance):
-    """Global `(count, mean, variance)` from each replica's local ones (of
-    one broadcast shape)."""
+    """Global `(count, mean, variance)` from each replica's local ones."""
     count = tf.broadcast_to(count, tf.shape(mean))
     local = tf.stack([count, mean, variance])[None]
     gathered = context.all_gather(local, axis=0)

@@ -12,20 +12,16 @@ gradient). Two groupings:
 
 import tensorflow as tf
 
-from keras_bn.ops.checks import divisible_at_run_time
+from keras_bn.ops.checks import checked_at_run_time
 
 GROUPINGS = ("interleaved", "consecutive")
 
 
 def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleaved"):
-    """The layer's training input `x` (`[B, ...]`, feature `axes` sorted,
-    non-negative, not 0) split into virtual batches of `virtual_batch_size`
-    examples by `grouping` (module docstring): `(x_split, axes, params)`, the
-    axes shifted by one and joined by the one that numbers the virtual
-    batches, and the per-feature `params` (or None) broadcast to one copy per
-    virtual batch. A size that does not divide a known batch size raises a
-    ValueError; one known only at run time an InvalidArgumentError.
-    """
+    """`(x_split, axes, params)`: the layer's training input `x` in virtual
+    batches by `grouping`, its feature `axes` (sorted, not 0) shifted and
+    joined by the one that numbers the virtual batches, `params` (or None)
+    copied per virtual batch. A size that does not divide the batch raises."""
     batch = x.shape[0]
     message = (
         f"Argument `virtual_batch_size` ({virtual_batch_size}) must divide "
@@ -35,7 +31,8 @@ def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleave
         raise ValueError(f"{message}. Received: inputs.shape={x.shape}")
     shape = tf.shape(x)
     if batch is None:  # known only at run time
-        shape = divisible_at_run_time(shape, virtual_batch_size, message)
+        divides = tf.equal(tf.math.floormod(shape[0], virtual_batch_size), 0)
+        shape = checked_at_run_time(shape, divides, message)
     interleaved = grouping == "interleaved"
     split = [virtual_batch_size, -1] if interleaved else [-1, virtual_batch_size]
     x_split = tf.reshape(x, tf.concat([split, shape[1:]], axis=0))
@@ -49,9 +46,7 @@ def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleave
 
 
 def from_virtual_batches(outputs, mean, variance, inputs):
-    """The ops' results back for the layer: `outputs` in the shape of
-    `inputs`, and the statistics averaged over the virtual batches (each
-    holds `v` examples, so the plain mean weighs them alike)."""
+    """`outputs` shaped as `inputs`, the statistics averaged over virtual batches."""
     return (
         tf.reshape(outputs, tf.shape(inputs)),
         tf.reduce_mean(mean, axis=0),
