@@ -20,15 +20,13 @@ from keras_bn.ops.checks import check_verbose
 class ActivationStatistics(keras.callbacks.Callback):
     """Records percentiles of chosen layers' inputs during `fit`.
 
-    Ioffe & Szegedy (2015) show internal covariate shift by plotting, over
-    training, the 15th, 50th and 85th percentiles of the input to one sigmoid.
-    This callback records the same curves for any layers of a functional or
-    `Sequential` model: every `every_n_steps` optimizer steps (and once before
-    the first step) it runs a side `keras.Model`, sharing the model's layers,
-    on a fixed `probe_data` batch and stores the percentiles of each chosen
-    layer's input. It runs in inference mode, so that batch normalization
-    layers do not update their moving statistics from the probe batch. Steps
-    are `model.optimizer.iterations`: records continue across calls to `fit`.
+    Ioffe & Szegedy (2015) show internal covariate shift by plotting the
+    15th, 50th and 85th percentiles of one sigmoid's input over training. This
+    callback records those curves for any layers of a functional or
+    `Sequential` model: once before the first step and then every
+    `every_n_steps` steps of `model.optimizer.iterations` (across calls to
+    `fit`), it runs the model's layers on a fixed `probe_data` batch in
+    inference mode, so that batch normalization keeps its statistics.
 
     Args:
         layers: list of layers, or of layer names, of the trained model whose
@@ -48,10 +46,8 @@ class ActivationStatistics(keras.callbacks.Callback):
 
     Raises:
         TypeError: at construction, for an argument of the wrong type.
-        ValueError: at construction, for a value out of range (no layer, a
-            repeated one, a percentile outside [0, 100], `every_n_steps` < 1,
-            no example); from `fit`, for layers or a `feature_index` that do
-            not fit the model.
+        ValueError: at construction, for a value out of range; from `fit`,
+            for layers or a `feature_index` that do not fit the model.
 
     Example:
 
@@ -92,8 +88,7 @@ class ActivationStatistics(keras.callbacks.Callback):
         self.feature_index = check_optional_int(feature_index, "feature_index")
         self._step_records = []
         self._value_records = {name: [] for name in self.layer_names}
-        self._probe_model = None
-        self._probe_model_owner = None
+        self._probe = None  # (the model, its probe model)
 
     @property
     def steps(self):
@@ -108,9 +103,8 @@ class ActivationStatistics(keras.callbacks.Callback):
         }
 
     def on_train_begin(self, logs=None):
-        if self._probe_model_owner is not self.model:
-            self._probe_model = self._build_probe_model()
-            self._probe_model_owner = self.model
+        if self._probe is None or self._probe[0] is not self.model:
+            self._probe = (self.model, self._build_probe_model())
         if not self._step_records:
             self._record(self._current_step())
 
@@ -158,7 +152,7 @@ class ActivationStatistics(keras.callbacks.Callback):
         return layer
 
     def _record(self, step):
-        inputs = self._probe_model(self.probe_data, training=False)
+        inputs = self._probe[1](self.probe_data, training=False)
         if not isinstance(inputs, list | tuple):
             inputs = [inputs]
         for name, values in zip(self.layer_names, inputs):
@@ -225,9 +219,7 @@ class ActivationStatistics(keras.callbacks.Callback):
         title = f"input of {layer}"
         if self.feature_index is not None:
             title += f" [..., {self.feature_index}]"
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("value")
+        ax.set(title=title, xlabel="training step", ylabel="value")
         ax.legend()
 
     def get_config(self):
@@ -248,17 +240,13 @@ class ActivationStatistics(keras.callbacks.Callback):
 class RecomputeStatistics(keras.callbacks.Callback):
     """Recomputes batch normalization's statistics at the end of training.
 
-    Runs `keras_bn.models.recompute_statistics(model, data, steps,
-    batch_size)` on the trained model (see there for the formulas; and
+    Runs `keras_bn.models.recompute_statistics` on the trained model (see
     docs/models.md for where to place it among other callbacks).
 
     Args:
-        data: what `recompute_statistics` takes: a `tf.data.Dataset` of `x`
-            or `(x, y[, sample_weight])`, a `keras.utils.PyDataset`, or
-            arrays with `batch_size`. Usually the training data.
+        data: what `recompute_statistics` takes; usually the training data.
         steps: None (all of `data`) or the number of batches to use.
-        batch_size: the batch size for arrays, required there (use the
-            training batch size); None for datasets.
+        batch_size: for arrays, the training batch size; None for datasets.
         on: `"train_end"`: once, when `fit` ends, after Keras swaps in the
             averaged weights of an optimizer with `use_ema=True`.
             `"epoch_end"`: after the last training batch of every epoch,
@@ -291,8 +279,7 @@ class RecomputeStatistics(keras.callbacks.Callback):
         self.batches = Batches(data, steps, batch_size)
         self.verbose = check_verbose(verbose)
         self._recomputation = None
-        self._in_fit = False
-        self._fresh = False
+        self._pending = False  # an epoch of `fit` trained since the last pass
 
     def recompute(self):
         """Recomputes the statistics of `self.model` now."""
@@ -301,23 +288,20 @@ class RecomputeStatistics(keras.callbacks.Callback):
         if stale or not current.is_current():
             current = self._recomputation = Recomputation(self.model)
         current.run(self.batches, self.verbose)
-        self._fresh = True
-
-    def on_train_begin(self, logs=None):
-        self._in_fit = True
+        self._pending = False
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._fresh = False
+        self._pending = self.on == "epoch_end"
 
     def on_test_begin(self, logs=None):
-        if self.on == "epoch_end" and self._in_fit and not self._fresh:
+        if self._pending:  # the validation of an epoch of `fit`
             self.recompute()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.on == "epoch_end" and not self._fresh:
+        if self._pending:  # an epoch without validation
             self.recompute()
 
     def on_train_end(self, logs=None):
-        self._in_fit = False
+        self._pending = False
         if self.on == "train_end":
             self.recompute()

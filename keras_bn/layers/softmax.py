@@ -104,6 +104,4 @@ class Softmax(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        config = super().get_config()
-        config.update({"axis": self.axis})
-        return config
+        return {**super().get_config(), "axis": self.axis}

@@ -1,10 +1,6 @@
-"""The Keras-loss plumbing shared by keras_bn's losses.
-
-`BaseLoss`, their base class: ragged and sparse inputs refused, arguments
-serialized. Keras's alignment of sample weights and masks, and the rules for
-reading logits behind a softmax. The argument checks live in
-`keras_bn.ops.checks` and the per-example losses in `keras_bn.ops.cross_entropy`.
-"""
+"""The Keras-loss plumbing shared by keras_bn's losses: their base class,
+Keras's alignment of sample weights and masks, and its rule for reading the
+logits behind a softmax."""
 
 import warnings
 
@@ -20,13 +16,6 @@ _DENSE_HINT = (
 )
 
 
-def check_dense_loss_inputs(loss, y_true, y_pred, sample_weight):
-    """Refuses ragged and sparse labels, predictions and sample weights."""
-    names = ("y_true", "y_pred", "sample_weight")
-    for name, value in zip(names, (y_true, y_pred, sample_weight)):
-        check_not_ragged(value, name, type(loss).__name__, _DENSE_HINT)
-
-
 class BaseLoss(keras.losses.Loss):
     """A `keras.losses.Loss` that refuses ragged and sparse inputs, and whose
     config holds the attributes named in `config_keys` and `dtype` as given."""
@@ -40,8 +29,14 @@ class BaseLoss(keras.losses.Loss):
         self.dtype_config = dtype
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
+        self._check_dense(y_true, y_pred, sample_weight)
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def _check_dense(self, y_true, y_pred, sample_weight):
+        """Refuses ragged and sparse labels, predictions and sample weights."""
+        values = (y_true, y_pred, sample_weight)
+        for name, value in zip(("y_true", "y_pred", "sample_weight"), values):
+            check_not_ragged(value, name, type(self).__name__, _DENSE_HINT)
 
     def get_config(self):
         config = super().get_config()

@@ -1,13 +1,6 @@
-"""Drop-in replacements for Keras's categorical cross-entropy losses.
-
-Same signatures, results, reductions, masks and sample weights as
-`keras.losses.CategoricalCrossentropy` and
-`keras.losses.SparseCategoricalCrossentropy`, computed by the ops of
-`keras_bn.ops.cross_entropy` (hand-written gradients). Where they differ from
-Keras, deliberately (label smoothing and sparse labels on any class axis,
-`axis` and `dtype` in the config, out-of-range labels, ragged inputs, a
-`from_logits` that is not a bool): `docs/losses.md`.
-"""
+"""Drop-in replacements for Keras's categorical cross-entropy losses, on the
+ops of `keras_bn.ops.cross_entropy`; where they differ from Keras, on
+purpose: `docs/losses.md`."""
 
 import warnings
 

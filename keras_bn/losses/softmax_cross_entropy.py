@@ -1,9 +1,5 @@
-"""`SoftmaxCrossEntropy`: softmax cross-entropy on logits, with class weights.
-
-The per-example loss comes from `keras_bn.ops.cross_entropy` and the Keras
-contract (sample weights, masks, reductions, serialization) from `base.py`;
-this module adds the class weights and their weighted mean.
-"""
+"""`SoftmaxCrossEntropy`: softmax cross-entropy on logits, with class weights
+and their weighted mean (the rest of the Keras contract is in `base.py`)."""
 
 import math
 import operator
@@ -15,7 +11,6 @@ import tensorflow as tf
 from keras_bn._internals import keras_mask
 from keras_bn._internals import set_keras_mask
 from keras_bn.losses.base import BaseLoss
-from keras_bn.losses.base import check_dense_loss_inputs
 from keras_bn.losses.base import logits_behind
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
@@ -140,7 +135,7 @@ class SoftmaxCrossEntropy(BaseLoss):
         unweighted = self.class_weight is None and sample_weight is None
         if unweighted or self.reduction not in _MEAN_REDUCTIONS:
             return super().__call__(y_true, y_pred, sample_weight=sample_weight)
-        check_dense_loss_inputs(self, y_true, y_pred, sample_weight)
+        self._check_dense(y_true, y_pred, sample_weight)
         mask = keras_mask(y_pred)
         with keras.name_scope(self.name):
             y_pred = keras.ops.convert_to_tensor(y_pred, dtype=self.dtype)
@@ -224,33 +219,27 @@ def _checked_table(table, num_classes, axis):
     )
 
 
-def _class_weight_from_dict(class_weight):
-    """A `{class_id: weight}` dict as a list; missing ids up to the largest
-    get 1.0, as `Model.fit(class_weight=...)` fills them."""
-    ids = {}
-    for key in class_weight:
-        try:
-            if isinstance(key, (bool, np.bool_)):
-                raise TypeError
-            ids[operator.index(key)] = class_weight[key]
-        except TypeError:
-            raise TypeError(
-                "`class_weight` given as a dict must map int class ids to "
-                f"weights. Received: class_weight={class_weight!r}"
-            ) from None
-    if not ids or min(ids) < 0:
-        raise ValueError(
-            "`class_weight` given as a dict must map class ids >= 0 to weights "
-            f"and name at least one class. Received: class_weight={class_weight!r}"
-        )
-    return [ids.get(c, 1.0) for c in range(max(ids) + 1)]
-
-
 def _check_class_weight(class_weight):
+    """None, or the weights as a list of floats; a dict's missing ids up to
+    the largest get 1.0, as `Model.fit(class_weight=...)` fills them."""
     if class_weight is None:
         return None
     if isinstance(class_weight, dict):
-        class_weight = _class_weight_from_dict(class_weight)
+        ids = {}
+        for key, weight in class_weight.items():
+            if isinstance(key, (bool, np.bool_)) or not hasattr(key, "__index__"):
+                raise TypeError(
+                    "`class_weight` given as a dict must map int class ids to "
+                    f"weights. Received: class_weight={class_weight!r}"
+                )
+            ids[operator.index(key)] = weight
+        if not ids or min(ids) < 0:
+            raise ValueError(
+                "`class_weight` given as a dict must map class ids >= 0 to "
+                "weights and name at least one class. "
+                f"Received: class_weight={class_weight!r}"
+            )
+        class_weight = [ids.get(c, 1.0) for c in range(max(ids) + 1)]
     values = None
     if not isinstance(class_weight, (str, bytes, set, frozenset)):
         try:

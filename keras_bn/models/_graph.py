@@ -58,21 +58,16 @@ def check_graph_model(model, function_name, instead):
         )
 
 
-def iter_layers(model, descend=is_graph_model):
-    """Yields every layer of a model once, depth first, and those of the
-    nested models for which `descend(layer)` holds after the model itself."""
-    seen = set()
-
-    def visit(parent):
-        for layer in parent.layers:
-            if id(layer) in seen:
-                continue
+def iter_layers(model, descend=is_graph_model, seen=None):
+    """Every layer of a model once, depth first, each layer for which
+    `descend(layer)` holds followed by its own layers."""
+    seen = set() if seen is None else seen
+    for layer in model.layers:
+        if id(layer) not in seen:
             seen.add(id(layer))
             yield layer
             if descend(layer):
-                yield from visit(layer)
-
-    yield from visit(model)
+                yield from iter_layers(layer, descend, seen)
 
 
 def graph_models(model):
@@ -91,11 +86,9 @@ def reachable_batch_normalization(
 ):
     """The `keras.layers.BatchNormalization` layers `iter_layers` reaches.
 
-    One inside a custom layer or a subclassed model is invisible to
-    `model.layers`, and acting on the others only would silently leave it
-    out: its `moving_variance` gives it away. Then this raises, or calls
-    `hidden(paths)` with the paths of those variables.
-    """
+    One inside a custom layer or a subclassed model is not reachable, but its
+    `moving_variance` gives it away: then this raises, or calls
+    `hidden(paths)` with the paths of those variables."""
     found = [
         layer
         for layer in iter_layers(model, descend)
@@ -119,16 +112,14 @@ def reachable_batch_normalization(
 
 
 def copy_model(model, clone_layer, skip=(), rebuild=None):
-    """A copy of a graph model, nested graph models copied recursively.
+    """An uncompiled copy of a graph model, nested graph models copied too.
 
-    `clone_layer(operation)` is called once per operation that is not a graph
-    model (it may return the operation, to share it); `skip` lists layers
-    called on one tensor, cut out; `rebuild(graph)`, if given, is tried first
-    on each Functional subclass (a keras-hub `Backbone`): a model of its class
-    with its state set, or None to copy the graph. Returns `(copy, pairs,
-    models)`: `(original, new)` for every call of `clone_layer`, `(original,
-    new, rebuilt)` for every graph model, outer models first; the copy is not
-    compiled.
+    `clone_layer(operation)` copies (or returns, to share) each operation that
+    is not a graph model; the layers in `skip`, called on one tensor, are cut
+    out; `rebuild(graph)` is tried first on each Functional subclass (a
+    keras-hub `Backbone`): a model of its class with its state, or None.
+    Returns `(copy, pairs, models)`: `(original, new)` per `clone_layer` call,
+    `(original, new, rebuilt)` per graph model, outer models first.
     """
     skip_ids = {id(layer) for layer in skip}
     cache, pairs, models = {}, [], []
@@ -249,12 +240,8 @@ def _plain_config(model):
 
 def _keras_histories(node):
     """The `(layer, node, tensor)` triples of the tensors a node is called on."""
-    if isinstance(node, dict):
-        if node.get("class_name") == "__keras_tensor__":
-            yield tuple(node["config"]["keras_history"])
-            return
-        for value in node.values():
-            yield from _keras_histories(value)
-    elif isinstance(node, list | tuple):
-        for value in node:
+    if isinstance(node, dict) and node.get("class_name") == "__keras_tensor__":
+        yield tuple(node["config"]["keras_history"])
+    elif isinstance(node, dict | list | tuple):
+        for value in node.values() if isinstance(node, dict) else node:
             yield from _keras_histories(value)

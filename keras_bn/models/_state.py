@@ -36,13 +36,9 @@ def child_layers(layer):
     return found
 
 
-class StructureMismatch(ValueError):
-    """The copy does not hold the same layers as the original."""
-
-
 def layer_pairs(old, new, visited):
     """`(old, new)` for `old` and every layer in it not in `visited` (ids),
-    parents first; a `StructureMismatch` where their sublayers differ."""
+    parents first; a ValueError where their sublayers differ."""
     if id(old) in visited or not isinstance(old, keras.layers.Layer):
         return  # done already, or an operation without state (`ops.pad`)
     visited.add(id(old))
@@ -52,9 +48,7 @@ def layer_pairs(old, new, visited):
     old_kinds = [_kind(child, in_model) for child in old_children]
     new_kinds = [_kind(child, in_model) for child in new_children]
     if old_kinds != new_kinds:
-        raise StructureMismatch(
-            f"layer {old.name!r} holds {old_kinds}, its copy {new_kinds}"
-        )
+        raise ValueError(f"layer {old.name!r} holds {old_kinds}, its copy {new_kinds}")
     for old_child, new_child in zip(old_children, new_children, strict=True):
         yield from layer_pairs(old_child, new_child, visited)
 
@@ -68,12 +62,12 @@ def copy_state(original, copy, visited=None):
             weights = {variable.name: variable.numpy() for variable in old.weights}
             set_batch_normalization_weights(new, weights)  # `num_batches_tracked`: 0
         elif type(old) is not type(new):
-            raise StructureMismatch(
+            raise ValueError(
                 f"layer {old.name!r} ({type(old).__name__}) was rebuilt as "
                 f"{new.name!r} ({type(new).__name__})"
             )
         elif not isinstance(old, keras.Model) and _config(old) != _config(new):
-            raise StructureMismatch(
+            raise ValueError(
                 f"layer {old.name!r} ({type(old).__name__}) was rebuilt with "
                 "another config"
             )
@@ -82,9 +76,8 @@ def copy_state(original, copy, visited=None):
 
 
 def copy_trainable_everywhere(models, pairs):
-    """`trainable` of a `copy_model` copy as in the original, parents first
-    (setting a layer's `trainable` sets its sublayers' too), from its
-    `models` (outer models first) and `pairs`."""
+    """`trainable` of a `copy_model` copy as in the original, set parents
+    first (a layer's `trainable` sets its sublayers' too)."""
     visited = set()
     for old, new, rebuilt in models:
         if not rebuilt:

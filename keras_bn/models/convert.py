@@ -26,26 +26,22 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
     Every `keras.layers.BatchNormalization` and `keras_bn.BatchNormalization`
     layer (of exactly those classes) is rebuilt as the class `to` names, from
     its config updated with `overrides`, with the original's weights. Every
-    other layer is rebuilt from its config with its whole state (through
-    Keras's saving hooks) and `trainable`, inside
-    `batch_normalization_scope(to, **overrides)`, so batch normalization made
-    inside custom layers converts too. A Functional subclass (a keras-hub
-    `Backbone`) keeps its class where its config rebuilds it, else becomes a
-    plain Functional model, with a warning. The copy shares nothing with the
-    original and is compiled if the original is (a fresh optimizer), as
-    `keras.models.clone_model` does. As PyTorch's
-    `SyncBatchNorm.convert_sync_batchnorm`, but both ways and as a copy.
+    other layer is rebuilt from its config with its whole state and
+    `trainable`, inside `batch_normalization_scope(to, **overrides)`, so batch
+    normalization made inside custom layers converts too. A Functional
+    subclass (a keras-hub `Backbone`) keeps its class where its config
+    rebuilds it, else becomes a plain Functional model, with a warning. Like
+    PyTorch's `SyncBatchNorm.convert_sync_batchnorm`, but both ways and as a
+    copy, which shares nothing with the original and is compiled if it is.
 
     A weight the original lacks starts consistent with its statistics: with
     `renorm=True` added, `moving_stddev = renorm_stddev = sqrt(moving_variance
     + epsilon)` and `renorm_mean = moving_mean`; with `momentum=None` added,
     `num_batches_tracked = 0`. Converting to `"keras"` refuses what Keras's
     layer cannot express (several feature axes, `momentum=None`,
-    `virtual_batch_size`, `moving_variance_estimator="unbiased"`; an override
-    can set Keras's values) and drops `fused`, `virtual_batch_grouping` and
-    `skip_nonfinite_updates`. Outputs equal the original's up to float32
-    rounding, in inference and in training on the same batch. Details, and
-    saving a converted keras-hub model, in docs/models.md.
+    `virtual_batch_size`, `moving_variance_estimator="unbiased"`) and drops
+    `fused`, `virtual_batch_grouping` and `skip_nonfinite_updates`. Outputs
+    equal the original's up to float32 rounding. Details in docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models,

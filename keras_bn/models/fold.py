@@ -52,29 +52,25 @@ def fold_batch_normalization(model):
         bias'   = (bias - moving_mean) * scale + beta     (bias = 0 without one,
                                                            beta = 0 if center=False)
 
-    computed in float64 and stored in the kernel's dtype. The output channel
-    is the kernel's last axis for `Conv1D/2D/3D` and `Dense`, the second to
-    last for `Conv1D/2D/3DTranspose`, entry `i * depth_multiplier + m` of
-    `DepthwiseConv1D/2D` kernels `[..., i, m]`, and the pointwise kernel's
-    last axis for `SeparableConv1D/2D` (the depthwise kernel is unchanged).
+    computed in float64 and stored in the kernel's dtype, along the kernel's
+    output channels (for `SeparableConv1D/2D`, the pointwise kernel's).
 
     A BN layer (of exactly Keras's or keras_bn's class) folds when it is the
-    only consumer of such a layer (of exactly that class, with a linear
-    activation; a `Dense` without LoRA or quantization) and normalizes its
-    channel axis. Where either is called more than once (shared or
-    repeated), or a `channels_first` output's last axis may have as many
-    entries as channels (Keras 3 adds the bias along the wrong axis there),
-    the pair stays, with a warning. Other keras_bn layers become
-    `keras.layers.BatchNormalization` with the same inference, so that the
-    copy loads without keras_bn (one with several feature axes stays, with a
-    warning). The folded layers get `use_bias=True` and keep their names.
+    only consumer of a convolution or `Dense` layer (of exactly those classes,
+    with a linear activation, without LoRA or quantization) and normalizes
+    its channel axis. Where either is called more than once, or a
+    `channels_first` output's last axis may have as many entries as channels
+    (Keras 3 adds the bias along the wrong axis there), the pair stays, with
+    a warning. Other keras_bn layers become `keras.layers.BatchNormalization`
+    with the same inference, so that the copy loads without keras_bn. The
+    folded layers get `use_bias=True` and keep their names.
 
     Predictions equal the original's up to float32 rounding. The copy is for
-    inference, shares nothing with the original, and is not compiled.
-    Every other layer is copied with its whole state and `trainable`. A
-    Functional subclass (a keras-hub `Backbone`) comes back as a plain
-    Functional model, and batch normalization inside custom layers stays,
-    each with a warning. Details in docs/models.md.
+    inference, shares nothing with the original, and is not compiled; every
+    other layer is copied with its whole state and `trainable`. A Functional
+    subclass (a keras-hub `Backbone`) comes back as a plain Functional model,
+    and batch normalization inside custom layers stays, each with a warning.
+    Details in docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models,
@@ -204,11 +200,9 @@ def folded_kernel_and_bias(linear, bn):
 def set_folded_weights(new, linear, bn):
     """Writes the folded kernel and bias of `linear` and `bn` into `new`."""
     kernel, bias = folded_kernel_and_bias(linear, bn)
-    if isinstance(linear, SEPARABLE):
+    if isinstance(linear, SEPARABLE):  # its depthwise kernel unchanged
         new.depthwise_kernel.assign(linear.depthwise_kernel)
-        target = new.pointwise_kernel
-    else:
-        target = new.kernel
+    target = new.pointwise_kernel if isinstance(linear, SEPARABLE) else new.kernel
     target.assign(kernel.astype(target.dtype))
     new.bias.assign(bias.astype(new.bias.dtype))
 

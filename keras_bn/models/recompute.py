@@ -44,11 +44,10 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     and SWA's `update_bn` do: the model runs in training mode over `data`, as
     in `fit` (dropout active; layers with `trainable=False` keep their
     statistics), and each batch-normalization layer's moving statistics
-    become those of its inputs over all of it. Use it when the moving
-    averages belong to other weights (after `Adam(use_ema=True)` or SWA) or
-    have not caught up. With `x_b` a layer's input on batch `b` and `n_b` its
-    unmasked positions per feature (per virtual batch with
-    `virtual_batch_size`):
+    become those of its inputs over all of it: for when they belong to other
+    weights (after `Adam(use_ema=True)` or SWA). With `x_b` a layer's input
+    on batch `b` and `n_b` its unmasked positions per feature (per virtual
+    batch with `virtual_batch_size`):
 
         mean_b = sum(x_b) / n_b
         var_b  = sum((x_b - mean_b)^2) / n_b        ("biased", Keras's)
@@ -58,13 +57,11 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
         moving_variance = sum_b n_b * var_b  / sum_b n_b
 
     with the layer's own `moving_variance_estimator`, so a short last batch
-    weighs less (a cumulative average, `momentum=None`, would not). The layer
-    computes `mean_b` and `var_b` itself, by its own training update with
-    `momentum=0` (renorm's statistics held fixed); the sums run in float64.
-    Renorm's statistics and `num_batches_tracked` follow. No other variable,
+    weighs less. Each layer computes `mean_b` and `var_b` by its own training
+    update with `momentum=0`; the sums run in float64. No other variable,
     layer argument or optimizer state changes, and a pass that fails changes
-    nothing. Under a `tf.distribute` strategy, each batch is a global batch.
-    Details in docs/models.md.
+    nothing. Details (renorm, `momentum=None`, `tf.distribute`) in
+    docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models
@@ -107,8 +104,8 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
 
 
 class Batches:
-    """The inputs `x` of at most `steps` batches of `data`; `count` is their
-    number. Every argument is checked here, before any batch is read."""
+    """The inputs `x` of `count` batches of `data` (at most `steps`), every
+    argument checked before any batch is read."""
 
     def __init__(self, data, steps=None, batch_size=None):
         self.steps = check_optional_positive_int(steps, "steps")
@@ -119,10 +116,8 @@ class Batches:
                     "Argument `batch_size` is only for arrays: a dataset is "
                     f"batched already. Received: batch_size={batch_size}"
                 )
-            if isinstance(data, tf.data.Dataset):
-                available = int(data.cardinality())
-            else:
-                available = data.num_batches
+            dataset = isinstance(data, tf.data.Dataset)
+            available = int(data.cardinality()) if dataset else data.num_batches
             available = None if available is None or available < 0 else available
         else:
             data = check_arrays(data, "data", DATA_FORMS)
@@ -180,26 +175,26 @@ class Recomputation:
         self.model = model
         self.layers = trainable_batch_normalization_layers(model)
         self.strategy = model.distribute_strategy
+        ids = {id(layer) for layer in self.layers}
         with self.strategy.scope():
-            ids = {id(layer) for layer in self.layers}
-            self.graph, pairs, _ = copy_model(
-                model,
-                lambda layer: _Recorder(layer) if id(layer) in ids else layer,
+            graph, pairs, _ = copy_model(
+                model, lambda layer: _Recorder(layer) if id(layer) in ids else layer
             )
         self.recorders = [new for _, new in pairs if isinstance(new, _Recorder)]
+
+        def step(inputs):  # no outputs: only the recorded sums are wanted
+            graph(inputs, training=True)
+
         # Static shapes: a layer's checks (a virtual batch size that must
         # divide the batch) then raise while tracing, with their messages.
-        self.step = tf.function(self._step)
+        self.step = tf.function(step)
 
     def is_current(self):
         """False once the set of trainable batch-norm layers has changed."""
         return trainable_batch_normalization_layers(self.model) == self.layers
 
-    def _step(self, inputs):
-        self.graph(inputs, training=True)
-
     def run(self, batches, verbose):
-        """Runs the pass over `batches`; sets the statistics; returns the layers."""
+        """Runs the pass over `batches`, sets the statistics, returns the layers."""
         saved = [(variable, variable.numpy()) for variable in self.model.variables]
         arguments = [
             (layer, name, getattr(layer, name))
@@ -213,24 +208,21 @@ class Recomputation:
                 for layer, name, _ in arguments:
                     setattr(layer, name, PASS_ARGUMENTS[name])
                 for recorder in self.recorders:
-                    recorder.sums.assign(keras.ops.zeros_like(recorder.sums))
+                    recorder.sums.assign(tf.zeros_like(recorder.sums))
                 taken = 0
                 for taken, inputs in enumerate(batches, 1):
                     self.step(keras.tree.map_structure(tf.convert_to_tensor, inputs))
                     progress.update(taken)
                 if not taken:
                     raise ValueError("Argument `data` yielded no batch.")
-                results = [recorder.result() for recorder in self.recorders]
-                _check_results(self.recorders, results)
+                statistics = _statistics(self.recorders)
             finally:
                 for layer, name, value in arguments:
                     setattr(layer, name, value)
                 for variable, value in saved:
                     variable.assign(value)
-            for recorder, (_, mean, variance, tracked) in zip(self.recorders, results):
-                statistics = {"moving_mean": mean, "moving_variance": variance}
-                statistics["num_batches_tracked"] = tracked  # per feature
-                set_batch_normalization_weights(recorder.layer, statistics)
+            for recorder, values in zip(self.recorders, statistics):
+                set_batch_normalization_weights(recorder.layer, values)
         return [recorder.layer for recorder in self.recorders]
 
 
@@ -255,8 +247,8 @@ def trainable_batch_normalization_layers(model):
 
 class _Recorder(keras.layers.Layer):
     """Calls a batch-normalization layer and adds up, per feature in float64,
-    the count of positions, the count-weighted sums of its statistics (its
-    moving ones right after its update) and the calls that held a position."""
+    the positions, the statistics its update just wrote weighted by them, and
+    the calls that held a position."""
 
     def __init__(self, layer):
         super().__init__(name=f"{layer.name}_statistics", dtype=layer.dtype_policy)
@@ -288,18 +280,10 @@ class _Recorder(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def result(self):
-        """`(count, mean, variance, batches)` so far, as NumPy float64 arrays."""
-        count, mean_sum, variance_sum, batches = self.sums.numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return count, mean_sum / count, variance_sum / count, batches
-
 
 def _count(x, mask, feature_axes):
-    """The number of (unmasked) positions per feature, in float64, with the
-    mask read as the layers read it: of rank one less than `x`'s, broadcast
-    over a new last axis (Keras's rule); of `x`'s rank; or shaped as `x`
-    without its (several) feature axes."""
+    """The number of (unmasked) positions per feature, in float64, the mask
+    read in the layouts the layers take (docs/layer.md, "Masks")."""
     reduced = [axis for axis in range(x.shape.rank) if axis not in feature_axes]
     if mask is None:
         size = tf.reduce_prod(tf.gather(tf.shape(x, out_type="int64"), reduced))
@@ -313,22 +297,29 @@ def _count(x, mask, feature_axes):
     return tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), reduced)
 
 
-def _check_results(recorders, results):
+def _statistics(recorders):
+    """Each recorder's layer's new statistics, by weight name; a ValueError for
+    layers with a feature that got no position, or non-finite statistics."""
     names = [recorder.layer.name for recorder in recorders]
-    empty = [n for n, (count, *_) in zip(names, results) if np.any(count == 0)]
+    sums = [recorder.sums.numpy() for recorder in recorders]
+    empty = [name for name, (count, *_) in zip(names, sums) if np.any(count == 0)]
     if empty:
         raise ValueError(
             f"`{FUNCTION_NAME}`: the layers {empty} received no (unmasked) "
             "position in `data`, so they have no statistics to recompute."
         )
-    bad = [
-        name
-        for name, (_, mean, variance, _) in zip(names, results)
-        if not np.all(np.isfinite(mean) & np.isfinite(variance))
-    ]
+    bad = [name for name, s in zip(names, sums) if not np.isfinite(s[1:3]).all()]
     if bad:
         raise ValueError(
             f"`{FUNCTION_NAME}`: non-finite statistics for the layers {bad}: "
             "their inputs held NaN or Inf (or overflowed). The model is "
             "unchanged."
         )
+    return [
+        {
+            "moving_mean": mean_sum / count,
+            "moving_variance": variance_sum / count,
+            "num_batches_tracked": batches,  # per feature
+        }
+        for count, mean_sum, variance_sum, batches in sums
+    ]

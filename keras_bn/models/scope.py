@@ -29,16 +29,13 @@ def batch_normalization_scope(to="keras_bn", **overrides):
     """Builds every batch-normalization layer made inside it as one class.
 
     Inside the scope, constructing a `keras.layers.BatchNormalization` or a
-    `keras_bn.BatchNormalization` gives a layer of the class `to` names,
-    with the arguments passed updated with `overrides`, wherever the layer
-    is made: in a model's Python code (subclassed models, custom blocks,
-    keras-hub constructors and presets), in `from_config`, and in
-    `keras.saving.load_model`. Subclasses of either class are left as they
-    are. The weight names and order of the two classes match, so weights
-    saved from a model built with one class load into the same model built
-    with the other, unless an override adds weights (`renorm=True`,
-    `momentum=None`). The scope acts on the thread that entered it; layers
-    made inside it keep their class afterwards.
+    `keras_bn.BatchNormalization` (not a subclass) gives a layer of the class
+    `to` names, with `overrides` applied, wherever it is made: in a model's
+    Python code (keras-hub constructors and presets included), in
+    `from_config` and in `keras.saving.load_model`. Weights saved from a
+    model built with one class load into the same model built with the
+    other, unless an override adds weights (`renorm=True`, `momentum=None`).
+    The scope acts on the thread that entered it.
 
     Args:
         to: `"keras_bn"` (the default) or `"keras"`: the class to build.
@@ -93,11 +90,10 @@ def _scope(target, overrides, function_name):
 
 
 def _active(cls, role):
-    """The active scope if `cls` is exactly its class in `role` on this thread."""
+    """The active scope if `cls` is exactly (not a subclass of) its class in
+    `role` on this thread."""
     scope = getattr(_ACTIVE, "scope", None)
-    if scope is None or cls is not scope[role]:  # a subclass, or another thread
-        return None
-    return scope
+    return scope if scope is not None and cls is scope[role] else None
 
 
 def _new(cls, *args, **kwargs):
