@@ -183,6 +183,8 @@ def test_errors_name_the_argument():
         linear_softmax_cross_entropy(labels, hidden, kernel, chunk_size=0)
     with pytest.raises(ValueError, match="label_smoothing"):
         linear_softmax_cross_entropy(labels, hidden, kernel, label_smoothing=2.0)
+    with pytest.raises(TypeError, match="`gradient_in_forward` must be True or False"):
+        linear_softmax_cross_entropy(labels, hidden, kernel, gradient_in_forward=1)
     # Unknown sizes are checked when the graph runs.
     fn = tf.function(
         linear_softmax_cross_entropy,

@@ -7,7 +7,7 @@ from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
 from keras_bn.ops.checks import check_optional_positive_int
-from keras_bn.ops.linear_cross_entropy import linear_sparse
+from keras_bn.ops.linear_cross_entropy import linear_softmax_cross_entropy
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -159,7 +159,7 @@ class LinearCrossEntropyHead(keras.layers.Layer):
         kernel = self._kernel()
         # The op takes one dtype: the variables' (float32 under mixed
         # precision, the most exact; the op computes in float32 anyway).
-        return linear_sparse(
+        return linear_softmax_cross_entropy(
             tf.cast(labels, tf.int32) if labels.dtype.is_floating else labels,
             tf.cast(hidden, kernel.dtype),
             kernel,
@@ -168,7 +168,7 @@ class LinearCrossEntropyHead(keras.layers.Layer):
             self.ignore_class,
             self.chunk_size,
             None if weights is None else tf.cast(weights, kernel.dtype),
-            uniform=self.gradient_in_forward and training is not False,
+            gradient_in_forward=self.gradient_in_forward and training is not False,
         )
 
     def compute_mask(self, inputs, previous_mask=None):

@@ -57,6 +57,7 @@ import tensorflow as tf
 
 from keras_bn._internals import in_xla_function
 from keras_bn.ops.axes import static_rank
+from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
@@ -83,6 +84,7 @@ def linear_softmax_cross_entropy(
     chunk_size=None,
     sample_weight=None,
     reduction=None,
+    gradient_in_forward=None,
 ):
     r"""Sparse softmax cross-entropy of `hidden @ kernel + bias`, in chunks.
 
@@ -94,12 +96,13 @@ def linear_softmax_cross_entropy(
     (derivation in this module's docstring). Peak memory beyond the inputs
     is the kernel's gradient plus one chunk.
 
-    With `reduction="sum"` or `"mean"` the loss is reduced to a scalar and
-    the gradients are formed in the forward pass, where the logits are at
-    hand (three products of the size of `hidden @ kernel` instead of four;
-    `keras_bn/ops/linear_cross_entropy_uniform.py`); the backward pass
-    scales them by the upstream gradient. Gradients of gradients are exact
-    there too (they take the per-token backward pass).
+    With `gradient_in_forward` (the default with a `reduction`), the
+    gradients are formed in the forward pass, where the logits are at hand:
+    three products of the size of `hidden @ kernel` instead of four, over
+    blocks of tokens with every class, about `4 * tokens * chunk_size`
+    logits each (`linear_cross_entropy_uniform.py`). The backward pass
+    scales them when the upstream gradient is one value per token; any
+    other, and gradients of gradients, take the exact per-token pass.
 
     Args:
         labels: int32 or int64 class ids in `[0, V)`, shaped as `hidden`
@@ -122,6 +125,9 @@ def linear_softmax_cross_entropy(
             weighted per-token losses) or `"mean"` (that sum over the number
             of tokens not labelled `ignore_class`: Keras's
             `"sum_over_batch_size"` with its mask; 0 if there are none).
+        gradient_in_forward: Optional bool, whether to form the gradients
+            in the forward pass (above). Default: True with a `reduction`;
+            also worth it for a per-token loss its caller averages.
 
     Returns:
         The per-token loss, shaped as `labels` (times `sample_weight`), or
@@ -144,38 +150,12 @@ def linear_softmax_cross_entropy(
     array([0.40761, 1.55144], dtype=float32)
     """
     reduction = check_choice(reduction, "reduction", (None, "sum", "mean"))
-    loss = linear_sparse(
-        labels,
-        hidden,
-        kernel,
-        bias,
-        check_label_smoothing(label_smoothing),
-        check_optional_int(ignore_class, "ignore_class"),
-        check_optional_positive_int(chunk_size, "chunk_size"),
-        sample_weight,
-        uniform=reduction is not None,
-        mean=reduction == "mean",
-    )
-    return loss if reduction is None else tf.reduce_sum(loss)
-
-
-def linear_sparse(
-    labels,
-    hidden,
-    kernel,
-    bias,
-    smoothing,
-    ignore_class,
-    chunk_size,
-    sample_weight=None,
-    uniform=False,
-    mean=False,
-):
-    """`linear_softmax_cross_entropy` on checked Python arguments: the
-    per-token loss times `sample_weight` (over the number of tokens not
-    `ignore_class`, with `mean`). With `uniform`, the gradients are formed
-    in the forward pass for an upstream gradient that is one value on every
-    token (exact, and slower, for any other)."""
+    if gradient_in_forward is None:
+        gradient_in_forward = reduction is not None
+    gradient_in_forward = check_bool(gradient_in_forward, "gradient_in_forward")
+    smoothing = check_label_smoothing(label_smoothing)
+    ignore_class = check_optional_int(ignore_class, "ignore_class")
+    chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
     hidden, kernel, bias = _checked_parameters(hidden, kernel, bias)
     labels = _checked_labels(labels, hidden)
     weights = _checked_weights(sample_weight, labels, hidden)
@@ -189,7 +169,7 @@ def linear_sparse(
         ignored = None
         if ignore_class is not None:
             ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
-    if mean:
+    if reduction == "mean":
         # The division goes into the weights: the sum's gradient is then
         # exactly 1 per token, and the saved gradients pass through unscaled.
         dtype = compute_dtype(hidden.dtype)
@@ -213,9 +193,10 @@ def linear_sparse(
         bias,
         flat_weights,
         smoothing,
-        (size, chunk_size, uniform),
+        (size, chunk_size, gradient_in_forward),
     )
-    return tf.reshape(loss, tf.shape(labels))
+    loss = tf.reshape(loss, tf.shape(labels))
+    return loss if reduction is None else tf.reduce_sum(loss)
 
 
 def _checked_weights(sample_weight, labels, hidden):

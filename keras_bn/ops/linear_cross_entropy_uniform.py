@@ -1,11 +1,10 @@
 r"""The linear cross-entropy with its gradient formed in the forward pass.
 
-The per-token path computes each chunk's logits twice (four products of the
-size of `h W`, the dense path three). When the per-token loss is summed or
-averaged (one upstream value `c` per token, as Keras's `fit` averages), the
-gradient is `c` times one the forward pass can form while the logits are at
-hand. A token's softmax needs its logsumexp over every class, so here the
-blocks are blocks of tokens with all classes:
+When the per-token loss is summed or averaged (one upstream value `c` per
+token), the gradient is `c` times one the forward pass can form while the
+logits are at hand (docs/large_vocabulary.md). A token's softmax needs its
+logsumexp over every class, so the blocks are blocks of tokens with all
+classes:
 
     x_t  = h_t W + b                          ([n, V], n tokens)
     lse  = logsumexp(x_t),  loss_t = lse - (1 - s) x_y - s mean(x_t)
@@ -13,33 +12,21 @@ blocks are blocks of tokens with all classes:
     dh_t = w (g' W^T),   dW += (w h_t)^T g',   db += w^T g'
 
 with `w` the per-token weights (1 by default, 0 for `ignore_class`), applied
-to the products' small operands, not to the block. TensorFlow's fused
-`SparseSoftmaxCrossEntropyWithLogits` kernel forms `lse - x_y` and
-`p - onehot(y)` in one pass, over the block's buffer (label smoothing then
-subtracts `s / V` and adds `s` at the label). With one block, `dW` and `db`
-are whole products; with several they are added a chunk of columns at a
-time (no kernel-sized temporary). A step holds `dW`, `dh`, the block and a
-chunk, and costs three products plus, with several blocks, one pass over
-`dW` per block. A block holds about four times the per-token path's chunk
-(2^26 logits by default, 256 MiB in float32: 512 tokens at 131,072
-classes); the tokens are padded with zero-weight rows to whole blocks (a
-copy of `h`, not of the logits). A chunk of columns holds about 2^23
-entries of the block and at most as many of `dW` (or `chunk_size` columns).
+to the products' small operands. TensorFlow's fused sparse cross-entropy
+kernel forms `lse - x_y` and `p - onehot(y)` in one pass, over the block's
+buffer. With several blocks, `dW` and `db` are added a chunk of columns at
+a time (no kernel-sized temporary). A block holds about four times the
+per-token path's chunk (2^26 logits by default: 512 tokens at 131,072
+classes); the tokens are padded with zero-weight rows to whole blocks.
 
-The op returns `w loss`. Its backward pass reads the upstream gradient `u`:
-if `u` is one value `c` on every token not `ignore_class` (a mean or a
-sum), the gradients are `c` times the saved ones (for `c = 1`, the saved
-ones themselves). Any other upstream, or a backward pass that is itself
-differentiated (a tape or forward accumulator records it), takes the exact
-per-token backward pass with upstream `u w`: slower, never wrong. Where a
-graph's gradient is differentiated without a tape (`tf.gradients` of
-`tf.gradients`), the saved gradients raise a ValueError rather than miss
-their dependence on the inputs.
-
-The gradients are formed only where one can be asked for (eagerly: a tape
-watches the inputs; in a graph: a tape records), so evaluation costs one
-product. float16 and bfloat16 are computed in float32 (the kernel cast once,
-a float32 copy).
+The backward pass reads the upstream gradient `u`: if it is one value `c`
+on every token not `ignore_class`, the gradients are `c` times the saved
+ones. Any other upstream, or a backward pass that is itself differentiated
+(a tape or forward accumulator records it), takes the exact per-token
+backward pass with upstream `u w`. Where a graph's gradient is
+differentiated without a tape, the saved gradients raise a ValueError rather
+than miss their dependence on the inputs. The gradients are formed only
+where one can be asked for; float16 and bfloat16 are computed in float32.
 """
 
 import tensorflow as tf
