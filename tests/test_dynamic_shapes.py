@@ -111,3 +111,33 @@ def test_virtual_batch_size_not_dividing_a_run_time_batch_raises(rng):
     y = step(x).numpy()
     for half in (y[0::2], y[1::2]):
         np.testing.assert_allclose(half.mean(axis=0), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("op", ["dense", "sparse", "linear"])
+def test_labels_of_a_permuted_shape_known_only_at_run_time_raise(rng, op, jit_compile):
+    """Labels `[3, 2]` for logits `[2, 3, classes]` hold as many entries as
+    the right `[2, 3]`: only a check of each size catches them (a reshape
+    would quietly pair labels with the wrong rows)."""
+    logits = tf.constant(rng.normal(size=(2, 3, 5)), tf.float32)
+    if op == "dense":
+        fn, labels = ops.softmax_cross_entropy, tf.nn.softmax(logits)
+        spec = [UNKNOWN, UNKNOWN]
+        permuted = tf.transpose(labels, [1, 0, 2])
+    else:
+        labels = tf.constant(rng.integers(0, 5, size=(2, 3)), tf.int32)
+        spec = [tf.TensorSpec([None, None], tf.int32), UNKNOWN]
+        permuted = tf.transpose(labels)
+        fn = ops.sparse_softmax_cross_entropy
+    if op == "linear":
+        kernel = tf.constant(rng.normal(size=(5, 7)), tf.float32)
+        spec[1] = tf.TensorSpec([None, None, 5], tf.float32)
+
+        def fn(labels, hidden):
+            return ops.linear_softmax_cross_entropy(labels, hidden, kernel)
+
+    step = tf.function(fn, input_signature=spec, jit_compile=jit_compile)
+    match = "labels" if not jit_compile else "broadcast|labels|shape"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        step(permuted, logits)
+    np.testing.assert_allclose(step(labels, logits), fn(labels, logits), rtol=1e-6)

@@ -257,14 +257,15 @@ def checked_at_run_time(tensor, condition, message):
 
 
 def shape_at_run_time(tensor, expected, message):
-    """`tensor` (boolean, some sizes known only at run time) checked to have
-    the int64 shape `expected`, as `checked_at_run_time` and under XLA too."""
+    """`tensor` (some sizes known only at run time) checked to have the int64
+    shape `expected`, as `checked_at_run_time` and under XLA too."""
     assertion = tf.debugging.assert_equal(
         tf.shape(tensor, out_type=tf.int64), expected, message=message
     )
     with tf.control_dependencies([assertion]):
         # broadcast_to fails unless each size is the expected one or 1, the
-        # reshape unless the sizes multiply to the same count. Both are free.
+        # reshape unless the sizes multiply to the same count (a permutation
+        # passes the one, not the other). Both are free; both feed the result.
         same = tf.broadcast_to(tensor, expected)
         counted = tf.reshape(tensor, expected)
-    return tf.logical_and(same, counted)
+    return tf.where(tf.equal(same, counted), same, counted)

@@ -54,6 +54,7 @@ from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_clipping_epsilon
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
+from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
@@ -83,12 +84,12 @@ def _check_shapes(labels, logits, axis, sparse, name="logits"):
         )
     if labels.shape.is_fully_defined() and expected.is_fully_defined():
         return labels
-    # Unknown sizes: a reshape to the expected shape fails where they differ
-    # (no size 1 broadcasts silently), free and, unlike an assert, under XLA.
     dynamic = tf.shape(logits, out_type=tf.int64)
     if sparse:
         dynamic = tf.concat([dynamic[:axis], dynamic[axis + 1 :]], axis=0)
-    return tf.reshape(labels, dynamic)
+    what = " without the class axis" if sparse else ""
+    message = f"`labels` must have the shape of `{name}`{what}"
+    return shape_at_run_time(labels, dynamic, message)
 
 
 def _dense_inputs(labels, x, axis, name):

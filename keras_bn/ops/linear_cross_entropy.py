@@ -62,6 +62,7 @@ from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
 from keras_bn.ops.checks import check_optional_positive_int
+from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.cross_entropy import _checked_eager_labels
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
@@ -269,8 +270,9 @@ def _checked_labels(labels, hidden):
     _check_shape(labels, "labels", expected, "`hidden` without its last axis")
     if labels.shape.is_fully_defined() and expected.is_fully_defined():
         return labels
-    # Unknown sizes: the reshape fails when they differ (no broadcasting).
-    return tf.reshape(labels, tf.shape(hidden, out_type=labels.dtype)[:-1])
+    expected = tf.shape(hidden, out_type=tf.int64)[:-1]
+    message = "`labels` must have the shape of `hidden` without its last axis"
+    return shape_at_run_time(labels, expected, message)
 
 
 def _chunk_columns(chunk_size, tokens, features, num_classes):
