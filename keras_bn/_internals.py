@@ -79,11 +79,14 @@ def record_for_forward_accumulators(name, outputs, inputs, backward):
     FOUND["record_operation_forwardprop_only"](name, outputs, inputs, backward, None)
 
 
-def in_xla_function():
-    """Whether ops are traced for XLA to compile (fallback: False)."""
+def in_xla_function(unknown=False):
+    """Whether ops are traced for XLA to compile. Fallback in a graph:
+    `unknown` (True where only the XLA-safe path is right in both)."""
     in_context = FOUND.get("GraphOrParentsInXlaContext")
-    if tf.executing_eagerly() or in_context is None:
+    if tf.executing_eagerly():
         return False
+    if in_context is None:
+        return unknown
     return bool(in_context(tf.compat.v1.get_default_graph()))
 
 

@@ -193,6 +193,12 @@ def test_the_suite_passes_without_internals():
         "tests/test_eager_paths.py",
         "tests/test_higher_order.py",
         "tests/test_internals.py",
+        # The large-vocabulary op's column writes under XLA, per token and
+        # with the gradients formed in the forward pass.
+        "tests/test_linear_cross_entropy.py::test_matches_dense_autodiff_in_float64"
+        "[options0-shape1-23-5-xla]",
+        "tests/test_linear_cross_entropy_uniform.py::"
+        "test_reduced_matches_dense_autodiff_in_float64[options0-shape1-23-5-4-xla]",
         "tests/test_losses.py::test_compile_by_registered_name_uses_our_loss",
         "tests/test_losses.py::test_softmax_outputs_are_replaced_by_their_logits_as_in_keras",
         "tests/test_losses.py::test_one_xla_training_step_matches_keras",

@@ -8,6 +8,7 @@ import tensorflow as tf
 from helpers import MODES
 from helpers import compiled
 from helpers import forward_mode_in
+from helpers import needs_internal
 from test_linear_cross_entropy import assert_rounded_once
 from test_linear_cross_entropy import dense_reference
 from test_linear_cross_entropy import problem
@@ -136,6 +137,7 @@ def _nan_backward(labels, hidden, kernel, bias, *args):
     return tuple(tf.cast(g, x.dtype) for g, x in zip(grads, (hidden, kernel, bias)))
 
 
+@needs_internal("TensorFlow's tape set")
 @pytest.mark.parametrize("mode", MODES)
 def test_uniform_upstream_takes_the_saved_gradients(mode, monkeypatch):
     """A reduced loss never runs the per-token backward pass (the point of
@@ -284,6 +286,7 @@ def test_forward_mode_matches_dense(mode, reduction):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-9)
 
 
+@needs_internal("TensorFlow's tape set")
 def test_second_order_without_a_tape_raises():
     """In a graph, `tf.gradients` of the tape's first-order gradient cannot
     see through the saved gradients: a clear error, not a wrong Hessian."""
@@ -303,6 +306,7 @@ def test_second_order_without_a_tape_raises():
         second_order()
 
 
+@needs_internal("TensorFlow's tape set")
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_no_gradient_work_without_a_tape(mode, monkeypatch):
     """Evaluation (no tape) computes the loss only, as the per-token path."""
