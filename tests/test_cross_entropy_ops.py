@@ -368,7 +368,7 @@ def test_invalid_arguments_are_rejected():
         sparse_softmax_cross_entropy([0, 1], tf.ones([2, 3]), ignore_class=1.0)
     with pytest.raises(TypeError, match="`axis` must be a single int"):
         softmax_cross_entropy(tf.ones([2, 3]), tf.ones([2, 3]), axis=[0, 1])
-    with pytest.raises(ValueError, match="`axis` is out of range"):
+    with pytest.raises(ValueError, match="`axis` has an axis 2 out of range"):
         sparse_softmax_cross_entropy([0, 1], tf.ones([2, 3]), axis=2)
     with pytest.raises(ValueError, match="`label_smoothing`"):
         softmax_cross_entropy(tf.ones([2, 3]), tf.ones([2, 3]), label_smoothing=1.5)

@@ -196,3 +196,24 @@ def test_errors_name_the_argument():
     )
     with pytest.raises(tf.errors.InvalidArgumentError):
         fn(tf.constant([0, 1]), hidden, kernel)
+
+
+def test_sample_weight_of_another_run_time_shape_raises():
+    """Weights `[1]` for 4 tokens whose number is known only at run time
+    raise, instead of weighing every token by the one value."""
+    labels, hidden, kernel, _, _ = problem([4], 3, 5, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 3], tf.float32)]
+
+    @tf.function(input_signature=spec + [tf.TensorSpec([None], tf.float32)])
+    def weighted(labels, hidden, weights):
+        return linear_softmax_cross_entropy(
+            labels, hidden, kernel, sample_weight=weights
+        )
+
+    match = "`sample_weight` must have the shape of `labels`"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        weighted(labels, hidden, tf.fill([1], 2.0))
+    want = 2.0 * linear_softmax_cross_entropy(labels, hidden, kernel)
+    got = weighted(labels, hidden, tf.fill([4], 2.0))
+    np.testing.assert_allclose(got, want, rtol=1e-6)

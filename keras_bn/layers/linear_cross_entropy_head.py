@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_bn.ops.checks import check_bool
+from keras_bn.ops.checks import check_int
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
 from keras_bn.ops.checks import check_optional_positive_int
@@ -99,9 +100,7 @@ class LinearCrossEntropyHead(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = check_optional_positive_int(units, "units")
-        if self.units is None:
-            raise ValueError("Argument `units` must be a positive int. Received: None")
+        self.units = check_int(units, "units", positive=True)
         self.use_bias = check_bool(use_bias, "use_bias")
         if tied_embedding is not None and not isinstance(
             tied_embedding, keras.layers.Embedding
@@ -203,8 +202,7 @@ class LinearCrossEntropyHead(keras.layers.Layer):
 
 
 def _is_pair(value):
-    """Whether `value` is `[hidden, labels]` or `[hidden, labels, weights]`
-    (or their shapes), not one shape."""
+    """Whether `value` is `[hidden, labels(, weights)]` or their shapes."""
     return (
         isinstance(value, (list, tuple))
         and len(value) in (2, 3)

@@ -59,8 +59,8 @@ from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_epsilon
 from keras_bn.ops.checks import check_optional_bool
 from keras_bn.ops.checks import check_renorm_clipping
+from keras_bn.ops.checks import check_shape
 from keras_bn.ops.checks import checked_at_run_time
-from keras_bn.ops.checks import shape_at_run_time
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
@@ -107,8 +107,8 @@ def _prepare_mask(mask, x, axes):
         return None, False
     mask = tf.cast(mask, tf.bool)
     rank, shape = x.shape.rank, x.shape.as_list()
-    got = mask.shape.as_list() if mask.shape.rank is not None else None
-    if mask.shape.rank == rank:
+    if static_rank(mask, "mask") == rank:
+        got = mask.shape.as_list()
         if any(g not in (None, 1) and s not in (None, g) for g, s in zip(got, shape)):
             raise ValueError(
                 "A `mask` of the rank of the inputs must broadcast to their "
@@ -124,21 +124,12 @@ def _prepare_mask(mask, x, axes):
         if not per_feature:
             target = tf.stack([1 if a in axes else target[a] for a in range(rank)])
         return tf.broadcast_to(mask, target), per_feature
-    kept = [i for i in range(rank) if i not in axes]
-    expected = [shape[i] for i in kept]
-    message = (
-        "`mask` must have the shape of the inputs with the feature axes "
-        f"{list(axes)} removed"
+    whose = f"the inputs without the feature axes {list(axes)}"
+    received = (
+        f", inputs.shape={shape} (a mask of the rank of the inputs may instead "
+        "have a shape that broadcasts to theirs)"
     )
-    if got is None or not mask.shape.is_compatible_with(expected):
-        raise ValueError(
-            f"{message}, i.e. {expected}, or the rank of the inputs and a shape "
-            f"that broadcasts to theirs. Received: mask.shape={got}, "
-            f"inputs.shape={shape}"
-        )
-    if None in got or None in expected:
-        sizes = tf.gather(tf.shape(x, out_type=tf.int64), kept)
-        mask = shape_at_run_time(mask, sizes, message)
+    mask = check_shape(mask, "mask", x, whose, axes, received)
     for a in axes:
         mask = tf.expand_dims(mask, a)
     return mask, False

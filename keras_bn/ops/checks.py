@@ -256,6 +256,26 @@ def checked_at_run_time(tensor, condition, message):
         return tf.identity(tensor)
 
 
+def check_shape(tensor, arg_name, like, whose, drop=(), received=""):
+    """`tensor` if it can have the shape of `like` without the axes `drop`
+    (non-negative), "the shape of {whose}": else a ValueError, or for sizes
+    known only at run time `shape_at_run_time`'s error."""
+    kept = [a for a in range(like.shape.rank) if a not in drop]
+    expected = tf.TensorShape([like.shape[a] for a in kept])
+    if not expected.is_compatible_with(tensor.shape):  # also for another rank
+        raise ValueError(
+            f"`{arg_name}` must have the shape of {whose}, {expected.as_list()}. "
+            f"Received: {arg_name}.shape={tensor.shape.as_list()}{received}"
+        )
+    if tensor.shape.is_fully_defined() and expected.is_fully_defined():
+        return tensor
+    run_time = tf.shape(like, out_type=tf.int64)
+    if drop:
+        run_time = tf.gather(run_time, kept)
+    message = f"`{arg_name}` must have the shape of {whose}"
+    return shape_at_run_time(tensor, run_time, message)
+
+
 def shape_at_run_time(tensor, expected, message):
     """`tensor` (some sizes known only at run time) checked to have the int64
     shape `expected`, as `checked_at_run_time` and under XLA too."""

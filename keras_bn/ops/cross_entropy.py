@@ -49,55 +49,25 @@ which the losses call with arguments they checked once.
 import tensorflow as tf
 
 from keras_bn import _internals
+from keras_bn.ops.axes import axes_for_rank
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_clipping_epsilon
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
-from keras_bn.ops.checks import shape_at_run_time
+from keras_bn.ops.checks import check_shape
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
-
-
-def _class_axis(x, axis, name):
-    """`axis` (an int) as a non-negative int, checked against the rank of `x`."""
-    rank = static_rank(x, name)
-    if not -rank <= axis < rank:
-        raise ValueError(
-            f"Argument `axis` is out of range for {name} of rank {rank}: "
-            f"expected a value in [{-rank}, {rank}). Received: axis={axis}"
-        )
-    return axis % rank
-
-
-def _check_shapes(labels, logits, axis, sparse, name="logits"):
-    """Static shape check (ValueError naming both), dynamic one if needed."""
-    dims = logits.shape.as_list()
-    expected = tf.TensorShape(dims[:axis] + dims[axis + 1 :] if sparse else dims)
-    if not expected.is_compatible_with(labels.shape):  # also for another rank
-        what = " without the class axis" if sparse else ""
-        raise ValueError(
-            f"`labels` must have the shape of `{name}`{what}, {expected.as_list()}. "
-            f"Received: labels.shape={labels.shape.as_list()}, "
-            f"{name}.shape={dims}, axis={axis}"
-        )
-    if labels.shape.is_fully_defined() and expected.is_fully_defined():
-        return labels
-    dynamic = tf.shape(logits, out_type=tf.int64)
-    if sparse:
-        dynamic = tf.concat([dynamic[:axis], dynamic[axis + 1 :]], axis=0)
-    what = " without the class axis" if sparse else ""
-    message = f"`labels` must have the shape of `{name}`{what}"
-    return shape_at_run_time(labels, dynamic, message)
 
 
 def _dense_inputs(labels, x, axis, name):
     """Float `labels` and `x` of one shape, and the class axis, checked."""
     x = float_tensor(x, name)
     labels = float_tensor(labels, "labels")
-    axis = _class_axis(x, axis, name)
-    return _check_shapes(labels, x, axis, sparse=False, name=name), x, axis
+    axis = axes_for_rank(axis, static_rank(x, name), require_reduced_axis=False)[0]
+    received = f", {name}.shape={x.shape.as_list()}, axis={axis}"
+    return check_shape(labels, "labels", x, f"`{name}`", (), received), x, axis
 
 
 def _label_hits(x, labels, axis):
@@ -226,29 +196,35 @@ def _add_exp_terms(context, dlogits, hidden_upstream, exp_z, axis=None):
 
 
 def _sparse_inputs(labels, x, axis, ignore_class, name):
-    """Float `x`, its class axis, int `labels` shaped as `x` without it, and
-    boolean `in_range` and `ignored` tensors (None: all in range, none ignored)."""
+    """Float `x`, its class axis and `checked_class_ids` for it."""
     x = float_tensor(x, name)
-    axis = _class_axis(x, axis, name)
+    axis = axes_for_rank(axis, static_rank(x, name), require_reduced_axis=False)[0]
+    num_classes = x.shape[axis] if tf.executing_eagerly() else tf.shape(x)[axis]
+    whose = f"`{name}` without the class axis"
+    received = f", {name}.shape={x.shape.as_list()}, axis={axis}"
+    args = (labels, x, axis, num_classes, ignore_class, whose, received)
+    return x, axis, *checked_class_ids(*args)
+
+
+def checked_class_ids(labels, x, axis, num_classes, ignore_class, whose, received=""):
+    """`(labels, in_range, ignored)`: int `labels` shaped as `x` without its
+    `axis` (non-negative; `whose` and `received` for the ValueError), and
+    boolean `in_range` and `ignored` tensors, None where all are in range or
+    none is ignored. Eagerly, labels outside `[0, num_classes)` (but
+    `ignore_class`) raise a ValueError, read on the host (no kernel runs
+    unless some label is ignored)."""
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in (tf.int32, tf.int64):
         raise TypeError(
             "`labels` must be an int32 or int64 tensor of class ids. Received "
             f"dtype: {labels.dtype.name}"
         )
-    labels = _check_shapes(labels, x, axis, sparse=True, name=name)
-    if tf.executing_eagerly():
-        return x, axis, *_checked_eager_labels(labels, x.shape[axis], ignore_class)
-    num_classes = tf.shape(x, out_type=labels.dtype)[axis]
-    in_range = tf.logical_and(labels >= 0, labels < num_classes)
-    ignored = None if ignore_class is None else tf.equal(labels, ignore_class)
-    return x, axis, labels, in_range, ignored
-
-
-def _checked_eager_labels(labels, num_classes, ignore_class):
-    """Eagerly, a ValueError for labels outside `[0, C)` (but `ignore_class`),
-    read on the host; `(labels, in_range, ignored)`, None where all are in
-    range or none is ignored (no kernel runs unless some label is ignored)."""
+    labels = check_shape(labels, "labels", x, whose, (axis,), received)
+    if not tf.executing_eagerly():
+        num_classes = tf.cast(num_classes, labels.dtype)
+        in_range = tf.logical_and(labels >= 0, labels < num_classes)
+        ignored = None if ignore_class is None else tf.equal(labels, ignore_class)
+        return labels, in_range, ignored
     values = labels.numpy()
     outside = (values < 0) | (values >= num_classes)
     ignored = None if ignore_class is None else values == ignore_class
@@ -293,7 +269,7 @@ def _subtract_at_labels(values, labels, amounts, axis):
     return tf.where(hit, values - tf.expand_dims(amounts, axis), values)
 
 
-def _per_example_mask(value, in_range, ignored):
+def per_example_mask(value, in_range, ignored):
     """NaN where the label is out of range, 0 where it is ignored."""
     if in_range is not None:
         value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
@@ -373,13 +349,13 @@ def _sparse_cross_entropy(logits, axis, labels, in_range, ignored, smoothing):
         loss = tf.math.log(total) - (1.0 - smoothing) * _pick(z, safe_labels, axis)
         if smoothing:
             loss -= smoothing * tf.reduce_mean(z, axis=axis)
-        loss = _per_example_mask(loss, in_range, ignored)
+        loss = per_example_mask(loss, in_range, ignored)
         return (loss,), (exp_z, total), None
 
     def backward(context, upstream, hidden_upstream):
         (logits,) = context.inputs
         exp_z, total = context.hidden
-        upstream = _per_example_mask(tf.cast(upstream[0], dtype), in_range, ignored)
+        upstream = per_example_mask(tf.cast(upstream[0], dtype), in_range, ignored)
         dlogits = exp_z * tf.expand_dims(upstream / total, axis)
         if smoothing:
             off = smoothing / _num_classes(logits, axis, dtype)

@@ -55,20 +55,23 @@ import math
 
 import tensorflow as tf
 
+from keras_bn._internals import NO_GRADIENT
+from keras_bn._internals import gradient_order
 from keras_bn._internals import in_xla_function
+from keras_bn._internals import tape_could_record
 from keras_bn.ops.axes import static_rank
 from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_choice
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
 from keras_bn.ops.checks import check_optional_positive_int
-from keras_bn.ops.checks import shape_at_run_time
-from keras_bn.ops.cross_entropy import _checked_eager_labels
+from keras_bn.ops.checks import check_shape
+from keras_bn.ops.cross_entropy import checked_class_ids
+from keras_bn.ops.cross_entropy import per_example_mask
 from keras_bn.ops.custom_op import custom_op
 from keras_bn.ops.dtypes import compute_dtype
 from keras_bn.ops.dtypes import float_tensor
 
-_INTS = (tf.int32, tf.int64)
 # Entries of one [N, c] chunk of logits, and at most of one [D, c] chunk
 # of the kernel, by default (64 MiB in float32).
 _CHUNK_ENTRIES = 2**24
@@ -158,22 +161,20 @@ def linear_softmax_cross_entropy(
     ignore_class = check_optional_int(ignore_class, "ignore_class")
     chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
     hidden, kernel, bias = _checked_parameters(hidden, kernel, bias)
-    labels = _checked_labels(labels, hidden)
-    weights = _checked_weights(sample_weight, labels, hidden)
-    num_classes = kernel.shape[1]
-    if tf.executing_eagerly():
-        labels, in_range, ignored = _checked_eager_labels(
-            labels, num_classes, ignore_class
-        )
-    else:
-        in_range = tf.logical_and(labels >= 0, labels < num_classes)
-        ignored = None
-        if ignore_class is not None:
-            ignored = tf.equal(labels, tf.constant(ignore_class, labels.dtype))
+    whose = "`hidden` without its last axis"
+    axis, num_classes = hidden.shape.rank - 1, kernel.shape[1]
+    labels, in_range, ignored = checked_class_ids(
+        labels, hidden, axis, num_classes, ignore_class, whose
+    )
+    dtype = compute_dtype(hidden.dtype)
+    weights = None
+    if sample_weight is not None:
+        weights = float_tensor(sample_weight, "sample_weight")
+        weights = check_shape(weights, "sample_weight", labels, "`labels`")
+        weights = tf.cast(weights, dtype)
     if reduction == "mean":
         # The division goes into the weights: the sum's gradient is then
         # exactly 1 per token, and the saved gradients pass through unscaled.
-        dtype = compute_dtype(hidden.dtype)
         count = tf.size(labels)
         if ignored is not None:
             count -= tf.math.count_nonzero(ignored, dtype=tf.int32)
@@ -181,44 +182,13 @@ def linear_softmax_cross_entropy(
             tf.ones(tf.shape(labels), dtype) if weights is None else weights,
             tf.cast(count, dtype),
         )
-    flat = [-1]
-    masks = [None if t is None else tf.reshape(t, flat) for t in (in_range, ignored)]
+    per_token = (labels, in_range, ignored, weights)
+    flat = [None if t is None else tf.reshape(t, [-1]) for t in per_token]
     flat_hidden = tf.reshape(hidden, [-1, kernel.shape[0]])
-    size = _chunk_columns(chunk_size, *flat_hidden.shape, num_classes)
-    flat_weights = None if weights is None else tf.reshape(weights, flat)
-    loss = _fused_loss(
-        tf.reshape(labels, flat),
-        masks,
-        flat_hidden,
-        kernel,
-        bias,
-        flat_weights,
-        smoothing,
-        (size, chunk_size, gradient_in_forward),
-    )
+    options = (smoothing, chunk_size, gradient_in_forward)
+    loss = _fused_loss(*flat, flat_hidden, kernel, bias, *options)
     loss = tf.reshape(loss, tf.shape(labels))
     return loss if reduction is None else tf.reduce_sum(loss)
-
-
-def _checked_weights(sample_weight, labels, hidden):
-    """`sample_weight` as a float tensor shaped as `labels` (or None)."""
-    if sample_weight is None:
-        return None
-    weights = float_tensor(sample_weight, "sample_weight")
-    _check_shape(weights, "sample_weight", labels.shape, "`labels`")
-    return tf.cast(weights, compute_dtype(hidden.dtype))
-
-
-def _check_shape(tensor, name, expected, description):
-    """Raises unless `tensor`'s static shape can be `expected`."""
-    shape = tensor.shape
-    if shape.rank is not None and not (
-        shape.rank == expected.rank and expected.is_compatible_with(shape)
-    ):
-        raise ValueError(
-            f"`{name}` must have the shape of {description}, "
-            f"{expected.as_list()}. Received: {name}.shape={shape.as_list()}"
-        )
 
 
 def _checked_parameters(hidden, kernel, bias):
@@ -240,39 +210,21 @@ def _checked_parameters(hidden, kernel, bias):
             f"hidden.shape[-1] = {hidden.shape[-1]}. Received: "
             f"kernel.shape={kernel.shape.as_list()}"
         )
-    tensors = {"kernel": kernel}
     if bias is not None:
         bias = float_tensor(bias, "bias")
-        tensors["bias"] = bias
         if bias.shape != [kernel.shape[1]]:
             raise ValueError(
                 f"`bias` must have shape [classes] = [{kernel.shape[1]}] "
                 f"(kernel.shape={kernel.shape.as_list()}). Received: "
                 f"bias.shape={bias.shape.as_list()}"
             )
-    for name, tensor in tensors.items():
-        if tensor.dtype != hidden.dtype:
+    for name, tensor in (("kernel", kernel), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
             raise TypeError(
                 f"`{name}` must have the dtype of `hidden`, {hidden.dtype.name}. "
                 f"Received: {name}.dtype={tensor.dtype.name}"
             )
     return hidden, kernel, bias
-
-
-def _checked_labels(labels, hidden):
-    labels = tf.convert_to_tensor(labels)
-    if labels.dtype not in _INTS:
-        raise TypeError(
-            "`labels` must be an int32 or int64 tensor of class ids. Received "
-            f"dtype: {labels.dtype.name}"
-        )
-    expected = hidden.shape[:-1]
-    _check_shape(labels, "labels", expected, "`hidden` without its last axis")
-    if labels.shape.is_fully_defined() and expected.is_fully_defined():
-        return labels
-    expected = tf.shape(hidden, out_type=tf.int64)[:-1]
-    message = "`labels` must have the shape of `hidden` without its last axis"
-    return shape_at_run_time(labels, expected, message)
 
 
 def _chunk_columns(chunk_size, tokens, features, num_classes):
@@ -312,101 +264,78 @@ class _Chunks:
         return start + tf.range(self.size) >= k * self.size
 
 
-def _safe_labels(labels, in_range):
-    """int32 labels, 0 where out of range (those tokens' losses are masked)."""
-    labels = tf.cast(labels, tf.int32)
-    if in_range is None:
-        return labels
-    return tf.where(in_range, labels, tf.zeros([], tf.int32))
-
-
-def _fused_loss(labels, masks, hidden, kernel, bias, weights, smoothing, sizes):
+def _fused_loss(
+    labels, in_range, ignored, weights, hidden, kernel, bias, smoothing, chunk_size,
+    uniform,
+):  # fmt: skip
     """`weights * loss` per token of a flat `[N, D]` `hidden`, with flat
     labels, masks and weights (None or float `[N]`, not differentiated).
 
-    `sizes` is `(classes per chunk, the caller's chunk_size, uniform)`. With
-    `uniform`, the gradients are formed in the forward pass where one can be
-    asked for, and an upstream gradient that is one value per token scales
-    them (`linear_cross_entropy_uniform.py`); any other takes the per-token
-    backward pass.
+    With `uniform`, the gradients are formed in the forward pass where one
+    can be asked for, and an upstream gradient that is one value per token
+    scales them (`linear_cross_entropy_uniform.py`); any other takes the
+    per-token backward pass.
     """
     # Imported here: that module builds on this one's loops.
     from keras_bn.ops import linear_cross_entropy_uniform as fast
 
-    size, chunk_size, uniform = sizes
-    in_range, ignored = masks
     dtype = compute_dtype(hidden.dtype)
     num_classes = kernel.shape[1]
+    size = _chunk_columns(chunk_size, *hidden.shape, num_classes)
     chunks = _Chunks(num_classes, size)
-    labels = _safe_labels(labels, in_range)
+    labels = tf.cast(labels, tf.int32)
+    if in_range is not None:  # out-of-range tokens' losses are masked
+        labels = tf.where(in_range, labels, tf.zeros([], tf.int32))
     if weights is not None:
-        weights = tf.cast(tf.stop_gradient(weights), dtype)
+        weights = tf.stop_gradient(weights)
     has_bias = bias is not None
     inputs = (hidden, kernel) + ((bias,) if has_bias else ())
-    uniform = uniform and fast.gradient_wanted(inputs)
+    # Only where a gradient can be asked for: eagerly, where a tape watches
+    # the inputs; in a graph, where a tape records.
+    if tf.executing_eagerly():
+        uniform = uniform and gradient_order(inputs) != NO_GRADIENT
+    else:
+        uniform = uniform and tape_could_record()
 
     def forward(hidden, kernel, *maybe_bias):
         bias = maybe_bias[0] if has_bias else None
         if uniform:
-            if weights is None:
-                weights_or_ones = tf.ones(tf.shape(labels), dtype)
-            else:
-                weights_or_ones = weights
+            w = tf.ones(tf.shape(labels), dtype) if weights is None else weights
+            w = per_example_mask(w, in_range, ignored)
             loss, lse, grads = fast.forward_with_gradient(
-                labels,
-                hidden,
-                kernel,
-                bias,
-                _mask(weights_or_ones, in_range, ignored),
-                smoothing,
-                size,
-                chunk_size,
+                labels, hidden, kernel, bias, w, smoothing, size, chunk_size
             )
-            return (_mask(loss, in_range, ignored),), (lse,), grads
+            return (per_example_mask(loss, in_range, ignored),), (lse,), grads
         lse, picked, row_sum = _forward_loop(
             labels, hidden, kernel, bias, chunks, dtype
         )
         loss = lse - (1.0 - smoothing) * picked
         if smoothing:
             loss -= (smoothing / num_classes) * row_sum
-        loss = _mask(loss, in_range, ignored)
+        loss = per_example_mask(loss, in_range, ignored)
         return (loss if weights is None else loss * weights,), (lse,), None
 
     def backward(context, upstream, hidden_upstream):
         hidden, kernel = context.inputs[:2]
         (lse,) = context.hidden
         raw = tf.cast(upstream[0], dtype)
-        u = _mask(raw, in_range, ignored)
+        u = per_example_mask(raw, in_range, ignored)
         if weights is not None:
             u *= weights
         v = hidden_upstream[0]
         on_p = u + tf.cast(v, dtype) if context.live(v) else u
 
         def exact():
-            return _backward_loop(
-                labels,
-                hidden,
-                kernel,
-                context.inputs[2] if has_bias else None,
-                lse,
-                (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u),
-                chunks,
-            )
+            coefficients = (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u)
+            bias = context.inputs[2] if has_bias else None
+            args = (labels, hidden, kernel, bias, lse, coefficients, chunks)
+            return _backward_loop(*args)
 
         if context.saved is None or context.live(v) or context.recording:
             return exact()
         return fast.saved_gradients(raw, ignored, context.saved, context.inputs, exact)
 
     return custom_op(forward, backward, *inputs)[0]
-
-
-def _mask(value, in_range, ignored):
-    """NaN where the label is out of range, 0 where it is ignored."""
-    if in_range is not None:
-        value = tf.where(in_range, value, tf.constant(float("nan"), value.dtype))
-    if ignored is not None:
-        value = tf.where(ignored, tf.zeros([], value.dtype), value)
-    return value
 
 
 def _forward_loop(labels, hidden, kernel, bias, chunks, dtype):
@@ -420,10 +349,7 @@ def _forward_loop(labels, hidden, kernel, bias, chunks, dtype):
         start = chunks.start(k)
         logits, _ = _chunk_logits(h, kernel, bias, start, chunks.size, dtype)
         fresh = chunks.fresh(k, start)
-        if fresh is not None:
-            logits_new = tf.where(fresh, logits, minus_inf)
-        else:
-            logits_new = logits
+        logits_new = logits if fresh is None else tf.where(fresh, logits, minus_inf)
         new_max = tf.maximum(running_max, tf.reduce_max(logits_new, axis=1))
         running_sum = running_sum * tf.exp(running_max - new_max) + tf.reduce_sum(
             tf.exp(logits_new - new_max[:, None]), axis=1
@@ -526,9 +452,10 @@ def _zeros_after(labels, shape, dtype):
 def _write_columns(target, value, start):
     """`target` with `value` written at `start` along its last axis, in
     place: TensorFlow forwards the loop variable's buffer to the update, and
-    XLA, which needs static slice bounds, scatters into it."""
+    XLA, which needs static slice bounds, scatters into it (as does a graph
+    where XLA cannot be ruled out: the scatter is right in both)."""
     rank = target.shape.rank
-    if in_xla_function():
+    if in_xla_function(unknown=True):
         grid = tf.meshgrid(
             *[tf.range(n) for n in value.shape[:-1]],
             start + tf.range(value.shape[-1]),

@@ -31,9 +31,6 @@ where one can be asked for; float16 and bfloat16 are computed in float32.
 
 import tensorflow as tf
 
-from keras_bn._internals import NO_GRADIENT
-from keras_bn._internals import gradient_order
-from keras_bn._internals import tape_could_record
 from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
 from keras_bn.ops.linear_cross_entropy import _Chunks
 from keras_bn.ops.linear_cross_entropy import _loop
@@ -42,14 +39,6 @@ from keras_bn.ops.linear_cross_entropy import _zeros_after
 
 # Entries of one chunk of columns, in the block and in dW (32 MiB each).
 _BLOCK_CHUNK_ENTRIES = 2**23
-
-
-def gradient_wanted(inputs):
-    """Whether a gradient of `inputs` can be asked for: eagerly, a tape
-    watches them; in a graph, a tape records."""
-    if tf.executing_eagerly():
-        return gradient_order(inputs) != NO_GRADIENT
-    return tape_could_record()
 
 
 def saved_gradients(upstream, ignored, saved, inputs, exact):
@@ -75,14 +64,11 @@ def _scaled(scale, saved, inputs):
             tf.cast(g if by is None else by * g, x.dtype) for g, x in zip(saved, inputs)
         )
 
-    if tf.executing_eagerly():
-        return cast() if bool(scale == 1) else cast(scale)
     return tf.cond(tf.equal(scale, 1), cast, lambda: cast(scale))
 
 
 def _token_rows(tokens, size, num_classes):
-    """Tokens per block: about `4 * tokens * size` logits (2^26 by default,
-    256 MiB in float32), a power of two, at most `tokens`."""
+    """Tokens per block (a power of two): about `4 * tokens * size` logits."""
     rows = tokens or _DYNAMIC_TOKENS_CHUNK
     wanted = max(1, -(-4 * rows * size // num_classes))
     rows_per_block = 1 << (wanted - 1).bit_length()
