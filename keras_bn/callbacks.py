@@ -284,8 +284,7 @@ class RecomputeStatistics(keras.callbacks.Callback):
     def recompute(self):
         """Recomputes the statistics of `self.model` now."""
         current = self._recomputation
-        stale = current is None or current.model is not self.model
-        if stale or not current.is_current():
+        if current is None or not current.is_current(self.model):
             current = self._recomputation = Recomputation(self.model)
         current.run(self.batches, self.verbose)
         self._pending = False
@@ -293,13 +292,11 @@ class RecomputeStatistics(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._pending = self.on == "epoch_end"
 
-    def on_test_begin(self, logs=None):
-        if self._pending:  # the validation of an epoch of `fit`
+    def on_test_begin(self, *args, **kwargs):  # and at the end of an epoch
+        if self._pending:
             self.recompute()
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self._pending:  # an epoch without validation
-            self.recompute()
+    on_epoch_end = on_test_begin
 
     def on_train_end(self, logs=None):
         self._pending = False

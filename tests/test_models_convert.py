@@ -23,7 +23,6 @@ from helpers import assert_as_close_as_float32_allows
 import keras_bn
 from keras_bn.models import batch_normalization_layers
 from keras_bn.models import convert_batch_normalization
-from keras_bn.models import is_batch_normalization
 
 TARGETS = {
     "keras": keras.layers.BatchNormalization,
@@ -286,17 +285,11 @@ def test_training_outputs_agree_within_float32_rounding():
     assert ours_error <= 5 * keras_error
 
 
-def test_isinstance_finds_both_classes_and_is_batch_normalization_is_deprecated():
+def test_isinstance_finds_both_classes():
     # keras_bn's layer subclasses Keras's, so code written for Keras's layer
     # (Keras's fine-tuning guides freeze BN with isinstance) finds it too.
     assert isinstance(keras_bn.BatchNormalization(), L.BatchNormalization)
-    for layer, expected in (
-        (keras_bn.BatchNormalization(), True),
-        (L.BatchNormalization(), True),
-        (L.LayerNormalization(), False),
-    ):
-        with pytest.warns(DeprecationWarning, match="isinstance"):
-            assert is_batch_normalization(layer) is expected
+    assert not isinstance(L.LayerNormalization(), L.BatchNormalization)
 
 
 def _fine_tuning_model():

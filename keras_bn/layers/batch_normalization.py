@@ -38,6 +38,16 @@ _DENSE_HINT = (
     "Pad it to a dense tensor (`inputs.to_tensor()`) and pass the padding as "
     "`mask` (e.g. `tf.sequence_mask(inputs.row_lengths())`)."
 )
+# The arguments Keras's layer does not take. The first two change no result
+# Keras defines (a kernel choice, and what NaN batches do to the moving
+# statistics); the others must be at their Keras value to convert.
+KERAS_BN_ONLY = (
+    "fused",
+    "skip_nonfinite_updates",
+    "virtual_batch_size",
+    "virtual_batch_grouping",
+    "moving_variance_estimator",
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
@@ -478,11 +488,5 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def get_config(self):
         # Keras's own `get_config` serializes the arguments the two share.
-        return {
-            **super().get_config(),
-            "skip_nonfinite_updates": self.skip_nonfinite_updates,
-            "fused": self.fused,
-            "virtual_batch_size": self.virtual_batch_size,
-            "moving_variance_estimator": self.moving_variance_estimator,
-            "virtual_batch_grouping": self.virtual_batch_grouping,
-        }
+        config = super().get_config()
+        return {**config, **{name: getattr(self, name) for name in KERAS_BN_ONLY}}

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from keras_bn._internals import keras_logits
+from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_not_ragged
 
 _DENSE_HINT = (
@@ -17,13 +18,15 @@ _DENSE_HINT = (
 
 
 class BaseLoss(keras.losses.Loss):
-    """A `keras.losses.Loss` that refuses ragged and sparse inputs, and whose
-    config holds the attributes named in `config_keys` and `dtype` as given."""
+    """A `keras.losses.Loss` over one class `axis` that refuses ragged and
+    sparse inputs, and whose config holds the attributes named in
+    `config_keys` and `dtype` as given."""
 
     config_keys = ()
 
-    def __init__(self, name, reduction, dtype):
+    def __init__(self, name, reduction, dtype, axis):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.axis = check_axis(axis, single=True)
         if dtype is not None and not isinstance(dtype, str):
             dtype = keras.dtype_policies.serialize(dtype)  # JSON-friendly
         self.dtype_config = dtype

@@ -13,7 +13,6 @@ from keras_bn.losses.base import logits_behind
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
 from keras_bn.ops import cross_entropy
-from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_clipping_epsilon
 from keras_bn.ops.checks import check_label_smoothing
@@ -76,10 +75,9 @@ class CategoricalCrossentropy(BaseLoss):
         name="categorical_crossentropy",
         dtype=None,
     ):
-        super().__init__(name, reduction, dtype)
+        super().__init__(name, reduction, dtype, axis)
         self.from_logits = check_bool(from_logits, "from_logits")
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.axis = check_axis(axis, single=True)
 
     def call(self, y_true, y_pred):
         y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
@@ -161,10 +159,9 @@ class SparseCategoricalCrossentropy(BaseLoss):
         name="sparse_categorical_crossentropy",
         dtype=None,
     ):
-        super().__init__(name, reduction, dtype)
+        super().__init__(name, reduction, dtype, axis)
         self.from_logits = check_bool(from_logits, "from_logits")
         self.ignore_class = check_optional_int(ignore_class, "ignore_class")
-        self.axis = check_axis(axis, single=True)
 
     def call(self, y_true, y_pred):
         y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)

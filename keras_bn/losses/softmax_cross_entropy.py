@@ -15,19 +15,17 @@ from keras_bn.losses.base import logits_behind
 from keras_bn.losses.base import sparse_class_ids
 from keras_bn.losses.base import squeeze_or_expand_to_same_rank
 from keras_bn.ops import cross_entropy
-from keras_bn.ops.checks import check_axis
 from keras_bn.ops.checks import check_bool
 from keras_bn.ops.checks import check_label_smoothing
 from keras_bn.ops.checks import check_optional_int
+from keras_bn.ops.checks import checked_at_run_time
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 def _times(x, weight):
     """`x * weight` aligned as Keras aligns a loss and its weight (a trailing
-    size-1 axis squeezed or added, then broadcasting); None is a 1."""
-    if x is None or weight is None:
-        return weight if x is None else x
+    size-1 axis squeezed or added, then broadcasting)."""
     x, weight = squeeze_or_expand_to_same_rank(x, weight)
     return x * weight
 
@@ -37,13 +35,11 @@ def _class_weighted_mean(losses, weights, sample_weight, mask, reduction):
     `sum(losses * sample_weight * mask) / sum(w * mask)`, or over `sum(w *
     sample_weight * mask)` for "mean_with_sample_weight" (docs/losses.md)."""
     dtype = losses.dtype
-    if weights is None:
-        weights = tf.ones_like(losses)
-    mask = None if mask is None else tf.cast(mask, dtype)
-    sample_weight = None if sample_weight is None else tf.cast(sample_weight, dtype)
+    weights = tf.ones_like(losses) if weights is None else weights
+    mask = tf.cast(1.0 if mask is None else mask, dtype)  # None: a scalar 1
+    sample_weight = tf.cast(1.0 if sample_weight is None else sample_weight, dtype)
     merged = _times(mask, sample_weight)
-    ones = None if sample_weight is None else tf.ones_like(sample_weight)
-    spread = _times(mask, ones)  # shaped as `merged`: `w` broadcasts as the losses
+    spread = _times(mask, tf.ones_like(sample_weight))  # `w` broadcasts as losses
     counted_by = merged if reduction == "mean_with_sample_weight" else spread
     total = tf.reduce_sum(_times(losses, merged))
     count = tf.reduce_sum(_times(weights, counted_by))
@@ -118,10 +114,9 @@ class SoftmaxCrossEntropy(BaseLoss):
         name="softmax_cross_entropy",
         dtype=None,
     ):
-        super().__init__(name, reduction, dtype)
+        super().__init__(name, reduction, dtype, axis)
         self.sparse = check_bool(sparse, "sparse")
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.axis = check_axis(axis, single=True)
         self.ignore_class = check_optional_int(ignore_class, "ignore_class")
         if self.ignore_class is not None and not self.sparse:
             raise ValueError(
@@ -189,12 +184,9 @@ class SoftmaxCrossEntropy(BaseLoss):
         if num_classes is None:
             table = _checked_table(table, tf.shape(logits)[self.axis], self.axis)
         if self.sparse:
-            ids = tf.clip_by_value(labels, 0, len(self.class_weight) - 1)
+            ids = tf.clip_by_value(labels, 0, entries - 1)
             return tf.gather(table, ids)
-        shape = [1] * logits.shape.rank
-        shape[self.axis] = -1
-        weighted = tf.cast(labels, dtype) * tf.reshape(table, shape)
-        return tf.reduce_sum(weighted, axis=self.axis)
+        return tf.tensordot(tf.cast(labels, dtype), table, [[self.axis], [0]])
 
 
 def _checked_table(table, num_classes, axis):
@@ -202,21 +194,15 @@ def _checked_table(table, num_classes, axis):
     time matches it: else an `InvalidArgumentError` naming `class_weight` in a
     graph, and (as XLA drops assertions) NaN weights, never a reused one."""
     entries = table.shape[0]
-    check = tf.debugging.assert_equal(
-        num_classes,
-        tf.constant(entries, num_classes.dtype),
-        message=(
-            f"`class_weight` has {entries} entries, which must equal the number "
-            f"of classes (the size of the logits' axis {axis})"
-        ),
+    matches = tf.equal(num_classes, entries)
+    message = (
+        f"`class_weight` has {entries} entries, which must equal the number "
+        f"of classes (the size of the logits' axis {axis})"
     )
-    with tf.control_dependencies([check]):
-        table = tf.identity(table)
+    table = checked_at_run_time(table, matches, message)
     # One entry per class whatever the count, so that dense labels broadcast.
     fitted = tf.gather(table, tf.minimum(tf.range(num_classes), entries - 1))
-    return tf.where(
-        tf.equal(num_classes, entries), fitted, tf.constant(math.nan, table.dtype)
-    )
+    return tf.where(matches, fitted, tf.constant(math.nan, table.dtype))
 
 
 def _check_class_weight(class_weight):
@@ -240,12 +226,10 @@ def _check_class_weight(class_weight):
                 f"Received: class_weight={class_weight!r}"
             )
         class_weight = [ids.get(c, 1.0) for c in range(max(ids) + 1)]
-    values = None
-    if not isinstance(class_weight, (str, bytes, set, frozenset)):
-        try:
-            values = np.asarray(class_weight)
-        except (TypeError, ValueError):  # ragged nesting
-            pass
+    try:  # strings and sets are refused by their array's dtype or rank
+        values = np.asarray(class_weight)
+    except (TypeError, ValueError):  # ragged nesting
+        values = None
     if values is None or values.ndim != 1 or values.dtype.kind not in "iuf":
         raise TypeError(
             "`class_weight` must be a list of floats, one per class, or a dict "

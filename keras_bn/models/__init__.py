@@ -7,7 +7,6 @@ keras-hub backbones, and `keras.ops` calls included), with
 """
 
 from keras_bn.models.batch_norm_layers import batch_normalization_layers
-from keras_bn.models.batch_norm_layers import is_batch_normalization
 from keras_bn.models.convert import convert_batch_normalization
 from keras_bn.models.fold import fold_batch_normalization
 from keras_bn.models.recompute import recompute_statistics
@@ -18,6 +17,5 @@ __all__ = [
     "batch_normalization_scope",
     "convert_batch_normalization",
     "fold_batch_normalization",
-    "is_batch_normalization",
     "recompute_statistics",
 ]

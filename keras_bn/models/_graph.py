@@ -5,7 +5,6 @@ with the public Keras API only: `model.layers`, `Model.get_config()` (whose
 
 import collections
 import functools
-import warnings
 
 import keras
 
@@ -68,11 +67,6 @@ def iter_layers(model, descend=is_graph_model, seen=None):
             yield layer
             if descend(layer):
                 yield from iter_layers(layer, descend, seen)
-
-
-def graph_models(model):
-    """The model and every graph model nested in it."""
-    return [model] + [layer for layer in iter_layers(model) if is_graph_model(layer)]
 
 
 HIDDEN_ADVICE = (
@@ -164,21 +158,6 @@ def copy_model(model, clone_layer, skip=(), rebuild=None):
     return copy(model), pairs, models
 
 
-def warn_lost_classes(models, function_name, why, reasons=None):
-    """Warns for each of `copy_model`'s `models` whose copy lost its class,
-    for the reason `why` or `reasons[id(original)]`."""
-    for old, new, _ in models:
-        if type(new) is not type(old):
-            reason = (reasons or {}).get(id(old), why)
-            warnings.warn(
-                f"`{function_name}`: the copy of {old.name!r} is a plain "
-                f"{type(new).__name__} model, not a {type(old).__name__}: "
-                f"{reason} Its predictions are the original's; class attributes "
-                "(such as a keras-hub Backbone's `pyramid_outputs`) are lost.",
-                stacklevel=3,
-            )
-
-
 def _copy_sequential(model, clone, skip_ids):
     layers = [clone(layer) for layer in model.layers if id(layer) not in skip_ids]
     spec = model.inputs[0]
@@ -194,48 +173,37 @@ def clone_from_config(layer, **changes):
 
 
 def sole_input_producers(model):
-    """The `(producer, consumer)` pairs of one graph model where both are
-    called once here and the consumer on a single tensor that only it takes
-    from the producer (no model output either). In a Sequential model, each
-    layer and the one before it. Calls in other graphs: `operation_uses`."""
-    if isinstance(model, keras.Sequential):
-        layers = model.layers
-        return list(zip(layers[:-1], layers[1:]))
-    config, operations = _plain_config(model)
-    nodes = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
-    uses = collections.Counter(_keras_histories(list(nodes.values())))
-    outputs = keras.tree.flatten(config["output_layers"])  # [name, node, tensor, ...]
-    uses.update(tuple(outputs[i : i + 3]) for i in range(0, len(outputs), 3))
-    pairs = []
-    for name, layer_nodes in nodes.items():
-        inputs = [list(_keras_histories(node)) for node in layer_nodes]
-        if len(inputs) != 1 or len(inputs[0]) != 1:
-            continue
-        history = inputs[0][0]  # (producer, node index, tensor index)
-        if len(nodes.get(history[0], ())) == 1 and uses[history] == 1:
-            pairs.append((operations[history[0]], operations[name]))
-    return pairs
+    """`(pairs, uses)` over `model` and every graph model nested in it.
 
-
-def operation_uses(model):
-    """`{id(operation): calls}` over every graph model in `model`; a nested
-    model called several times counts once (each call runs the same graph)."""
-    uses = collections.Counter()
-    for graph in graph_models(model):
+    `uses[id(operation)]` counts its calls (a nested model called several
+    times counts once: each call runs the same graph). `pairs` holds the
+    `(producer, consumer)` pairs of one graph where both are called once there
+    and the consumer on a single tensor that only it takes from the producer
+    (no model output either); in a Sequential model, each layer and the next.
+    """
+    pairs, uses = [], collections.Counter()
+    nested = [layer for layer in iter_layers(model) if is_graph_model(layer)]
+    for graph in [model, *nested]:
         if isinstance(graph, keras.Sequential):
             uses.update(id(layer) for layer in graph.layers)
+            pairs += zip(graph.layers[:-1], graph.layers[1:])
             continue
-        config, operations = _plain_config(graph)
-        for entry in config["layers"]:
-            uses[id(operations[entry["name"]])] += len(entry["inbound_nodes"])
-    return uses
-
-
-def _plain_config(model):
-    """The graph config of a Functional model (a subclass's `get_config` may
-    hold its constructor's arguments), and its operations by name."""
-    view = keras.Model(model.inputs, model.outputs, name=model.name)
-    return view.get_config(), {op.name: op for op in view.operations}
+        # A subclass's `get_config` may hold its constructor's arguments.
+        view = keras.Model(graph.inputs, graph.outputs, name=graph.name)
+        config, operations = view.get_config(), {op.name: op for op in view.operations}
+        nodes = {entry["name"]: entry["inbound_nodes"] for entry in config["layers"]}
+        tensor_uses = collections.Counter(_keras_histories(list(nodes.values())))
+        outputs = keras.tree.flatten(config["output_layers"])  # name, node, tensor...
+        tensor_uses.update(tuple(outputs[i : i + 3]) for i in range(0, len(outputs), 3))
+        for name, layer_nodes in nodes.items():
+            uses[id(operations[name])] += len(layer_nodes)
+            inputs = [list(_keras_histories(node)) for node in layer_nodes]
+            if len(inputs) != 1 or len(inputs[0]) != 1:
+                continue
+            history = inputs[0][0]  # (producer, node index, tensor index)
+            if len(nodes.get(history[0], ())) == 1 and tensor_uses[history] == 1:
+                pairs.append((operations[history[0]], operations[name]))
+    return pairs, uses
 
 
 def _keras_histories(node):

@@ -6,6 +6,7 @@ it holds, and `trainable`. See docs/models.md, "What a copy carries".
 """
 
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -75,9 +76,24 @@ def copy_state(original, copy, visited=None):
             copy_own_state(old, new)
 
 
-def copy_trainable_everywhere(models, pairs):
-    """`trainable` of a `copy_model` copy as in the original, set parents
-    first (a layer's `trainable` sets its sublayers' too)."""
+def finish_copy(models, pairs, function_name, why, reasons=None, done=()):
+    """Completes a `copy_model` copy: the state of each pair's layers (but
+    those in `done`, ids), then `trainable` as in the original, parents first
+    (a layer's `trainable` sets its sublayers' too); a warning for each model
+    whose copy lost its class, for the reason `why` or `reasons[id(old)]`."""
+    visited = set(done)
+    for old, new in pairs:
+        copy_state(old, new, visited)
+    for old, new, _ in models:
+        if type(new) is not type(old):
+            warnings.warn(
+                f"`{function_name}`: the copy of {old.name!r} is a plain "
+                f"{type(new).__name__} model, not a {type(old).__name__}: "
+                f"{(reasons or {}).get(id(old), why)} Its predictions are the "
+                "original's; class attributes (such as a keras-hub Backbone's "
+                "`pyramid_outputs`) are lost.",
+                stacklevel=3,
+            )
     visited = set()
     for old, new, rebuilt in models:
         if not rebuilt:

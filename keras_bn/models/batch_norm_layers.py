@@ -1,39 +1,9 @@
 """Finding the batch-normalization layers of a model, nested ones included."""
 
-import warnings
-
 import keras
 
 from keras_bn.models._graph import check_model
 from keras_bn.models._graph import reachable_batch_normalization
-
-
-def is_batch_normalization(layer):
-    """Deprecated: use `isinstance(layer, keras.layers.BatchNormalization)`,
-    which finds keras_bn's layer too (a subclass of Keras's).
-
-    Args:
-        layer: any object.
-
-    Returns:
-        `isinstance(layer, keras.layers.BatchNormalization)`.
-
-    Example:
-
-    ```python
-    for layer in model.layers[-20:]:
-        if not isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = True  # BN stays frozen
-    ```
-    """
-    warnings.warn(
-        "`keras_bn.models.is_batch_normalization(layer)` is deprecated: use "
-        "`isinstance(layer, keras.layers.BatchNormalization)`, which finds "
-        "keras_bn's layer too.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return isinstance(layer, keras.layers.BatchNormalization)
 
 
 def batch_normalization_layers(model):

@@ -5,9 +5,8 @@ from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import exactly_batch_normalization
 from keras_bn.models._graph import reachable_batch_normalization
-from keras_bn.models._graph import warn_lost_classes
 from keras_bn.models._state import copy_state
-from keras_bn.models._state import copy_trainable_everywhere
+from keras_bn.models._state import finish_copy
 from keras_bn.models.scope import _scope
 from keras_bn.models.scope import check_target
 from keras_bn.models.scope import target_arguments
@@ -96,10 +95,6 @@ def convert_batch_normalization(model, to="keras_bn", **overrides):
         converted, pairs, models = copy_model(model, clone_from_config, rebuild=rebuild)
         if model.compiled:  # as `clone_model` does, with a fresh optimizer
             converted.compile_from_config(model.get_compile_config())
-        visited = set()
-        for old, new in pairs:
-            copy_state(old, new, visited)
-    why = "its class cannot be rebuilt from a graph."
-    warn_lost_classes(models, FUNCTION_NAME, why, reasons)
-    copy_trainable_everywhere(models, pairs)
+        why = "its class cannot be rebuilt from a graph."
+        finish_copy(models, pairs, FUNCTION_NAME, why, reasons)
     return converted

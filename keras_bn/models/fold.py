@@ -11,13 +11,9 @@ from keras_bn.models._graph import check_graph_model
 from keras_bn.models._graph import clone_from_config
 from keras_bn.models._graph import copy_model
 from keras_bn.models._graph import exactly_batch_normalization
-from keras_bn.models._graph import graph_models
-from keras_bn.models._graph import operation_uses
 from keras_bn.models._graph import reachable_batch_normalization
 from keras_bn.models._graph import sole_input_producers
-from keras_bn.models._graph import warn_lost_classes
-from keras_bn.models._state import copy_state
-from keras_bn.models._state import copy_trainable_everywhere
+from keras_bn.models._state import finish_copy
 from keras_bn.models.scope import KERAS_VALUES
 from keras_bn.models.scope import target_arguments
 from keras_bn.ops import canonicalize_axes
@@ -107,16 +103,12 @@ def fold_batch_normalization(model):
         return clone_from_config(layer)
 
     folded, pairs, models = copy_model(model, clone, skip=list(folds.values()))
-    why = "a folded model holds other layers than its class builds."
-    warn_lost_classes(models, FUNCTION_NAME, why)
-    visited = set()
     for old, new in pairs:
         if id(old) in folds:
             set_folded_weights(new, old, folds[id(old)])
-            visited.add(id(old))
-        else:  # a kept keras_bn layer too, into Keras's class
-            copy_state(old, new, visited)
-    copy_trainable_everywhere(models, pairs)
+    # The others' state, a kept keras_bn layer's too (into Keras's class).
+    why = "a folded model holds other layers than its class builds."
+    finish_copy(models, pairs, FUNCTION_NAME, why, done=folds)
     return folded
 
 
@@ -130,23 +122,22 @@ def _warn_hidden(paths):
 
 def foldable_pairs(model):
     """`{id(linear layer): batch-normalization layer}` for every pair to fold."""
-    pairs, uses = {}, operation_uses(model)
-    for graph in graph_models(model):
-        for linear, bn in sole_input_producers(graph):
-            if not exactly_batch_normalization(bn) or not _can_fold(linear, bn):
-                continue
-            shared = [layer.name for layer in (linear, bn) if uses[id(layer)] > 1]
-            if shared:
-                warnings.warn(
-                    f"`{FUNCTION_NAME}`: layer {bn.name!r} stays unfolded: "
-                    f"{shared} {'is' if len(shared) == 1 else 'are'} called "
-                    "more than once (shared between models or repeated), and "
-                    "a fold must hold at every call.",
-                    stacklevel=3,
-                )
-                continue
-            pairs[id(linear)] = bn
-    return pairs
+    folds, (pairs, uses) = {}, sole_input_producers(model)
+    for linear, bn in pairs:
+        if not exactly_batch_normalization(bn) or not _can_fold(linear, bn):
+            continue
+        shared = [layer.name for layer in (linear, bn) if uses[id(layer)] > 1]
+        if shared:
+            warnings.warn(
+                f"`{FUNCTION_NAME}`: layer {bn.name!r} stays unfolded: "
+                f"{shared} {'is' if len(shared) == 1 else 'are'} called "
+                "more than once (shared between models or repeated), and "
+                "a fold must hold at every call.",
+                stacklevel=3,
+            )
+            continue
+        folds[id(linear)] = bn
+    return folds
 
 
 def _can_fold(linear, bn):

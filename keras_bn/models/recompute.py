@@ -189,9 +189,10 @@ class Recomputation:
         # divide the batch) then raise while tracing, with their messages.
         self.step = tf.function(step)
 
-    def is_current(self):
-        """False once the set of trainable batch-norm layers has changed."""
-        return trainable_batch_normalization_layers(self.model) == self.layers
+    def is_current(self, model):
+        """Whether it is the pass of `model` and its trainable BN layers."""
+        layers = model is self.model and trainable_batch_normalization_layers(model)
+        return layers == self.layers
 
     def run(self, batches, verbose):
         """Runs the pass over `batches`, sets the statistics, returns the layers."""

@@ -7,20 +7,11 @@ import threading
 import keras
 
 from keras_bn.layers import BatchNormalization
+from keras_bn.layers.batch_normalization import KERAS_BN_ONLY
 from keras_bn.ops.checks import check_choice
 
 TARGETS = {"keras_bn": BatchNormalization, "keras": keras.layers.BatchNormalization}
 _ACTIVE = threading.local()
-# keras_bn arguments that Keras's layer does not take. The first two change
-# no result Keras defines (a kernel choice, and what NaN batches do to the
-# moving statistics); the others must be at their Keras value to convert.
-KERAS_BN_ONLY = (
-    "fused",
-    "skip_nonfinite_updates",
-    "virtual_batch_size",
-    "virtual_batch_grouping",
-    "moving_variance_estimator",
-)
 KERAS_VALUES = {"virtual_batch_size": None, "moving_variance_estimator": "biased"}
 
 
