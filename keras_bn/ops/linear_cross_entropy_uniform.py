@@ -116,7 +116,6 @@ def forward_with_gradient(
     per-token path's chunk of classes, `chunk_size` the caller's."""
     features, num_classes = kernel.shape
     rows = _token_rows(hidden.shape[0], size, num_classes)
-    # Chunks of about 2^23 entries (32 MiB) of the block and of dW.
     columns = chunk_size or 2 ** max(
         7, (_BLOCK_CHUNK_ENTRIES // max(rows, features)).bit_length() - 1
     )
@@ -172,18 +171,19 @@ def forward_with_gradient(
 
 def _block(h, labels, w, b, smoothing):
     """`(loss, lse, g)` of a block of tokens with all classes, unweighted:
-    `g = p - s / V - (1 - s) onehot(y)`. TensorFlow's fused sparse
-    cross-entropy kernel forms the loss and `p - onehot(y)` in one pass over
-    the logits and writes the gradient over them."""
+    `g = p - s / V - (1 - s) onehot(y)`, from TensorFlow's fused sparse
+    cross-entropy kernel (the loss and `p - onehot(y)` in one pass)."""
     logits = tf.matmul(h, w)
     if b is not None:
         logits += b
     picked = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
     if smoothing:
         row_mean = tf.reduce_mean(logits, axis=1)
-    loss, g = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
-        features=logits, labels=labels
-    )
+    # After the reads of the logits, so that the kernel can write `g` over them.
+    with tf.control_dependencies([picked] + ([row_mean] if smoothing else [])):
+        loss, g = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+            features=logits, labels=labels
+        )
     lse = loss + picked
     if smoothing:
         # lse - (1 - s) x_y - s mean(x) and its gradient, from s = 0's.
