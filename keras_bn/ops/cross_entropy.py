@@ -202,8 +202,8 @@ def _sparse_inputs(labels, x, axis, ignore_class, name):
     num_classes = x.shape[axis] if tf.executing_eagerly() else tf.shape(x)[axis]
     whose = f"`{name}` without the class axis"
     received = f", {name}.shape={x.shape.as_list()}, axis={axis}"
-    args = (labels, x, axis, num_classes, ignore_class, whose, received)
-    return x, axis, *checked_class_ids(*args)
+    ids = checked_class_ids(labels, x, axis, num_classes, ignore_class, whose, received)
+    return x, axis, *ids
 
 
 def checked_class_ids(labels, x, axis, num_classes, ignore_class, whose, received=""):

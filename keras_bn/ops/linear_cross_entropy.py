@@ -326,10 +326,9 @@ def _fused_loss(
         on_p = u + tf.cast(v, dtype) if context.live(v) else u
 
         def exact():
-            coefficients = (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u)
+            per_token = (on_p, (1.0 - smoothing) * u, (smoothing / num_classes) * u)
             bias = context.inputs[2] if has_bias else None
-            args = (labels, hidden, kernel, bias, lse, coefficients, chunks)
-            return _backward_loop(*args)
+            return _backward_loop(labels, hidden, kernel, bias, lse, per_token, chunks)
 
         if context.saved is None or context.live(v) or context.recording:
             return exact()
