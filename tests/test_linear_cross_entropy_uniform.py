@@ -66,8 +66,10 @@ def grads_of(fn, inputs):
 def test_reduced_matches_dense_autodiff_in_float64(
     mode, block_rows, shape, classes, chunk_size, options, monkeypatch
 ):
-    if block_rows:  # blocks of 4 tokens: several, and a padded last one
+    if block_rows:  # blocks of 4 tokens: several, and a padded last one,
+        # each adding its kernel gradient 2 of the 6 rows at a time
         monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: block_rows)
+        monkeypatch.setattr(uniform_module, "_ROWS_ENTRIES", 2 * classes)
     options = dict(options)
     use_bias = options.pop("use_bias", True)
     weights = weights_for(shape) if options.pop("weighted", False) else None
@@ -105,8 +107,10 @@ def test_reduced_matches_dense_autodiff_in_float64(
 def test_kernel_gradient_written_in_place_starts_from_zero(mode, monkeypatch):
     """Several blocks add into the kernel's gradient, written in place: each
     call of a graph, and each op in it, starts from its own zeros (a shared
-    or cached buffer would carry the last call's sum)."""
+    or cached buffer would carry the last call's sum). Each block adds one
+    row at a time (5 features)."""
     monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: 4)
+    monkeypatch.setattr(uniform_module, "_ROWS_ENTRIES", 12)
     labels, hidden, kernel, bias, _ = problem([3, 4], 5, 12)
     inputs = [hidden, kernel, bias]
     want = grads_of(lambda *a: dense_reduced(labels, None, "sum", 0, None, *a), inputs)

@@ -303,7 +303,7 @@ def _fused_loss(
             w = tf.ones(tf.shape(labels), dtype) if weights is None else weights
             w = per_example_mask(w, in_range, ignored)
             loss, lse, grads = fast.forward_with_gradient(
-                labels, hidden, kernel, bias, w, smoothing, size, chunk_size
+                labels, hidden, kernel, bias, w, smoothing, size
             )
             return (per_example_mask(loss, in_range, ignored),), (lse,), grads
         lse, picked, row_sum = _forward_loop(
