@@ -127,6 +127,32 @@ def test_kernel_gradient_written_in_place_starts_from_zero(mode, monkeypatch):
                 np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_vectorized_map_of_the_reduced_gradient_matches_dense(mode, monkeypatch):
+    """Under `tf.vectorized_map` (each map element a batch of its own, its
+    gradients formed in the forward pass, several blocks and row products),
+    the gradients equal the dense path's, element by element."""
+    monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: 4)
+    monkeypatch.setattr(uniform_module, "_ROWS_ENTRIES", 2 * 16)
+    labels, hidden, kernel, bias, _ = problem([3, 10], 6, 16)
+
+    def per_element(loss_fn):
+        def grads(args):
+            h, y = args
+            return grads_of(lambda h, k: loss_fn(y, h, k), [h, kernel])[1:]
+
+        return compiled(lambda: tf.vectorized_map(grads, (hidden, labels)), mode)
+
+    def fused(y, h, k):
+        return linear_softmax_cross_entropy(y, h, k, bias, reduction="mean")
+
+    def dense(y, h, k):
+        return dense_reduced(y, None, "mean", 0.0, None, h, k, bias)
+
+    for g, w in zip(per_element(fused)(), per_element(dense)()):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-9)
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the gradient was formed in the forward pass")
 
