@@ -48,9 +48,10 @@ needs_clear_refs = pytest.mark.skipif(
 def test_the_logits_are_never_held(head):
     # 4,096 tokens x 65,536 classes: the logits are 1 GiB in float32, the
     # kernel's gradient 64 MiB. Each path holds the kernel's gradient and a
-    # few chunks (the fast gradient a 256 MiB block of tokens): 284 and 398
-    # MiB by the allocator with oneDNN on, 369 and 541 by the resident set
-    # off. With the logits in one chunk: 3.5 and 1.1 GiB.
+    # few chunks (the fast gradient a 256 MiB block of tokens and one 64 MiB
+    # product of rows of the kernel's gradient): 284 and 390 MiB by the
+    # allocator with oneDNN on, 384 and 564 by the resident set off. With
+    # the logits in one chunk: 3.5 and 1.1 GiB.
     tokens, features, classes = 4096, 256, 65536
     logits = tokens * classes * 4
     peak = _peak_above_inputs(tokens, features, classes, head)
@@ -60,13 +61,12 @@ def test_the_logits_are_never_held(head):
 @pytest.mark.slow
 @needs_clear_refs
 def test_the_fast_gradient_holds_one_kernel_sized_tensor():
-    # A 512 MiB kernel, 256 tokens: the fast gradient's step holds the
-    # kernel's gradient (512 MiB), a 32 MiB block and a few 32 MiB chunks of
-    # the kernel's gradient: 617 MiB by the allocator with oneDNN on, 789
-    # MiB by the resident set with oneDNN off (where the chunks' updates are
-    # not fused). Its per-token
-    # fallback, the untaken branch of a `tf.cond`, once built its own
-    # kernel-sized zeros anyway: 2,078 and 1,154 MiB.
+    # A 512 MiB kernel, 256 tokens: one block of tokens (64 MiB), whose
+    # kernel gradient is one product, so the step holds that gradient
+    # (512 MiB), the block and the kernels' temporaries: 677 MiB by the
+    # allocator with oneDNN on, 752 MiB by the resident set with oneDNN off.
+    # Its per-token fallback, the untaken branch of a `tf.cond`, once built
+    # its own kernel-sized zeros anyway: 2,078 and 1,154 MiB.
     tokens, features, classes = 256, 2048, 65536
     kernel = features * classes * 4
     peak = _peak_above_inputs(tokens, features, classes, "fused_reduced")

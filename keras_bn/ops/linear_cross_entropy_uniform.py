@@ -138,7 +138,7 @@ def forward_with_gradient(labels, hidden, kernel, bias, weights, smoothing, size
     labels_padded = tf.pad(labels, [[0, pad]])
     weights_padded = tf.pad(weights, [[0, pad]])
     blocks = (tokens + pad) // rows
-    fits = max(_ROWS_ENTRIES // num_classes, 1)
+    fits = min(max(_ROWS_ENTRIES // num_classes, 1), features)
     step = max(r for r in range(1, fits + 1) if features % r == 0)
     xla = in_xla_function(unknown=True)
 
