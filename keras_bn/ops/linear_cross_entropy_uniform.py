@@ -55,6 +55,11 @@ def saved_gradients(upstream, ignored, saved, inputs, exact):
     # gradient's buffer (one kernel-sized tensor, not two), and the branch
     # passes it through.
     fast = _scaled(scale, _refuse_differentiation(saved, inputs), inputs)
+    # Plus a zero Grappler does not fold (a placeholder): removing the loops
+    # of a branch a folded predicate never takes (constant upstream ones)
+    # breaks the graph, and TensorFlow drops every optimization of it.
+    opaque = tf.raw_ops.PlaceholderWithDefault(input=0, shape=[])
+    uniform = tf.not_equal(tf.cast(uniform, tf.int32) + opaque, 0)
     return tf.cond(uniform, lambda: fast, exact)
 
 
