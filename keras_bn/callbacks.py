@@ -35,9 +35,8 @@ class ActivationStatistics(keras.callbacks.Callback):
             list/dict of arrays for a model with several inputs).
         percentiles: percentiles to record, each in [0, 100].
         every_n_steps: record after every this many optimizer steps.
-        feature_index: if given, record only this index of the last axis (one
-            unit of a dense layer, one channel of a convolution) instead of
-            all values of the input.
+        feature_index: if given, record only this index of the last axis (a
+            dense layer's unit, a convolution's channel), not the whole input.
 
     Attributes:
         steps: int array `[n_records]`, the optimizer step of each record.
@@ -250,9 +249,8 @@ class RecomputeStatistics(keras.callbacks.Callback):
         on: `"train_end"`: once, when `fit` ends, after Keras swaps in the
             averaged weights of an optimizer with `use_ema=True`.
             `"epoch_end"`: after the last training batch of every epoch,
-            before validation (at the start of the validation pass, else at
-            the end of the epoch), so validation metrics and later callbacks
-            see fresh statistics.
+            before validation (at its start, else at the epoch's end), so
+            validation metrics and later callbacks see fresh statistics.
         verbose: 0 (silent, the default), 1 (a progress bar) or 2.
 
     Raises:

@@ -22,7 +22,6 @@ from keras_bn.ops.checks import check_optional_positive_int
 from keras_bn.ops.checks import check_renorm_clipping
 from keras_bn.ops.statistics import unbiased_variance
 from keras_bn.ops.virtual_batch import GROUPINGS
-from keras_bn.ops.virtual_batch import from_virtual_batches
 from keras_bn.ops.virtual_batch import to_virtual_batches
 
 
@@ -84,8 +83,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             batch seen (PyTorch's `momentum=None`: the n-th batch weighs
             `1 / n`), counted per feature in a non-trainable int64 weight
             `num_batches_tracked`, last in the weight list.
-        epsilon: Finite float > 0 added to the variance to avoid dividing by
-            zero.
+        epsilon: Finite float > 0 added to the variance (no division by zero).
         center: True or False: add the learned offset `beta`.
         scale: True or False: multiply by the learned scale `gamma`.
         beta_initializer: Initializer for `beta`.
@@ -416,10 +414,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             fused=False if self.renorm else self.fused,
             synchronized=self.synchronized,
         )
-        if self.virtual_batch_size is not None:
-            outputs, mean, variance = from_virtual_batches(
-                outputs, mean, variance, inputs
-            )
+        if self.virtual_batch_size is not None:  # unsplit, average the statistics
+            outputs = tf.reshape(outputs, tf.shape(inputs))
+            mean, variance = tf.reduce_mean(mean, 0), tf.reduce_mean(variance, 0)
         if mask is None:
             self._warn_if_single_position(x, axes)
         # The statistics this call read (renorm's) must not be overwritten

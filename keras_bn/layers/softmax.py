@@ -56,9 +56,8 @@ class Softmax(keras.layers.Layer):
     Call arguments:
         inputs: The inputs (logits) to the softmax layer: a dense tensor
             (ragged and sparse tensors raise a ValueError).
-        mask: A boolean mask broadcastable to `inputs`: True (or > 0.5) keeps
-            a position. Each dimension must be 1 or match the corresponding
-            dimension of `inputs`. Defaults to `None`.
+        mask: Optional boolean mask broadcastable to `inputs` (each dimension
+            1 or that of `inputs`): True (or > 0.5) keeps a position.
 
     Returns:
         Softmaxed output with the same shape as `inputs`.

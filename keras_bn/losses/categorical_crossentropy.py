@@ -37,16 +37,13 @@ class CategoricalCrossentropy(BaseLoss):
     softmax activation (or a `Softmax` layer) is replaced by its logits.
 
     Args:
-        from_logits: True or False: whether `y_pred` holds logits rather
-            than probabilities.
-        label_smoothing: Float in [0, 1]. The number of classes is the size
-            of `axis`.
+        from_logits: True (`y_pred` holds logits) or False (probabilities).
+        label_smoothing: Float in [0, 1], the `s` above.
         axis: The class axis.
         reduction: One of Keras's reductions: "sum_over_batch_size", "sum",
             "mean", "mean_with_sample_weight", "none" or None.
         name: Name of the loss.
-        dtype: The dtype of the loss computations; None means
-            `keras.config.floatx()`.
+        dtype: The loss computations' dtype (None: `keras.config.floatx()`).
 
     Call arguments:
         y_true: Labels, shaped as `y_pred`.
@@ -120,16 +117,14 @@ class SparseCategoricalCrossentropy(BaseLoss):
     `axis` works (channels-first segmentation).
 
     Args:
-        from_logits: True or False: whether `y_pred` holds logits rather
-            than probabilities.
+        from_logits: True (`y_pred` holds logits) or False (probabilities).
         ignore_class: Optional int label to ignore, e.g. a "void" class (-1 or
             255) in segmentation maps.
         reduction: One of Keras's reductions: "sum_over_batch_size", "sum",
             "mean", "mean_with_sample_weight", "none" or None.
         axis: The class axis of `y_pred`.
         name: Name of the loss.
-        dtype: The dtype of the loss computations; None means
-            `keras.config.floatx()`.
+        dtype: The loss computations' dtype (None: `keras.config.floatx()`).
 
     Call arguments:
         y_true: Class ids, shaped as `y_pred` without `axis` (or with a size-1

@@ -68,8 +68,7 @@ class SoftmaxCrossEntropy(BaseLoss):
             without `axis`, or with a size-1 `axis`) rather than
             distributions over the classes (shaped as the logits).
         label_smoothing: Float in [0, 1].
-        axis: The class axis of the logits (e.g. `1` for channels-first
-            segmentation).
+        axis: The logits' class axis (e.g. `1` for channels-first segmentation).
         ignore_class: Optional int label to ignore (sparse labels only).
         class_weight: Optional non-negative weights, one per class: a list,
             or a dict `{class_id: weight}` as `Model.fit(class_weight=...)`
@@ -83,9 +82,8 @@ class SoftmaxCrossEntropy(BaseLoss):
 
     Call arguments:
         y_true: The labels.
-        y_pred: The logits. The output of a Keras softmax activation or of a
-            `Softmax` layer is replaced by its logits, with a warning, as in
-            Keras.
+        y_pred: The logits. As in Keras, the output of its softmax activation or
+            of a `Softmax` layer is replaced by its logits, with a warning.
         sample_weight: Optional weights, broadcast against the per-example
             losses (see above). Ragged or sparse inputs raise a ValueError.
 
@@ -184,8 +182,7 @@ class SoftmaxCrossEntropy(BaseLoss):
         if num_classes is None:
             table = _checked_table(table, tf.shape(logits)[self.axis], self.axis)
         if self.sparse:
-            ids = tf.clip_by_value(labels, 0, entries - 1)
-            return tf.gather(table, ids)
+            return tf.gather(table, tf.clip_by_value(labels, 0, entries - 1))
         return tf.tensordot(tf.cast(labels, dtype), table, [[self.axis], [0]])
 
 

@@ -130,9 +130,7 @@ def copy_model(model, clone_layer, skip=(), rebuild=None):
         return cache[id(layer)]
 
     def call(layer, *args, **kwargs):
-        if id(layer) in skip_ids:
-            return args[0]
-        return layer(*args, **kwargs)
+        return args[0] if id(layer) in skip_ids else layer(*args, **kwargs)
 
     def copy(graph_model):
         entry = len(models)

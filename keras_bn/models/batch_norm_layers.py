@@ -10,8 +10,7 @@ def batch_normalization_layers(model):
     """Every batch-normalization layer of a model, nested models included.
 
     The `keras.layers.BatchNormalization` layers (keras_bn's included) of
-    `model.layers`, walked depth first through nested models of every kind,
-    each once.
+    `model.layers`, each once, depth first through nested models of all kinds.
 
     Args:
         model: a `keras.Model`.

@@ -144,9 +144,8 @@ def _can_fold(linear, bn):
     if type(linear) not in FOLDABLE:
         return False
     config = linear.get_config()
-    if config.get("activation") != "linear" or config.get("lora_rank"):
-        return False
-    if getattr(linear.dtype_policy, "quantization_mode", None) is not None:
+    quantized = getattr(linear.dtype_policy, "quantization_mode", None) is not None
+    if quantized or config.get("activation") != "linear" or config.get("lora_rank"):
         return False
     shape = linear.output.shape
     channels_first = config.get("data_format") == "channels_first"

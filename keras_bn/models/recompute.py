@@ -59,9 +59,8 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
     with the layer's own `moving_variance_estimator`, so a short last batch
     weighs less. Each layer computes `mean_b` and `var_b` by its own training
     update with `momentum=0`; the sums run in float64. No other variable,
-    layer argument or optimizer state changes, and a pass that fails changes
-    nothing. Details (renorm, `momentum=None`, `tf.distribute`) in
-    docs/models.md.
+    layer argument or optimizer state changes; a failed pass changes nothing.
+    Details (renorm, `momentum=None`, `tf.distribute`) in docs/models.md.
 
     Args:
         model: a built Sequential or Functional model (nested models
@@ -72,8 +71,7 @@ def recompute_statistics(model, data, steps=None, batch_size=None, verbose="auto
         steps: None (all of `data`) or the number of batches to use.
         batch_size: the batch size for arrays, required there (use the
             training batch size); None for datasets.
-        verbose: `"auto"` or 1 (a progress bar), 2 (one line at the end) or
-            0 (silent).
+        verbose: `"auto"` or 1 (progress bar), 2 (line at the end), 0 (silent).
 
     Returns:
         The list of layers whose statistics were set.

@@ -38,8 +38,7 @@ def batch_normalization_scope(to="keras_bn", **overrides):
 
     Raises:
         ValueError: for an unknown `to` or override (at once), or, with
-            `to="keras"`, for a layer that Keras's class cannot express
-            (when that layer is made).
+            `to="keras"`, when a layer Keras's class cannot express is made.
 
     Example:
 

@@ -17,8 +17,7 @@ def canonicalize_axes(axis, rank, arg_name="axis", require_reduced_axis=True):
         rank: The rank of the input.
         arg_name: The argument name used in error messages.
         require_reduced_axis: If True (normalization), at least one axis must
-            be left out of `axis`. False for reductions over `axis` itself
-            (softmax).
+            be left out of `axis`. False for reductions over `axis` (softmax).
 
     Returns:
         A sorted tuple of distinct axes in `[0, rank)`.

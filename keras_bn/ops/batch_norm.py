@@ -334,9 +334,8 @@ def batch_norm_train(
             left out of the statistics (not of the outputs and gradients); a
             fully masked batch, or feature, gives mean and variance 0, not NaN.
         fused: None (automatic), True or False: TensorFlow's fused kernels or
-            the closed form, as the layer's `fused` argument chooses in
-            training; True raises a ValueError that says why where the
-            kernels cannot apply.
+            the closed form, as the layer's `fused` chooses in training; True
+            raises a ValueError saying why where the kernels cannot apply.
         synchronized: If True, in a replica context of a `tf.distribute`
             strategy with several replicas: the statistics and `dx` of the
             global batch (`keras_bn.ops.sync`); `dgamma`/`dbeta` are this
@@ -456,9 +455,8 @@ def batch_norm_inference(
         axis: The feature axis, or a list/tuple of them.
         epsilon: Positive float added to the variance.
         fused: None (automatic), True or False: whether the forward pass runs
-            on TensorFlow's fused kernel, chosen as in `batch_norm_train`;
-            with `statistics_gradients=False`, None takes it for 4-D inputs
-            only.
+            on TensorFlow's fused kernel, chosen as in `batch_norm_train`
+            (with `statistics_gradients=False`, None: only for 4-D inputs).
         statistics_gradients: True: a hand-written backward pass
             differentiates with respect to every input. False (the layer's
             path): `mean` and `variance` are constants and the op holds only

@@ -292,8 +292,7 @@ def sparse_softmax_cross_entropy(
         labels: int32 or int64 tensor of class ids in `[0, C)`, shaped as
             `logits` without the class axis.
         logits: Float tensor of known rank.
-        axis: The class axis (any axis: `1` for channels-first per-pixel
-            logits).
+        axis: The class axis, any one (`1` for channels-first per-pixel logits).
         label_smoothing: Float in [0, 1].
         ignore_class: Optional int; examples with this label get loss 0 and
             gradient 0. It may lie inside or outside `[0, C)`.
@@ -413,8 +412,7 @@ def probability_cross_entropy(
         probabilities: Float tensor of known rank, non-negative.
         axis: The class axis.
         label_smoothing: Float in [0, 1].
-        epsilon: Clipping bound in (0, 0.5); Keras passes
-            `keras.config.epsilon()`.
+        epsilon: Clipping bound in (0, 0.5) (Keras: `keras.config.epsilon()`).
 
     Returns:
         The per-example loss: the shape of `probabilities` without `axis`,

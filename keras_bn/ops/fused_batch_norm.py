@@ -124,9 +124,7 @@ def fused_batch_norm_train(x, params, axis, epsilon):
         dx, dscale, doffset = kernel(context, dy, scale, axis, epsilon)
         dx = _add_statistics_gradient(context, dx, dmean, dvariance, axis)
         grads = {"gamma": dscale, "beta": doffset}
-        return (dx,) + tuple(
-            tf.cast(grads[name], v.dtype) for name, v in zip(names, values)
-        )
+        return (dx, *(tf.cast(grads[n], v.dtype) for n, v in zip(names, values)))
 
     # The backward pass reads x (its 4-D view) and the statistics, not y.
     return custom_op(

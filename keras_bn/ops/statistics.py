@@ -75,9 +75,8 @@ def combine_moments(counts, means, variances):
     total = tf.reduce_sum(counts, axis=0)
     safe_total = tf.maximum(total, 1.0)
     mean = tf.reduce_sum(counts * means, axis=0) / safe_total
-    m2 = tf.reduce_sum(variances * counts, axis=0) + tf.reduce_sum(
-        counts * tf.square(means - mean), axis=0
-    )
+    within = tf.reduce_sum(variances * counts, axis=0)
+    m2 = within + tf.reduce_sum(counts * tf.square(means - mean), axis=0)
     return total, mean, tf.maximum(m2 / safe_total, 0.0)
 
 

@@ -21,9 +21,7 @@ from keras_bn.ops import statistics
 def replica_context(synchronized):
     """The replica context to synchronize over, or None (local statistics):
     not `synchronized`, in a cross-replica context, or one replica."""
-    if not synchronized:
-        return None
-    context = tf.distribute.get_replica_context()
+    context = tf.distribute.get_replica_context() if synchronized else None
     if context is None or context.num_replicas_in_sync <= 1:
         return None
     return context

@@ -43,12 +43,3 @@ def to_virtual_batches(x, axes, virtual_batch_size, params, grouping="interleave
         for v in params
     ]
     return x_split, (numbering,) + tuple(a + 1 for a in axes), params
-
-
-def from_virtual_batches(outputs, mean, variance, inputs):
-    """`outputs` shaped as `inputs`, the statistics averaged over virtual batches."""
-    return (
-        tf.reshape(outputs, tf.shape(inputs)),
-        tf.reduce_mean(mean, axis=0),
-        tf.reduce_mean(variance, axis=0),
-    )
