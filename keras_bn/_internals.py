@@ -22,6 +22,7 @@ def _find_internals():
         ("tensorflow.python.eager.record", "record_operation_forwardprop_only"),
         ("tensorflow.python.ops.gradients_util", "PossibleTapeGradientTypes"),
         ("tensorflow.python.ops.control_flow_util", "GraphOrParentsInXlaContext"),
+        ("tensorflow.python.util._pywrap_util_port", "IsMklEnabled"),
     ):
         try:
             found[name] = getattr(importlib.import_module(module), name)
@@ -88,6 +89,12 @@ def in_xla_function(unknown=False):
     if in_context is None:
         return unknown
     return bool(in_context(tf.compat.v1.get_default_graph()))
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs its oneDNN CPU kernels (fallback: False)."""
+    enabled = FOUND.get("IsMklEnabled")
+    return bool(enabled and enabled())
 
 
 def register_loss_names(classes):

@@ -39,6 +39,7 @@ def test_the_switch_finds_every_internal_or_none():
         "record_operation_forwardprop_only",
         "PossibleTapeGradientTypes",
         "GraphOrParentsInXlaContext",
+        "IsMklEnabled",
         "ALL_OBJECTS_DICT",
         "mask_attribute",
         "logits_attribute",

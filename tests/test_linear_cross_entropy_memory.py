@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from keras_bn._internals import onednn_enabled
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
@@ -71,3 +73,19 @@ def test_the_fast_gradient_holds_one_kernel_sized_tensor():
     kernel = features * classes * 4
     peak = _peak_above_inputs(tokens, features, classes, "fused_reduced")
     assert peak < kernel * 7 // 4, f"{peak / MIB:.0f} MiB"
+
+
+@pytest.mark.slow
+@needs_clear_refs
+def test_the_blocks_add_into_one_kernel_sized_tensor():
+    # 2,048 tokens x 1,024 features -> 65,536 classes: a 256 MiB kernel
+    # gradient, two blocks of 1,024 tokens (256 MiB of logits each). With
+    # oneDNN on, oneDNN adds each block's product into the sum's buffer:
+    # 529 MiB by the allocator (660 adding 128 MiB products of rows; 792
+    # when TensorFlow dropped Grappler's optimizations of the step). With
+    # oneDNN off, products of rows: 834 MiB by the resident set.
+    tokens, features, classes = 2048, 1024, 65536
+    kernel = block = features * classes * 4
+    extra = kernel // 4 if onednn_enabled() else kernel * 3 // 2
+    peak = _peak_above_inputs(tokens, features, classes, "fused_reduced")
+    assert peak < kernel + block + extra, f"{peak / MIB:.0f} MiB"

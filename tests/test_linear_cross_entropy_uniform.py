@@ -13,6 +13,7 @@ from test_linear_cross_entropy import assert_rounded_once
 from test_linear_cross_entropy import dense_reference
 from test_linear_cross_entropy import problem
 
+from keras_bn._internals import onednn_enabled
 from keras_bn.ops import linear_cross_entropy as linear_module
 from keras_bn.ops import linear_cross_entropy_uniform as uniform_module
 from keras_bn.ops import linear_softmax_cross_entropy
@@ -125,6 +126,62 @@ def test_kernel_gradient_written_in_place_starts_from_zero(mode, monkeypatch):
         for got in twice():
             for g, w in zip(got, want):
                 np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reduction": "mean"},
+        {"reduction": "sum", "weighted": True, "label_smoothing": 0.2},
+        {"reduction": "mean", "ignore_class": 3, "use_bias": False},
+    ],
+)
+def test_float32_sum_over_blocks_matches_float64_dense(mode, options, monkeypatch):
+    """In a float32 graph with oneDNN on, each block's kernel gradient is
+    accumulated by oneDNN's fused MatMul+BiasAdd+Add (the only path that
+    runs there); elsewhere by the in-place row sum. Blocks of 4 tokens, one
+    padded, against the float64 dense autodiff of the same inputs."""
+    ways = []
+    add_rows = uniform_module._add_rows
+    monkeypatch.setattr(uniform_module, "_token_rows", lambda *_: 4)
+    monkeypatch.setattr(
+        uniform_module,
+        "_add_rows",
+        lambda *args: ways.append(isinstance(args[-1], tf.Tensor)) or add_rows(*args),
+    )
+    options = dict(options)
+    use_bias = options.pop("use_bias", True)
+    shape, classes = [3, 5], 23
+    weights = weights_for(shape) if options.pop("weighted", False) else None
+    labels, hidden, kernel, bias, _ = problem(shape, 6, classes)
+    if options.get("ignore_class") is not None:
+        labels = with_padding(labels, shape, options["ignore_class"])
+    inputs = [hidden, kernel] + ([bias] if use_bias else [])
+    inputs32 = [tf.cast(x, tf.float32) for x in inputs]
+    weights32 = None if weights is None else tf.cast(weights, tf.float32)
+
+    def fused(*inputs):
+        return linear_softmax_cross_entropy(
+            labels, *inputs, sample_weight=weights32, **options
+        )
+
+    got = compiled(lambda: grads_of(fused, inputs32), mode)()
+    smoothing = options.get("label_smoothing", 0.0)
+    reduction, ignore_class = options["reduction"], options.get("ignore_class")
+
+    def dense(hidden, kernel, bias=None):
+        return dense_reduced(
+            labels, weights, reduction, smoothing, ignore_class, hidden, kernel, bias
+        )
+
+    want = grads_of(dense, [tf.cast(x, tf.float64) for x in inputs32])
+    # Eagerly once per block, in a graph once per trace of the loop's body.
+    assert set(ways) == {mode == "function" and onednn_enabled()}
+    for g, w in zip(got, want):
+        assert g.dtype == tf.float32
+        # float32 sums of 15 tokens' products of size ~1 to 10.
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])

@@ -18,7 +18,10 @@ buffer. A block holds about four times the per-token path's chunk (2^26
 logits by default: 512 tokens at 131,072 classes); the tokens are padded
 with zero-weight rows to whole blocks.
 
-With several blocks, each adds its `dW` into the sum `r` whole rows at a
+With several blocks, each adds its `dW` into the sum without a second
+kernel-sized tensor. In a float32 graph on oneDNN's CPU kernels, `(h_t^T
+g' + 0) + dW` is one op: Grappler fuses MatMul, BiasAdd and Add, and
+oneDNN accumulates into the sum's buffer. Elsewhere `r` whole rows at a
 time (`r` the largest divisor of `D` with `r V` at most 2^25: 128 MiB in
 float32), one pass per product: `InplaceAdd` on `dW` viewed as `[D / r,
 r V]`. That op writes into its input unchecked, so the sum starts from
@@ -38,6 +41,7 @@ where one can be asked for; float16 and bfloat16 are computed in float32.
 import tensorflow as tf
 
 from keras_bn._internals import in_xla_function
+from keras_bn._internals import onednn_enabled
 from keras_bn.ops.linear_cross_entropy import _DYNAMIC_TOKENS_CHUNK
 from keras_bn.ops.linear_cross_entropy import _loop
 from keras_bn.ops.linear_cross_entropy import _zeros_after
@@ -143,9 +147,11 @@ def forward_with_gradient(labels, hidden, kernel, bias, weights, smoothing, size
     labels_padded = tf.pad(labels, [[0, pad]])
     weights_padded = tf.pad(weights, [[0, pad]])
     blocks = (tokens + pad) // rows
-    fits = min(max(_ROWS_ENTRIES // num_classes, 1), features)
-    step = max(r for r in range(1, fits + 1) if features % r == 0)
     xla = in_xla_function(unknown=True)
+    fused = not xla and _fuses_accumulation(dtype)  # with a zero bias
+    fits = features if fused else min(max(_ROWS_ENTRIES // num_classes, 1), features)
+    step = max(r for r in range(1, fits + 1) if features % r == 0)
+    how = _zeros_after(labels, [num_classes], dtype) if fused else xla
 
     def body(t, loss, lse, dh, dkernel, dbias):
         start = t * rows
@@ -154,7 +160,7 @@ def forward_with_gradient(labels, hidden, kernel, bias, weights, smoothing, size
         loss_t, lse_t, g = _block(
             h_t, tf.slice(labels_padded, [start], [rows]), w, b, smoothing
         )
-        dkernel = _add_rows(g, h_t * w_t[:, None], dkernel, step, xla)
+        dkernel = _add_rows(g, h_t, w_t, dkernel, step, how)
         if dbias is not None:
             dbias += tf.linalg.matvec(g, w_t, transpose_a=True)
         dh = dh.write(t, _times_transposed(g, w) * w_t[:, None])
@@ -214,14 +220,33 @@ def _block(h, labels, w, b, smoothing):
     return loss, lse, g
 
 
-def _add_rows(g, weighted, dkernel, step, xla):
-    """`dkernel + weighted^T g`, `step` rows at a time, in place: `dkernel`
-    is `dW` viewed as `[D / step, step * V]` (module docstring)."""
+def _fuses_accumulation(dtype):
+    """Whether Grappler fuses `matmul + bias + sum` into oneDNN's kernel that
+    accumulates into the sum's buffer: a float32 graph, Grappler's remapper
+    on, oneDNN's CPU kernels (no GPU's: they do not fuse the sum)."""
+    off = tf.config.optimizer.get_experimental_options()
+    remaps = off.get("remapping", True) and not off.get("disable_meta_optimizer")
+    cpu = onednn_enabled() and not tf.config.list_logical_devices("GPU")
+    return dtype == tf.float32 and not tf.executing_eagerly() and remaps and cpu
+
+
+def _add_rows(g, h, weights, dkernel, step, how):
+    """`dkernel + (weights h)^T g`, in place (module docstring): `how` is a
+    zero bias for oneDNN's fused accumulation, else whether XLA compiles it,
+    and `dkernel` is `dW` viewed as `[D / step, step * V]`, added `step` rows
+    at a time."""
+    if not isinstance(how, bool):
+        # Weighted after the transpose, which Grappler would otherwise fold
+        # into `transpose_a`: a product it fuses that oneDNN then refuses.
+        product = tf.matmul(tf.transpose(h) * weights, g)
+        total = tf.nn.bias_add(product, how) + tf.reshape(dkernel, product.shape)
+        return tf.reshape(total, [1, -1])
+    weighted = h * weights[:, None]
 
     def body(k, dkernel):
         h_k = tf.slice(weighted, [0, k * step], [-1, step])
         product = tf.reshape(tf.matmul(h_k, g, transpose_a=True), [1, -1])
-        if xla:
+        if how:
             return (tf.tensor_scatter_nd_add(dkernel, k[None, None], product),)
         return (tf.raw_ops.InplaceAdd(x=dkernel, i=k[None], v=product),)
 
