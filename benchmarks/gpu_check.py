@@ -3,21 +3,24 @@
 Four sections, each run on `--device` (default `GPU:0`):
 
 - `placement`: the fused batch-norm kernels (`FusedBatchNormV3`,
-  `FusedBatchNormGradV3`) and the cross-entropy ops run on the device, for
-  every dtype, eagerly, under `tf.function` and under XLA; nothing moves a
-  floating-point tensor between devices inside a step. Graph modes are read
-  from TensorFlow's run metadata (the partitioned graphs it executed, each
-  node with the device it ran on, `_Send`/`_Recv` nodes for every transfer).
-  Eager ops are read from `tf.debugging.set_log_device_placement` in a child
-  process (the setting takes effect only at start-up), and reads of tensors
-  into host memory (`.numpy()`, `bool()`, `tf.get_static_value`) are counted
-  in this process. Every op must be a standard TensorFlow op (no Python
-  callbacks such as `EagerPyFunc`).
+  `FusedBatchNormGradV3`), the cross-entropy ops and the large-vocabulary
+  op (`linear_softmax_cross_entropy`, per token and its fast gradient for a
+  mean) run on the device, for every dtype, eagerly, under `tf.function`
+  and under XLA; nothing moves a floating-point tensor between devices
+  inside a step. Graph modes are read from TensorFlow's run metadata (the
+  partitioned graphs it executed, each node with the device it ran on,
+  `_Send`/`_Recv` nodes for every transfer). Eager ops are read from
+  `tf.debugging.set_log_device_placement` in a child process (the setting
+  takes effect only at start-up), and reads of tensors into host memory
+  (`.numpy()`, `bool()`, `tf.get_static_value`) are counted in this
+  process. Every op must be a standard TensorFlow op (no Python callbacks
+  such as `EagerPyFunc`).
 - `numerics`: every layer path of `keras_bn.BatchNormalization` (fused and
   closed form, automatic, channels-first, synchronized, Ghost BN, renorm,
   `momentum=None`, masks) and `keras_bn.losses.SoftmaxCrossEntropy` (dense,
   sparse, per-pixel), under the policies `float32`, `mixed_float16` and
-  `mixed_bfloat16`, in training and inference: outputs, gradients and the
+  `mixed_bfloat16`, in training and inference, and the large-vocabulary op
+  (both paths, several blocks of tokens): outputs, gradients and the
   moving statistics on the device, eagerly and under `tf.function`, against
   the same computation run eagerly on `--reference` (default `CPU:0`).
 - `xla`: the same cases under `tf.function(jit_compile=True)` on the device:
@@ -96,7 +99,11 @@ CE_PATHS = {
     "sparse_per_pixel": (True, (4, 5, 5, 6)),
 }
 QUICK_BN_PATHS = ("fused", "closed_form", "synchronized", "masked")
-QUICK_CE_PATHS = ("sparse", "dense")
+# The large-vocabulary op: its `reduction` and (tokens, features, classes).
+# Chunks of 4 classes make the fast gradient two blocks of 16 tokens, the
+# second padded.
+LINEAR_PATHS = {"linear": (None, (24, 8, 40)), "linear_mean": ("mean", (24, 8, 40))}
+QUICK_CE_PATHS = ("sparse", "dense", "linear_mean")
 
 
 @dataclasses.dataclass
@@ -269,6 +276,12 @@ def ce_placement_step(sparse, dtype, mode):
     return compile_step(step, mode)
 
 
+def linear_placement_step(path, dtype, mode):
+    inputs = linear_inputs(path, dtype)
+    step = linear_step(LINEAR_PATHS[path][0])
+    return compile_step(lambda: step(*inputs), mode)
+
+
 def placement_cases(modes, quick=False):
     """(name, mode, make_step, expected kernels) for every placement case."""
     policies = ("float32",) if quick else POLICIES
@@ -298,6 +311,13 @@ def placement_cases(modes, quick=False):
                     mode,
                     lambda s=sparse, d=dtype, m=mode: ce_placement_step(s, d, m),
                     expected,
+                )
+            for path in LINEAR_PATHS:
+                yield (
+                    f"ce {path} {dtype} [{mode}]",
+                    mode,
+                    lambda p=path, d=dtype, m=mode: linear_placement_step(p, d, m),
+                    (),
                 )
 
 
@@ -526,8 +546,42 @@ def ce_inputs(path):
     return labels, logits
 
 
+def linear_step(reduction):
+    """The large-vocabulary op's loss (a mean) and gradients to its inputs."""
+
+    def step(labels, hidden, kernel, bias):
+        with tf.GradientTape() as tape:
+            tape.watch([hidden, kernel, bias])
+            value = keras_bn.ops.linear_softmax_cross_entropy(
+                labels, hidden, kernel, bias, chunk_size=4, reduction=reduction
+            )
+            if reduction is None:
+                value = tf.reduce_mean(value)
+        return (value, *tape.gradient(value, [hidden, kernel, bias]))
+
+    return step
+
+
+def linear_inputs(path, dtype):
+    tokens, features, classes = LINEAR_PATHS[path][1]
+    rng = np.random.default_rng(12)
+    floats = (
+        rng.normal(size=(tokens, features)),
+        rng.normal(size=(features, classes)) / np.sqrt(features),
+        rng.normal(0.0, 0.1, size=classes),
+    )
+    labels = tf.constant(rng.integers(0, classes, size=tokens).astype("int32"))
+    return (labels, *(tf.constant(a.astype("float32"), dtype) for a in floats))
+
+
 def run_ce(path, policy, device, mode):
     dtype = policy.replace("mixed_", "")
+    if path in LINEAR_PATHS:
+        step = compile_step(linear_step(LINEAR_PATHS[path][0]), mode)
+        with tf.device(device):
+            out = step(*linear_inputs(path, dtype))
+        names = ("loss", "dhidden", "dkernel", "dbias")
+        return {name: np.asarray(t) for name, t in zip(names, out)}
     labels, logits = ce_inputs(path)
     loss = keras_bn.losses.SoftmaxCrossEntropy(sparse=CE_PATHS[path][0])
 
@@ -588,7 +642,7 @@ def compare(got, want, terms, perturb):
 
 def numeric_cases(quick):
     bn_paths = QUICK_BN_PATHS if quick else tuple(BN_PATHS)
-    ce_paths = QUICK_CE_PATHS if quick else tuple(CE_PATHS)
+    ce_paths = QUICK_CE_PATHS if quick else (*CE_PATHS, *LINEAR_PATHS)
     policies = ("float32", "mixed_float16") if quick else POLICIES
     for policy in policies:
         for path in bn_paths:
@@ -616,7 +670,8 @@ def check_numerics(device, reference, modes, quick, perturb):
     for kind, path, policy, training in numeric_cases(quick):
         name = case_name(kind, path, policy, training)
         want = run_case(kind, path, policy, training, reference, "eager")
-        shape = bn_inputs(path)[0].shape if kind == "bn" else CE_PATHS[path][1]
+        shapes = {**CE_PATHS, **LINEAR_PATHS}
+        shape = bn_inputs(path)[0].shape if kind == "bn" else shapes[path][1]
         terms = reduction_terms(kind, shape, path)
         for mode in modes:
             section = "xla" if mode == "xla" else "numerics"

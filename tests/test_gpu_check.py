@@ -60,6 +60,8 @@ def test_cpu_against_cpu_numerics_and_xla_pass(monkeypatch):
             ("bn", "synchronized", "float32", True),
             ("ce", "sparse", "mixed_float16", None),
             ("ce", "dense", "mixed_bfloat16", None),
+            ("ce", "linear", "mixed_bfloat16", None),
+            ("ce", "linear_mean", "float32", None),
         ],
     )
     modes = ["eager", "tf.function", "xla"]
@@ -69,7 +71,7 @@ def test_cpu_against_cpu_numerics_and_xla_pass(monkeypatch):
     names = {c.name for c in checks if c.passed}
     # Every case ran in every mode (synchronized under XLA is reported as
     # not checked), and the XLA rows compiled.
-    assert len(names) == 9 * 3 - 1
+    assert len(names) == 11 * 3 - 1
     assert {c.section for c in checks} == {"numerics", "xla"}
 
 
@@ -128,6 +130,29 @@ def test_broken_math_on_the_device_only_fails(monkeypatch):
     checks = gpu_check.check_numerics(DEVICE, REFERENCE, ["eager"], True, 0.0)
     assert [c.passed for c in checks] == [False]
     assert "y" in over_the_bound(checks[0])
+
+
+def test_a_broken_kernel_gradient_sum_on_the_device_fails(monkeypatch):
+    """The device's large-vocabulary fast gradient adds each block's kernel
+    gradient 0.1% short (eagerly by rows, in a graph by oneDNN's fused add
+    where oneDNN is on): only `dkernel` is over the bound."""
+    from keras_bn.ops import linear_cross_entropy_uniform as fast
+
+    small_cases(monkeypatch, [("ce", "linear_mean", "float32", None)])
+    original_run, original_add = gpu_check.run_case, fast._add_rows
+
+    def run_case(kind, path, policy, training, device, mode):
+        if device != DEVICE:
+            return original_run(kind, path, policy, training, device, mode)
+        with monkeypatch.context() as patch:
+            patch.setattr(fast, "_add_rows", lambda g, *a: original_add(g * 0.999, *a))
+            return original_run(kind, path, policy, training, device, mode)
+
+    monkeypatch.setattr(gpu_check, "run_case", run_case)
+    modes = ["eager", "tf.function"]
+    checks = gpu_check.check_numerics(DEVICE, REFERENCE, modes, True, 0.0)
+    assert [c.passed for c in checks] == [False, False]
+    assert [over_the_bound(c) for c in checks] == [{"dkernel"}] * 2
 
 
 def test_error_fraction_follows_the_dtype_rounding():
