@@ -4,7 +4,10 @@ When one of Grappler's passes fails on a function, TensorFlow logs it and
 runs the whole function unoptimized: no fused kernels and no constant
 folding anywhere in it, a user's own layers included, and only a log line
 says so. Here Grappler runs offline on each training step's graph, told to
-fail on any pass's error instead (`fail_on_optimizer_errors`).
+fail on any pass's error instead (`fail_on_optimizer_errors`). Offline, on
+graphs not placed on devices, the remapper fuses nothing: whether oneDNN's
+fused add happens is measured by its memory
+(`tests/test_linear_cross_entropy_memory.py`).
 """
 
 import keras

@@ -148,10 +148,10 @@ def forward_with_gradient(labels, hidden, kernel, bias, weights, smoothing, size
     weights_padded = tf.pad(weights, [[0, pad]])
     blocks = (tokens + pad) // rows
     xla = in_xla_function(unknown=True)
-    fused = not xla and _fuses_accumulation(dtype)  # with a zero bias
-    fits = features if fused else min(max(_ROWS_ENTRIES // num_classes, 1), features)
+    fused = not xla and _fuses_accumulation(dtype)
+    zeros = _zeros_after(labels, [num_classes], dtype) if fused else None
+    fits = min(max(_ROWS_ENTRIES // num_classes, 1), features)
     step = max(r for r in range(1, fits + 1) if features % r == 0)
-    how = _zeros_after(labels, [num_classes], dtype) if fused else xla
 
     def body(t, loss, lse, dh, dkernel, dbias):
         start = t * rows
@@ -160,13 +160,18 @@ def forward_with_gradient(labels, hidden, kernel, bias, weights, smoothing, size
         loss_t, lse_t, g = _block(
             h_t, tf.slice(labels_padded, [start], [rows]), w, b, smoothing
         )
-        dkernel = _add_rows(g, h_t, w_t, dkernel, step, how)
+        if fused:
+            dkernel = _add_fused(g, h_t, w_t, dkernel, zeros)
+        else:
+            dkernel = _add_rows(g, h_t * w_t[:, None], dkernel, step, xla)
         if dbias is not None:
             dbias += tf.linalg.matvec(g, w_t, transpose_a=True)
         dh = dh.write(t, _times_transposed(g, w) * w_t[:, None])
         return loss.write(t, loss_t * w_t), lse.write(t, lse_t), dh, dkernel, dbias
 
-    sum_shape = [features // step, step * num_classes]
+    sum_shape = (
+        [features, num_classes] if fused else [features // step, step * num_classes]
+    )
     *arrays, dkernel, dbias = _loop(
         blocks,
         body,
@@ -221,32 +226,29 @@ def _block(h, labels, w, b, smoothing):
 
 
 def _fuses_accumulation(dtype):
-    """Whether Grappler fuses `matmul + bias + sum` into oneDNN's kernel that
-    accumulates into the sum's buffer: a float32 graph, Grappler's remapper
-    on, oneDNN's CPU kernels (no GPU's: they do not fuse the sum)."""
+    """Whether Grappler fuses `_add_fused`'s ops into oneDNN's kernel: a float32
+    graph, the remapper on, oneDNN's CPU kernels (a GPU's do not fuse)."""
     off = tf.config.optimizer.get_experimental_options()
     remaps = off.get("remapping", True) and not off.get("disable_meta_optimizer")
     cpu = onednn_enabled() and not tf.config.list_logical_devices("GPU")
     return dtype == tf.float32 and not tf.executing_eagerly() and remaps and cpu
 
 
-def _add_rows(g, h, weights, dkernel, step, how):
-    """`dkernel + (weights h)^T g`, in place (module docstring): `how` is a
-    zero bias for oneDNN's fused accumulation, else whether XLA compiles it,
-    and `dkernel` is `dW` viewed as `[D / step, step * V]`, added `step` rows
-    at a time."""
-    if not isinstance(how, bool):
-        # Weighted after the transpose, which Grappler would otherwise fold
-        # into `transpose_a`: a product it fuses that oneDNN then refuses.
-        product = tf.matmul(tf.transpose(h) * weights, g)
-        total = tf.nn.bias_add(product, how) + tf.reshape(dkernel, product.shape)
-        return tf.reshape(total, [1, -1])
-    weighted = h * weights[:, None]
+def _add_fused(g, h, weights, dkernel, zeros):
+    """`dkernel + (weights h)^T g` as one oneDNN op, in place (module
+    docstring). Weighted after the transpose, which Grappler would otherwise
+    fold into `transpose_a`: a product it fuses that oneDNN then refuses."""
+    return tf.nn.bias_add(tf.matmul(tf.transpose(h) * weights, g), zeros) + dkernel
+
+
+def _add_rows(g, weighted, dkernel, step, xla):
+    """`dkernel + weighted^T g`, `step` rows at a time, in place: `dkernel`
+    is `dW` viewed as `[D / step, step * V]` (module docstring)."""
 
     def body(k, dkernel):
         h_k = tf.slice(weighted, [0, k * step], [-1, step])
         product = tf.reshape(tf.matmul(h_k, g, transpose_a=True), [1, -1])
-        if how:
+        if xla:
             return (tf.tensor_scatter_nd_add(dkernel, k[None, None], product),)
         return (tf.raw_ops.InplaceAdd(x=dkernel, i=k[None], v=product),)
 
